@@ -1,0 +1,43 @@
+-- txoutbox schema. Applied on every start (embedded in the binaries); every statement is
+-- idempotent, and callers hold an advisory lock while applying it so that a server and a
+-- consumer starting together do not race.
+
+-- The order domain of the example service.
+CREATE TABLE IF NOT EXISTS orders (
+    id          uuid          PRIMARY KEY,
+    user_id     uuid          NOT NULL,
+    amount      numeric(12,2) NOT NULL CHECK (amount > 0),
+    status      text          NOT NULL DEFAULT 'PENDING'
+                              CHECK (status IN ('PENDING', 'COMPLETED', 'CANCELLED')),
+    created_at  timestamptz   NOT NULL DEFAULT now(),
+    updated_at  timestamptz   NOT NULL DEFAULT now()
+);
+
+-- Events written in the same transaction as the change they describe. A row lives here until
+-- the broker has confirmed it; the relay then deletes it.
+CREATE TABLE IF NOT EXISTS outbox (
+    id              bigserial   PRIMARY KEY,           -- claim order (not commit order)
+    message_id      uuid        NOT NULL UNIQUE,       -- AMQP message_id, the consumer's dedupe key
+    aggregate_type  text        NOT NULL,
+    aggregate_id    text        NOT NULL,
+    event_type      text        NOT NULL,              -- AMQP type and routing key
+    payload         jsonb       NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    attempts        integer     NOT NULL DEFAULT 0,    -- failed publish attempts so far
+    last_error      text,                              -- why the last attempt failed
+    available_at    timestamptz NOT NULL DEFAULT now() -- not claimed before this time (backoff)
+);
+
+-- The relay claims available rows in id order through the primary key; rows waiting for a
+-- retry (available_at in the future) are rare and filtered on the way.
+
+-- One row per message whose effect has committed: the consumer's dedupe table.
+CREATE TABLE IF NOT EXISTS processed_messages (
+    message_id    uuid        PRIMARY KEY,
+    event_type    text,
+    aggregate_id  text,
+    processed_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS processed_messages_aggregate_idx ON processed_messages (aggregate_id);
+CREATE INDEX IF NOT EXISTS processed_messages_processed_at_idx ON processed_messages (processed_at);

@@ -1,0 +1,60 @@
+//! What the binaries share: settings from the environment, `--help`, logging and exit codes.
+
+use std::fmt::Display;
+use std::str::FromStr;
+
+/// One documented setting: its environment variable, default and meaning.
+pub struct Setting {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Prints `--help` for a binary: what it does, then each setting with its default.
+pub fn print_help(binary: &str, about: &str, usage: &str, settings: &[Setting]) {
+    println!("{binary}: {about}\n\nUsage: {usage}\n\nSettings (environment variables):");
+    for s in settings {
+        println!("  {:<22} {}\n  {:<22} default: {}", s.name, s.help, "", s.default);
+    }
+}
+
+/// True when the command line asks for help.
+pub fn wants_help() -> bool {
+    std::env::args().skip(1).any(|a| a == "--help" || a == "-h")
+}
+
+/// The value of `name`, or `default` when unset or empty.
+pub fn env_or(name: &str, default: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v,
+        _ => default.to_string(),
+    }
+}
+
+/// Parses `name` from the environment, or `default` when unset; a bad value is an error that
+/// names the variable.
+pub fn env_parse<T: FromStr>(name: &str, default: T) -> Result<T, String>
+where
+    T::Err: Display,
+{
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|e| format!("{name}={v:?} is not valid: {e}")),
+        _ => Ok(default),
+    }
+}
+
+/// Logs at `info` by default; `RUST_LOG` overrides.
+pub fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+}
+
+/// Runs `try_main`, prints its error and exits with 1 on failure.
+pub fn run(try_main: impl FnOnce() -> Result<(), String>) {
+    if let Err(e) = try_main() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

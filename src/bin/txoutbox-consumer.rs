@@ -1,0 +1,90 @@
+//! `txoutbox-consumer`: the standalone consumer that marks orders `COMPLETED`, exactly once in
+//! effect.
+
+mod common;
+
+use common::{env_or, env_parse, Setting};
+use txoutbox::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
+use txoutbox::{consumer, orders, ConsumerConfig, Database, PoolOptions, Topology};
+
+const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "DATABASE_URL",
+        default: DEFAULT_DATABASE_URL,
+        help: "Postgres URL; the database is created if missing",
+    },
+    Setting {
+        name: "AMQP_URL",
+        default: DEFAULT_AMQP_URL,
+        help: "RabbitMQ URL (heartbeat=10 added unless set)",
+    },
+    Setting {
+        name: "AMQP_EXCHANGE",
+        default: "txoutbox.events",
+        help: "topic exchange the queue is bound to",
+    },
+    Setting {
+        name: "AMQP_QUEUE",
+        default: "order_events",
+        help: "queue consumed",
+    },
+    Setting {
+        name: "CONSUMER_PREFETCH",
+        default: "256",
+        help: "unacknowledged deliveries the broker may push ahead",
+    },
+    Setting {
+        name: "CONSUMER_BATCH",
+        default: "100",
+        help: "deliveries applied per transaction and acked together",
+    },
+    Setting {
+        name: "DB_POOL_SIZE",
+        default: "2",
+        help: "Postgres connections in the pool",
+    },
+    Setting {
+        name: "RUST_LOG",
+        default: "info",
+        help: "log filter (error, warn, info, debug, trace)",
+    },
+];
+
+fn main() {
+    if common::wants_help() {
+        common::print_help(
+            "txoutbox-consumer",
+            "consumes order events from RabbitMQ and marks orders COMPLETED, once per message id",
+            "txoutbox-consumer [--help]",
+            SETTINGS,
+        );
+        return;
+    }
+    common::init_logging();
+    common::run(try_main);
+}
+
+fn try_main() -> Result<(), String> {
+    let config = ConsumerConfig {
+        prefetch: env_parse("CONSUMER_PREFETCH", 256)?,
+        batch_size: env_parse("CONSUMER_BATCH", 100)?,
+        ..ConsumerConfig::default()
+    };
+    let pool = PoolOptions {
+        max_size: env_parse("DB_POOL_SIZE", 2)?,
+        ..PoolOptions::default()
+    };
+    let topology = Topology::new(
+        env_or("AMQP_EXCHANGE", "txoutbox.events"),
+        env_or("AMQP_QUEUE", "order_events"),
+    );
+    let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
+    let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
+
+    let db = Database::connect(&database_url, &pool).map_err(|e| e.to_string())?;
+    let handle =
+        consumer::start(db, &amqp_url, topology, config, orders::apply_event).map_err(|e| e.to_string())?;
+    println!("txoutbox-consumer consuming");
+    handle.join();
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! `txoutbox-server`: the orders HTTP API and the outbox relay in one process.
+
+mod common;
+
+use common::{env_or, env_parse, Setting};
+use txoutbox::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
+use txoutbox::{http, relay, Database, HttpConfig, PoolOptions, RelayConfig, Topology};
+
+const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "DATABASE_URL",
+        default: DEFAULT_DATABASE_URL,
+        help: "Postgres URL; the database is created if missing",
+    },
+    Setting {
+        name: "AMQP_URL",
+        default: DEFAULT_AMQP_URL,
+        help: "RabbitMQ URL (heartbeat=10 added unless set)",
+    },
+    Setting {
+        name: "HTTP_ADDR",
+        default: "127.0.0.1:8080",
+        help: "address the API listens on",
+    },
+    Setting {
+        name: "HTTP_THREADS",
+        default: "16",
+        help: "request handler threads",
+    },
+    Setting {
+        name: "DB_POOL_SIZE",
+        default: "HTTP_THREADS + RELAY_WORKERS + 2",
+        help: "Postgres connections in the pool",
+    },
+    Setting {
+        name: "RELAY_WORKERS",
+        default: "5",
+        help: "relay threads, each with its own RabbitMQ connection",
+    },
+    Setting {
+        name: "RELAY_BATCH",
+        default: "200",
+        help: "outbox rows claimed, published and deleted per round",
+    },
+    Setting {
+        name: "AMQP_EXCHANGE",
+        default: "txoutbox.events",
+        help: "topic exchange events are published to",
+    },
+    Setting {
+        name: "AMQP_QUEUE",
+        default: "order_events",
+        help: "queue bound to the exchange (declared here too)",
+    },
+    Setting {
+        name: "RUST_LOG",
+        default: "info",
+        help: "log filter (error, warn, info, debug, trace)",
+    },
+];
+
+fn main() {
+    if common::wants_help() {
+        common::print_help(
+            "txoutbox-server",
+            "HTTP API for orders (POST /orders, GET /orders/{id}) plus the outbox relay to RabbitMQ",
+            "txoutbox-server [--help]",
+            SETTINGS,
+        );
+        return;
+    }
+    common::init_logging();
+    common::run(try_main);
+}
+
+fn try_main() -> Result<(), String> {
+    let http_config = HttpConfig {
+        addr: env_or("HTTP_ADDR", "127.0.0.1:8080"),
+        threads: env_parse("HTTP_THREADS", 16)?,
+        ..HttpConfig::default()
+    };
+    let relay_config = RelayConfig {
+        workers: env_parse("RELAY_WORKERS", 5)?,
+        batch_size: env_parse("RELAY_BATCH", 200)?,
+        ..RelayConfig::default()
+    };
+    let pool_size = http_config.threads + relay_config.workers + 2;
+    let pool = PoolOptions {
+        max_size: env_parse("DB_POOL_SIZE", pool_size as u32)?,
+        ..PoolOptions::default()
+    };
+    let topology = Topology::new(
+        env_or("AMQP_EXCHANGE", "txoutbox.events"),
+        env_or("AMQP_QUEUE", "order_events"),
+    );
+    let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
+    let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
+
+    let db = Database::connect(&database_url, &pool).map_err(|e| e.to_string())?;
+    let relay = relay::start(db.clone(), &amqp_url, topology, relay_config).map_err(|e| e.to_string())?;
+    let server = http::serve(&http_config, db).map_err(|e| e.to_string())?;
+    println!("txoutbox-server listening on http://{}", server.addr());
+    server.join();
+    relay.stop();
+    Ok(())
+}

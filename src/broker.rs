@@ -1,0 +1,330 @@
+//! RabbitMQ: connecting with safe defaults, declaring the topology, and publishing a batch of
+//! events with publisher confirms.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use amiquip::{
+    AmqpProperties, AmqpValue, Channel, Confirm, Connection, ExchangeDeclareOptions, ExchangeType,
+    FieldTable, Publish, QueueDeclareOptions, Return,
+};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use crate::config::redact_url;
+use crate::{Error, Result};
+
+/// Heartbeat interval (seconds) added to an AMQP URL that sets none: without heartbeats a
+/// silently dead link looks alive forever.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
+/// Connection timeout (milliseconds) added to an AMQP URL that sets none.
+pub const DEFAULT_CONNECTION_TIMEOUT_MS: u32 = 5000;
+
+/// Names of the exchange and queues txoutbox publishes to and consumes from.
+///
+/// Relay and consumer both declare all of it, idempotently, so either may start first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    /// Durable topic exchange the relay publishes to, with the event type as routing key.
+    /// Default `txoutbox.events`.
+    pub exchange: String,
+    /// Durable queue bound to the exchange with `#` (every event). Default `order_events`.
+    pub queue: String,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            exchange: "txoutbox.events".into(),
+            queue: "order_events".into(),
+        }
+    }
+}
+
+impl Topology {
+    /// Topology with the given exchange and queue names.
+    pub fn new(exchange: impl Into<String>, queue: impl Into<String>) -> Self {
+        Topology {
+            exchange: exchange.into(),
+            queue: queue.into(),
+        }
+    }
+
+    /// Fanout exchange that receives what the queue dead-letters: `<queue>.dlx`.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.queue)
+    }
+
+    /// Queue holding dead-lettered messages: `<queue>.dlq`.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dlq", self.queue)
+    }
+
+    /// Declares the exchange, the queue and its dead-letter exchange and queue. Idempotent.
+    pub fn declare(&self, channel: &Channel) -> Result<()> {
+        let durable_exchange = || ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let durable_queue = |arguments| QueueDeclareOptions {
+            durable: true,
+            arguments,
+            ..Default::default()
+        };
+        let context = |what: &str| format!("cannot declare {what} on RabbitMQ");
+
+        let dlx = channel
+            .exchange_declare(
+                ExchangeType::Fanout,
+                self.dead_letter_exchange(),
+                durable_exchange(),
+            )
+            .map_err(|e| Error::broker(context("the dead-letter exchange"), e))?;
+        let dlq = channel
+            .queue_declare(self.dead_letter_queue(), durable_queue(FieldTable::default()))
+            .map_err(|e| Error::broker(context("the dead-letter queue"), e))?;
+        dlq.bind(&dlx, "", FieldTable::default())
+            .map_err(|e| Error::broker(context("the dead-letter binding"), e))?;
+
+        let exchange = channel
+            .exchange_declare(ExchangeType::Topic, self.exchange.as_str(), durable_exchange())
+            .map_err(|e| Error::broker(context(&format!("exchange {}", self.exchange)), e))?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AmqpValue::LongString(self.dead_letter_exchange()),
+        );
+        let queue = channel
+            .queue_declare(self.queue.as_str(), durable_queue(arguments))
+            .map_err(|e| Error::broker(context(&format!("queue {}", self.queue)), e))?;
+        queue
+            .bind(&exchange, "#", FieldTable::default())
+            .map_err(|e| Error::broker(context(&format!("binding of queue {}", self.queue)), e))?;
+        Ok(())
+    }
+
+    /// Deletes everything [`declare`](Self::declare) created. Meant for tests and tear-down.
+    pub fn delete(&self, channel: &Channel) -> Result<()> {
+        let context = |what: &str| format!("cannot delete {what}");
+        for queue in [self.queue.clone(), self.dead_letter_queue()] {
+            channel
+                .queue_delete(queue.as_str(), Default::default())
+                .map_err(|e| Error::broker(context(&queue), e))?;
+        }
+        for exchange in [self.exchange.clone(), self.dead_letter_exchange()] {
+            channel
+                .exchange_delete(exchange.as_str(), false)
+                .map_err(|e| Error::broker(context(&exchange), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Returns `url` with a heartbeat and a connection timeout added when it sets none.
+pub fn with_safe_defaults(url: &str) -> String {
+    let mut url = url.to_string();
+    for (key, value) in [
+        ("heartbeat", DEFAULT_HEARTBEAT_SECS.to_string()),
+        ("connection_timeout", DEFAULT_CONNECTION_TIMEOUT_MS.to_string()),
+    ] {
+        let already = url
+            .split_once('?')
+            .is_some_and(|(_, query)| query.split('&').any(|kv| kv.split('=').next() == Some(key)));
+        if !already {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str(&format!("{key}={value}"));
+        }
+    }
+    url
+}
+
+/// Opens a connection (with [`with_safe_defaults`]) and one channel on it.
+pub fn connect(url: &str) -> Result<(Connection, Channel)> {
+    let mut connection = Connection::insecure_open(&with_safe_defaults(url))
+        .map_err(|e| Error::broker(format!("cannot connect to RabbitMQ at {}", redact_url(url)), e))?;
+    let channel = connection
+        .open_channel(None)
+        .map_err(|e| Error::broker("cannot open a RabbitMQ channel", e))?;
+    Ok((connection, channel))
+}
+
+/// One event as it goes onto the wire.
+#[derive(Clone, Debug)]
+pub struct OutgoingEvent {
+    /// Caller's key for the event (the outbox row id); reported back in [`PublishOutcome`].
+    pub key: i64,
+    /// AMQP `message_id`: the consumer's dedupe key.
+    pub message_id: String,
+    /// AMQP `type` and routing key.
+    pub event_type: String,
+    /// Sent as the `aggregate_type` header.
+    pub aggregate_type: String,
+    /// Sent as the `aggregate_id` header.
+    pub aggregate_id: String,
+    /// JSON body.
+    pub body: Vec<u8>,
+}
+
+/// What the broker said about each event of a batch.
+#[derive(Debug, Default)]
+pub struct PublishOutcome {
+    /// Keys of events the broker confirmed and routed to at least one queue.
+    pub confirmed: Vec<i64>,
+    /// Keys of events the broker refused (nack) or could not route, with the reason.
+    pub refused: Vec<(i64, String)>,
+}
+
+/// A channel in confirm mode that publishes batches and waits for every confirm.
+pub struct Publisher {
+    // Field order matters: the channel closes before its connection.
+    channel: Channel,
+    connection: Connection,
+    confirms: Receiver<Confirm>,
+    returns: Receiver<Return>,
+    next_tag: u64,
+    exchange: String,
+}
+
+impl Publisher {
+    /// Connects, declares `topology` and puts a fresh channel in confirm mode.
+    pub fn connect(url: &str, topology: &Topology) -> Result<Self> {
+        let (connection, channel) = connect(url)?;
+        topology.declare(&channel)?;
+        // The listeners must exist before confirm mode starts, or early confirms are lost.
+        let confirms = channel
+            .listen_for_publisher_confirms()
+            .map_err(|e| Error::broker("cannot listen for publisher confirms", e))?;
+        let returns = channel
+            .listen_for_returns()
+            .map_err(|e| Error::broker("cannot listen for returns", e))?;
+        channel
+            .enable_publisher_confirms()
+            .map_err(|e| Error::broker("cannot enable publisher confirms", e))?;
+        Ok(Publisher {
+            channel,
+            connection,
+            confirms,
+            returns,
+            next_tag: 1,
+            exchange: topology.exchange.clone(),
+        })
+    }
+
+    /// Publishes every event (persistent, mandatory) and waits up to `timeout` for all confirms.
+    ///
+    /// Returns `Err` when the connection failed or a confirm did not arrive in time: nothing of
+    /// the batch may then be treated as published, and the publisher should be dropped.
+    pub fn publish_batch(&mut self, events: &[OutgoingEvent], timeout: Duration) -> Result<PublishOutcome> {
+        let mut pending: BTreeMap<u64, usize> = BTreeMap::new();
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for (index, event) in events.iter().enumerate() {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "aggregate_type".into(),
+                AmqpValue::LongString(event.aggregate_type.clone()),
+            );
+            headers.insert(
+                "aggregate_id".into(),
+                AmqpValue::LongString(event.aggregate_id.clone()),
+            );
+            let properties = AmqpProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(event.message_id.clone())
+                .with_type_(event.event_type.clone())
+                .with_timestamp(timestamp)
+                .with_headers(headers);
+            let publish = Publish {
+                body: &event.body,
+                routing_key: event.event_type.clone(),
+                mandatory: true,
+                immediate: false,
+                properties,
+            };
+            self.channel
+                .basic_publish(self.exchange.as_str(), publish)
+                .map_err(|e| Error::broker("cannot publish to RabbitMQ", e))?;
+            pending.insert(self.next_tag, index);
+            self.next_tag += 1;
+        }
+
+        let deadline = Instant::now() + timeout;
+        let mut acked = Vec::with_capacity(events.len());
+        let mut refused = Vec::new();
+        while !pending.is_empty() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let confirm = match self.confirms.recv_timeout(wait) {
+                Ok(confirm) => confirm,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(Error::Other(format!(
+                        "RabbitMQ confirmed only {} of {} messages within {:?}",
+                        events.len() - pending.len(),
+                        events.len(),
+                        timeout
+                    )))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Other(
+                        "RabbitMQ connection lost while waiting for confirms".into(),
+                    ))
+                }
+            };
+            let (payload, ok) = match confirm {
+                Confirm::Ack(p) => (p, true),
+                Confirm::Nack(p) => (p, false),
+            };
+            let settled: Vec<usize> = if payload.multiple {
+                let rest = pending.split_off(&(payload.delivery_tag + 1));
+                std::mem::replace(&mut pending, rest).into_values().collect()
+            } else {
+                pending.remove(&payload.delivery_tag).into_iter().collect()
+            };
+            for index in settled {
+                if ok {
+                    acked.push(index);
+                } else {
+                    refused.push((
+                        events[index].key,
+                        "RabbitMQ refused the message (nack)".to_string(),
+                    ));
+                }
+            }
+        }
+
+        // A mandatory message that reached no queue is returned before its ack arrives.
+        let mut unroutable: HashSet<String> = HashSet::new();
+        while let Ok(returned) = self.returns.try_recv() {
+            if let Some(id) = returned.properties.message_id() {
+                unroutable.insert(id.clone());
+                log::warn!(
+                    "broker: message_id={id} returned as unroutable: {} {}",
+                    returned.reply_code,
+                    returned.reply_text
+                );
+            }
+        }
+        let mut outcome = PublishOutcome {
+            confirmed: Vec::with_capacity(acked.len()),
+            refused,
+        };
+        for index in acked {
+            let event = &events[index];
+            if unroutable.contains(&event.message_id) {
+                outcome
+                    .refused
+                    .push((event.key, "unroutable: no queue is bound for it".into()));
+            } else {
+                outcome.confirmed.push(event.key);
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Closes the channel and the connection.
+    pub fn close(self) {
+        let _ = self.channel.close();
+        let _ = self.connection.close();
+    }
+}

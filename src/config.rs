@@ -1,0 +1,178 @@
+//! Configuration of each component. Every field documents its default; `validate` runs once
+//! when a component starts.
+
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// Default `DATABASE_URL`: the project's docker-compose.yml and a local Postgres both answer it.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres:postgres@127.0.0.1:5432/txoutbox";
+/// Default `AMQP_URL`.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Settings of the relay that moves outbox rows to RabbitMQ.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Worker threads, each with its own broker connection (`RELAY_WORKERS`, default 5).
+    pub workers: usize,
+    /// Rows claimed, published and deleted per round (`RELAY_BATCH`, default 200).
+    pub batch_size: i64,
+    /// Longest idle wait between claims when no notification arrives (default 1 s).
+    pub poll_interval: Duration,
+    /// How long to wait for the broker's confirms of one batch (default 10 s).
+    pub confirm_timeout: Duration,
+    /// Delay before a refused event is tried again (default 5 s; grows with attempts).
+    pub retry_delay: Duration,
+    /// First delay before reconnecting after a failure (default 100 ms, doubled up to `max_backoff`).
+    pub min_backoff: Duration,
+    /// Cap of the reconnect delay (default 10 s).
+    pub max_backoff: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            workers: 5,
+            batch_size: 200,
+            poll_interval: Duration::from_secs(1),
+            confirm_timeout: Duration::from_secs(10),
+            retry_delay: Duration::from_secs(5),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Checks that the values can work together.
+    pub fn validate(&self) -> Result<()> {
+        if self.workers == 0 || self.workers > 64 {
+            return Err(Error::Config(format!(
+                "RELAY_WORKERS must be 1..=64, got {}",
+                self.workers
+            )));
+        }
+        if !(1..=10_000).contains(&self.batch_size) {
+            return Err(Error::Config(format!(
+                "RELAY_BATCH must be 1..=10000, got {}",
+                self.batch_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Settings of the idempotent consumer.
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    /// Unacknowledged deliveries the broker may push ahead (`CONSUMER_PREFETCH`, default 256).
+    pub prefetch: u16,
+    /// Deliveries applied in one database transaction and acked together (`CONSUMER_BATCH`,
+    /// default 100).
+    pub batch_size: usize,
+    /// First reconnect delay (default 100 ms, doubled up to `max_backoff`).
+    pub min_backoff: Duration,
+    /// Cap of the reconnect delay (default 10 s).
+    pub max_backoff: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            prefetch: 256,
+            batch_size: 100,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// Checks that the values can work together.
+    pub fn validate(&self) -> Result<()> {
+        if self.prefetch == 0 {
+            return Err(Error::Config("CONSUMER_PREFETCH must be at least 1".into()));
+        }
+        if self.batch_size == 0 || self.batch_size > usize::from(self.prefetch) {
+            return Err(Error::Config(format!(
+                "CONSUMER_BATCH must be 1..=CONSUMER_PREFETCH ({}), got {}",
+                self.prefetch, self.batch_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Settings of the HTTP API.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// Address to listen on (`HTTP_ADDR`, default `127.0.0.1:8080`).
+    pub addr: String,
+    /// Request handler threads (`HTTP_THREADS`, default 16).
+    pub threads: usize,
+    /// Largest accepted request body in bytes (default 64 KiB); larger gets 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            addr: "127.0.0.1:8080".into(),
+            threads: 16,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Checks that the values can work together.
+    pub fn validate(&self) -> Result<()> {
+        if self.threads == 0 || self.threads > 1024 {
+            return Err(Error::Config(format!(
+                "HTTP_THREADS must be 1..=1024, got {}",
+                self.threads
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Returns `url` with its password replaced by `***`, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme_end], &userinfo[..colon], &rest[at..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redacts_the_password_only() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redact_url("amqp://guest:p%40ss@h/%2f?heartbeat=5"),
+            "amqp://guest:***@h/%2f?heartbeat=5"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("postgres://h/db?x=a:b@c"), "postgres://h/db?x=a:b@c");
+        assert_eq!(redact_url("host=h user=u"), "host=h user=u");
+    }
+}

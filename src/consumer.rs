@@ -1,0 +1,448 @@
+//! The idempotent consumer: applies each delivery's effect and records its message id in
+//! `processed_messages` in one transaction, and acknowledges only after that commit.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use amiquip::{AmqpValue, Channel, ConsumerMessage, ConsumerOptions, Delivery};
+use crossbeam_channel::RecvTimeoutError;
+use postgres::Transaction;
+use uuid::Uuid;
+
+use crate::broker::{self, Topology};
+use crate::config::ConsumerConfig;
+use crate::db::Database;
+use crate::wakeup::{Backoff, Wakeup};
+use crate::{Error, Result};
+
+const RECORD_PROCESSED: &str = "\
+    INSERT INTO processed_messages (message_id, event_type, aggregate_id)
+    VALUES ($1, $2, $3)
+    ON CONFLICT (message_id) DO NOTHING";
+
+/// A delivery that passed the envelope checks, as a handler sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    /// The event's unique id (AMQP `message_id`).
+    pub message_id: Uuid,
+    /// AMQP `type`, e.g. `OrderCreated`, when the publisher set it.
+    pub event_type: Option<String>,
+    /// The `aggregate_id` header, when the publisher set it.
+    pub aggregate_id: Option<String>,
+    /// The parsed JSON body.
+    pub payload: serde_json::Value,
+    /// True when the broker delivered this message before (it may or may not have been applied).
+    pub redelivered: bool,
+}
+
+/// Why a handler could not apply a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandlerError {
+    /// What went wrong, for the log.
+    pub reason: String,
+    /// True when retrying cannot help (the message itself is wrong).
+    pub permanent: bool,
+}
+
+impl HandlerError {
+    /// A failure that may pass on a later try (the message is redelivered).
+    pub fn transient(reason: impl Into<String>) -> Self {
+        HandlerError {
+            reason: reason.into(),
+            permanent: false,
+        }
+    }
+
+    /// A failure retrying cannot fix (the message is dead-lettered).
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        HandlerError {
+            reason: reason.into(),
+            permanent: true,
+        }
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl From<postgres::Error> for HandlerError {
+    fn from(e: postgres::Error) -> Self {
+        HandlerError::transient(Error::db("handler query failed", e).to_string())
+    }
+}
+
+/// Applies a message's effect inside the consumer's transaction.
+///
+/// The transaction already holds the message's row in `processed_messages`; the effect and that
+/// row commit together, and the handler runs only for messages not applied before. Return `Err`
+/// to roll both back.
+pub trait Handler: Send {
+    /// Applies `message` on `tx`. Do not commit: the consumer does.
+    fn handle(&mut self, tx: &mut Transaction<'_>, message: &Message) -> Result<(), HandlerError>;
+}
+
+impl<F> Handler for F
+where
+    F: FnMut(&mut Transaction<'_>, &Message) -> Result<(), HandlerError> + Send,
+{
+    fn handle(&mut self, tx: &mut Transaction<'_>, message: &Message) -> Result<(), HandlerError> {
+        self(tx, message)
+    }
+}
+
+/// Counters a running consumer keeps; read them through [`ConsumerHandle::stats`].
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    applied: AtomicU64,
+    duplicates: AtomicU64,
+    rejected: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl ConsumerStats {
+    /// Messages whose effect committed (first delivery of each message id).
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+    /// Deliveries of an already applied message id, acked with no effect.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
+    }
+    /// Deliveries rejected without requeue (dead-lettered): malformed or permanently failing.
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+    /// Deliveries whose handler failed transiently; they were requeued.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// A running consumer thread. Dropping it stops the consumer like [`stop`](Self::stop).
+pub struct ConsumerHandle {
+    wakeup: Arc<Wakeup>,
+    stats: Arc<ConsumerStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ConsumerHandle {
+    /// Counters of this consumer.
+    pub fn stats(&self) -> &ConsumerStats {
+        &self.stats
+    }
+
+    /// Finishes the batch in hand (commit, then ack), closes the connection, joins the thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    /// Blocks until the consumer thread ends (it runs until stopped).
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.wakeup.stop();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("consumer: the consumer thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ConsumerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Starts a consumer thread on `topology.queue` that runs `handler` for each new message.
+///
+/// It reconnects with backoff after any broker or database failure; unacknowledged deliveries
+/// are then redelivered by the broker and deduplicated here.
+pub fn start<H: Handler + 'static>(
+    db: Database,
+    amqp_url: &str,
+    topology: Topology,
+    config: ConsumerConfig,
+    handler: H,
+) -> Result<ConsumerHandle> {
+    config.validate()?;
+    let wakeup = Arc::new(Wakeup::default());
+    let stats = Arc::new(ConsumerStats::default());
+    let mut worker = Worker {
+        db,
+        amqp_url: amqp_url.to_string(),
+        topology,
+        config,
+        handler,
+        wakeup: wakeup.clone(),
+        stats: stats.clone(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("consumer".into())
+        .spawn(move || worker.run())
+        .map_err(|e| Error::Other(format!("cannot start the consumer thread: {e}")))?;
+    Ok(ConsumerHandle {
+        wakeup,
+        stats,
+        thread: Some(thread),
+    })
+}
+
+struct Worker<H> {
+    db: Database,
+    amqp_url: String,
+    topology: Topology,
+    config: ConsumerConfig,
+    handler: H,
+    wakeup: Arc<Wakeup>,
+    stats: Arc<ConsumerStats>,
+}
+
+/// Why a session with the broker ended.
+enum SessionEnd {
+    Stopped,
+    Failed(Error),
+}
+
+impl<H: Handler> Worker<H> {
+    fn run(&mut self) {
+        let mut backoff = Backoff::new(self.config.min_backoff, self.config.max_backoff);
+        let mut failing = false;
+        log::info!(
+            "consumer: started queue={} prefetch={}",
+            self.topology.queue,
+            self.config.prefetch
+        );
+        while !self.wakeup.is_stopping() {
+            match self.session(&mut backoff, &mut failing) {
+                SessionEnd::Stopped => break,
+                SessionEnd::Failed(e) => {
+                    if !failing {
+                        log::warn!("consumer: {e}; reconnecting with backoff");
+                        failing = true;
+                    }
+                    self.wakeup.sleep(backoff.next_delay());
+                }
+            }
+        }
+        log::info!("consumer: stopped");
+    }
+
+    /// One broker connection: consume until stopped or until something fails.
+    fn session(&mut self, backoff: &mut Backoff, failing: &mut bool) -> SessionEnd {
+        let (connection, channel) = match broker::connect(&self.amqp_url) {
+            Ok(pair) => pair,
+            Err(e) => return SessionEnd::Failed(e),
+        };
+        let end = self.consume(&channel, backoff, failing);
+        let _ = channel.close();
+        let _ = connection.close();
+        end
+    }
+
+    fn consume(&mut self, channel: &Channel, backoff: &mut Backoff, failing: &mut bool) -> SessionEnd {
+        if let Err(e) = self.topology.declare(channel) {
+            return SessionEnd::Failed(e);
+        }
+        if let Err(e) = channel.qos(0, self.config.prefetch, false) {
+            return SessionEnd::Failed(Error::broker("cannot set the prefetch limit", e));
+        }
+        let consumer = match channel.basic_consume(
+            self.topology.queue.as_str(),
+            ConsumerOptions {
+                no_ack: false,
+                ..Default::default()
+            },
+        ) {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::Failed(Error::broker("cannot start consuming", e)),
+        };
+        if *failing {
+            log::info!("consumer: connected again");
+            *failing = false;
+        }
+        backoff.reset();
+        let receiver = consumer.receiver();
+        loop {
+            if self.wakeup.is_stopping() {
+                let _ = consumer.cancel();
+                return SessionEnd::Stopped;
+            }
+            let first = match receiver.recv_timeout(Duration::from_millis(200)) {
+                Ok(message) => message,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return SessionEnd::Failed(Error::Other("RabbitMQ consumer channel closed".into()))
+                }
+            };
+            let mut batch = Vec::with_capacity(self.config.batch_size);
+            let mut end = None;
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    ConsumerMessage::Delivery(delivery) => batch.push(delivery),
+                    other => {
+                        end = Some(SessionEnd::Failed(Error::Other(format!(
+                            "RabbitMQ ended the consumer: {other:?}"
+                        ))));
+                        break;
+                    }
+                }
+                if batch.len() < self.config.batch_size {
+                    next = receiver.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                if let Err(e) = self.process(channel, batch) {
+                    return SessionEnd::Failed(e);
+                }
+            }
+            if let Some(end) = end {
+                return end;
+            }
+        }
+    }
+
+    /// Applies a batch and settles every delivery in it. `Err` means the session must end
+    /// (unsettled deliveries are then redelivered by the broker).
+    fn process(&mut self, channel: &Channel, batch: Vec<Delivery>) -> Result<()> {
+        let mut valid = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            match parse(&delivery) {
+                Ok(message) => valid.push((delivery, message)),
+                Err(reason) => {
+                    log::warn!(
+                        "consumer: rejecting delivery tag={} routing_key={}: {reason}",
+                        delivery.delivery_tag(),
+                        delivery.routing_key
+                    );
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    delivery
+                        .reject(channel, false)
+                        .map_err(|e| Error::broker("cannot reject a delivery", e))?;
+                }
+            }
+        }
+        if valid.is_empty() {
+            return Ok(());
+        }
+        let messages: Vec<&Message> = valid.iter().map(|(_, m)| m).collect();
+        match self.apply(&messages) {
+            Ok((applied, duplicates)) => {
+                self.stats.applied.fetch_add(applied, Ordering::Relaxed);
+                self.stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+                // Every delivery up to the last one is settled now: one ack covers them all.
+                if let Some((last, _)) = valid.pop() {
+                    last.ack_multiple(channel)
+                        .map_err(|e| Error::broker("cannot ack deliveries", e))?;
+                }
+                Ok(())
+            }
+            Err(ApplyError::Db(e)) => Err(e),
+            Err(ApplyError::Handler(_)) => {
+                // Some handler failed: the batch rolled back. Apply one by one to isolate it.
+                for (delivery, message) in valid {
+                    self.settle_alone(channel, delivery, &message)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn settle_alone(&mut self, channel: &Channel, delivery: Delivery, message: &Message) -> Result<()> {
+        let broker_error = |e| Error::broker("cannot settle a delivery", e);
+        match self.apply(&[message]) {
+            Ok((applied, duplicates)) => {
+                self.stats.applied.fetch_add(applied, Ordering::Relaxed);
+                self.stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+                delivery.ack(channel).map_err(broker_error)
+            }
+            Err(ApplyError::Db(e)) => Err(e),
+            Err(ApplyError::Handler(failure)) if failure.permanent => {
+                log::warn!(
+                    "consumer: message_id={} failed permanently, dead-lettering: {failure}",
+                    message.message_id
+                );
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                delivery.reject(channel, false).map_err(broker_error)
+            }
+            Err(ApplyError::Handler(failure)) => {
+                log::warn!(
+                    "consumer: message_id={} failed, requeueing: {failure}",
+                    message.message_id
+                );
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                // Give a failing dependency a moment before the redelivery.
+                self.wakeup.sleep(Duration::from_millis(200));
+                delivery.nack(channel, true).map_err(broker_error)
+            }
+        }
+    }
+
+    /// One transaction: dedupe row and effect for each message, then commit.
+    /// Returns (applied, duplicates).
+    fn apply(&mut self, messages: &[&Message]) -> Result<(u64, u64), ApplyError> {
+        let mut client = self.db.get().map_err(ApplyError::Db)?;
+        let db = |context: &'static str| move |e| ApplyError::Db(Error::db(context, e));
+        let mut tx = client
+            .transaction()
+            .map_err(db("cannot begin the consumer transaction"))?;
+        let (mut applied, mut duplicates) = (0, 0);
+        for message in messages {
+            let inserted = tx
+                .execute(
+                    RECORD_PROCESSED,
+                    &[&message.message_id, &message.event_type, &message.aggregate_id],
+                )
+                .map_err(db("cannot record a processed message"))?;
+            if inserted == 0 {
+                duplicates += 1;
+                continue;
+            }
+            self.handler
+                .handle(&mut tx, message)
+                .map_err(ApplyError::Handler)?;
+            applied += 1;
+        }
+        tx.commit()
+            .map_err(db("cannot commit the consumer transaction"))?;
+        Ok((applied, duplicates))
+    }
+}
+
+enum ApplyError {
+    Db(Error),
+    Handler(HandlerError),
+}
+
+/// Checks the envelope: a UUID message id and a JSON body.
+fn parse(delivery: &Delivery) -> Result<Message, String> {
+    let properties = &delivery.properties;
+    let raw_id = properties.message_id().as_ref().ok_or("no message_id")?;
+    let message_id = Uuid::parse_str(raw_id).map_err(|_| format!("message_id {raw_id:?} is not a UUID"))?;
+    let payload = serde_json::from_slice(&delivery.body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let aggregate_id = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| match h.get("aggregate_id") {
+            Some(AmqpValue::LongString(s)) => Some(s.clone()),
+            _ => None,
+        });
+    Ok(Message {
+        message_id,
+        event_type: properties.type_().clone(),
+        aggregate_id,
+        payload,
+        redelivered: delivery.redelivered,
+    })
+}

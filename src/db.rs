@@ -1,0 +1,200 @@
+//! Postgres: connection settings, the pool, database creation and the embedded schema.
+
+use std::time::Duration;
+
+use postgres::{Client, NoTls};
+use r2d2_postgres::PostgresConnectionManager;
+
+use crate::config::redact_url;
+use crate::{Error, Result};
+
+/// The schema, embedded so every binary can install it.
+pub const SCHEMA: &str = include_str!("../schema.sql");
+
+/// Advisory lock key held while the schema is applied (so concurrent starts do not race).
+const SCHEMA_LOCK_KEY: i64 = 0x7478_6f75_7462_6f78; // "txoutbox"
+
+/// A pool of blocking Postgres connections.
+pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// A connection checked out of a [`Pool`].
+pub type PooledClient = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+
+/// Where the database is and how to reach it: the pool for short transactions, and the parsed
+/// config for dedicated connections (LISTEN).
+#[derive(Clone)]
+pub struct Database {
+    config: postgres::Config,
+    pool: Pool,
+    url: String,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
+}
+
+/// Options for [`Database::connect`].
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Most connections the pool opens (`DB_POOL_SIZE`; default 24).
+    pub max_size: u32,
+    /// How long a caller waits for a free connection before an error (default 2 s).
+    pub checkout_timeout: Duration,
+    /// Server-side limit for any one statement (default 30 s).
+    pub statement_timeout: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            max_size: 24,
+            checkout_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Parses a `postgres://` URL (or key=value string) and adds the timeouts txoutbox relies on:
+/// a connect timeout, TCP keepalives, and the given statement timeout.
+pub fn parse_url(url: &str, statement_timeout: Duration) -> Result<postgres::Config> {
+    let mut config: postgres::Config = url.parse().map_err(|e: postgres::Error| {
+        Error::Config(format!(
+            "DATABASE_URL {} is not a valid Postgres URL: {e}",
+            redact_url(url)
+        ))
+    })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(2));
+    }
+    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
+    let options = format!(
+        "{} -c statement_timeout={}",
+        config.get_options().unwrap_or_default(),
+        statement_timeout.as_millis()
+    );
+    config.options(options.trim());
+    Ok(config)
+}
+
+impl Database {
+    /// Creates the database if it does not exist, installs the schema, and opens the pool.
+    pub fn connect(url: &str, options: &PoolOptions) -> Result<Self> {
+        let config = parse_url(url, options.statement_timeout)?;
+        ensure_database(&config, url)?;
+        let mut client = config
+            .connect(NoTls)
+            .map_err(|e| Error::db(format!("cannot connect to {}", redact_url(url)), e))?;
+        install_schema(&mut client)?;
+        let _ = client.close();
+        let manager = PostgresConnectionManager::new(config.clone(), NoTls);
+        let pool = r2d2::Pool::builder()
+            .max_size(options.max_size)
+            .min_idle(Some(options.max_size.min(4)))
+            .connection_timeout(options.checkout_timeout)
+            .test_on_check_out(true)
+            .build(manager)
+            .map_err(|e| Error::pool(format!("cannot open a connection pool to {}", redact_url(url)), e))?;
+        Ok(Database {
+            config,
+            pool,
+            url: url.to_string(),
+        })
+    }
+
+    /// The pool for short transactions.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// A connection from the pool, or an error after the pool's checkout timeout.
+    pub fn get(&self) -> Result<PooledClient> {
+        self.pool
+            .get()
+            .map_err(|e| Error::pool("no database connection available", e))
+    }
+
+    /// A new connection outside the pool (for LISTEN, which must not return to a pool).
+    pub fn dedicated(&self) -> Result<Client> {
+        self.config
+            .connect(NoTls)
+            .map_err(|e| Error::db(format!("cannot connect to {}", redact_url(&self.url)), e))
+    }
+
+    /// The parsed connection settings.
+    pub fn config(&self) -> &postgres::Config {
+        &self.config
+    }
+}
+
+/// Applies [`SCHEMA`] in one transaction under an advisory lock. Safe to call on every start.
+pub fn install_schema(client: &mut Client) -> Result<()> {
+    let mut tx = client
+        .transaction()
+        .map_err(|e| Error::db("cannot install the schema", e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
+        .map_err(|e| Error::db("cannot lock the schema for installation", e))?;
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .map_err(|e| Error::db("cannot install the schema", e))?;
+    tx.batch_execute(SCHEMA)
+        .map_err(|e| Error::db("cannot apply schema.sql", e))?;
+    tx.commit().map_err(|e| Error::db("cannot commit the schema", e))
+}
+
+/// Creates the database named in `config` when it does not exist, by connecting to the
+/// `postgres` maintenance database with the same credentials.
+pub fn ensure_database(config: &postgres::Config, url: &str) -> Result<()> {
+    let name = config.get_dbname().unwrap_or("postgres").to_string();
+    match config.connect(NoTls) {
+        Ok(client) => {
+            let _ = client.close();
+            return Ok(());
+        }
+        Err(e) if e.code() == Some(&postgres::error::SqlState::INVALID_CATALOG_NAME) => {}
+        Err(e) => {
+            return Err(Error::db(
+                format!(
+                    "cannot connect to {} (is Postgres running? `make up` starts one)",
+                    redact_url(url)
+                ),
+                e,
+            ))
+        }
+    }
+    let mut admin_config = config.clone();
+    admin_config.dbname("postgres");
+    let how = format!("create it by hand with: createdb {name}  (or psql -c 'CREATE DATABASE \"{name}\"')");
+    let mut admin = admin_config.connect(NoTls).map_err(|e| {
+        Error::db(
+            format!("database {name} does not exist and the server refused a maintenance connection; {how}"),
+            e,
+        )
+    })?;
+    let statement = format!("CREATE DATABASE {}", quote_identifier(&name));
+    match admin.batch_execute(&statement) {
+        Ok(()) => {
+            log::info!("db: created database {name}");
+            Ok(())
+        }
+        // Someone else created it in the meantime (two processes starting together).
+        Err(e)
+            if e.code() == Some(&postgres::error::SqlState::DUPLICATE_DATABASE)
+                || e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(Error::db(
+            format!("database {name} does not exist and cannot be created; {how}"),
+            e,
+        )),
+    }
+}
+
+/// Quotes a Postgres identifier (doubling embedded quotes), for the few statements that
+/// cannot take parameters.
+pub fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

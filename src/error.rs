@@ -1,0 +1,117 @@
+//! The crate's error type.
+
+use std::fmt;
+
+/// Everything that can go wrong in txoutbox, with enough context to act on.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A Postgres call failed; `context` says what we were doing.
+    Db {
+        /// What txoutbox was doing when the call failed.
+        context: String,
+        /// The driver's error.
+        source: postgres::Error,
+    },
+    /// No pooled database connection became free in time, or none could be opened.
+    Pool {
+        /// What txoutbox was doing when the pool failed.
+        context: String,
+        /// The pool's error.
+        source: r2d2::Error,
+    },
+    /// A RabbitMQ call failed; `context` says what we were doing.
+    Broker {
+        /// What txoutbox was doing when the call failed.
+        context: String,
+        /// The client's error.
+        source: amiquip::Error,
+    },
+    /// A setting has a value txoutbox cannot use.
+    Config(String),
+    /// Anything else, already phrased for a person.
+    Other(String),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps a Postgres error with what we were doing.
+    pub fn db(context: impl Into<String>, source: postgres::Error) -> Self {
+        Error::Db {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Wraps a pool error with what we were doing.
+    pub fn pool(context: impl Into<String>, source: r2d2::Error) -> Self {
+        Error::Pool {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Wraps a RabbitMQ error with what we were doing.
+    pub fn broker(context: impl Into<String>, source: amiquip::Error) -> Self {
+        Error::Broker {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// True when the database is unreachable or the call may succeed if simply retried
+    /// (connection lost, pool exhausted, serialization failure, deadlock, shutdown).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Pool { .. } => true,
+            Error::Db { source, .. } => is_transient_db_error(source),
+            _ => false,
+        }
+    }
+}
+
+/// True for Postgres errors worth retrying: a closed connection, or a SQLSTATE in the classes
+/// for connection exceptions (08), serialization failures and deadlocks (40), insufficient
+/// resources (53), operator intervention such as a shutdown (57) and system errors (58).
+pub fn is_transient_db_error(err: &postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    match err.code() {
+        Some(code) => {
+            let c = code.code();
+            ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|class| c.starts_with(class))
+        }
+        // No SQLSTATE: an I/O or protocol error, i.e. the connection is gone.
+        None => err.as_db_error().is_none(),
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Db { context, source } => match source.as_db_error() {
+                Some(db) => write!(f, "{context}: {} ({})", db.message(), db.code().code()),
+                None => write!(f, "{context}: {source}"),
+            },
+            Error::Pool { context, source } => write!(f, "{context}: {source}"),
+            Error::Broker { context, source } => write!(f, "{context}: {source}"),
+            Error::Config(msg) | Error::Other(msg) => f.write_str(msg),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Db { source, .. } => Some(source),
+            Error::Pool { source, .. } => Some(source),
+            Error::Broker { source, .. } => Some(source),
+            Error::Config(_) | Error::Other(_) => None,
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The HTTP API on tiny_http: a fixed pool of handler threads, routing, JSON in and out, and
+//! the mapping from errors to status codes.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use serde_json::{json, Value};
+use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
+use uuid::Uuid;
+
+use crate::config::HttpConfig;
+use crate::db::Database;
+use crate::orders;
+use crate::{Error, Result};
+
+/// A running HTTP server. Dropping it stops the server like [`stop`](Self::stop).
+pub struct HttpHandle {
+    server: Arc<Server>,
+    threads: Vec<JoinHandle<()>>,
+    addr: SocketAddr,
+}
+
+impl HttpHandle {
+    /// The address the server listens on (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops taking requests, lets handlers finish the ones in hand, joins every thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    /// Blocks until the server stops.
+    pub fn join(mut self) {
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+
+    fn shutdown(&mut self) {
+        // Each unblock() releases exactly one thread waiting in recv().
+        for _ in 0..self.threads.len() {
+            self.server.unblock();
+        }
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                log::error!("http: a handler thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for HttpHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Binds `config.addr` and serves the orders API on `config.threads` handler threads.
+pub fn serve(config: &HttpConfig, db: Database) -> Result<HttpHandle> {
+    config.validate()?;
+    let server = Server::http(&config.addr)
+        .map_err(|e| Error::Config(format!("cannot listen on HTTP_ADDR {}: {e}", config.addr)))?;
+    let addr = server
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| Error::Config(format!("HTTP_ADDR {} is not an IP address", config.addr)))?;
+    let server = Arc::new(server);
+    let api = Arc::new(Api {
+        db,
+        max_body_bytes: config.max_body_bytes,
+    });
+    let mut threads = Vec::with_capacity(config.threads);
+    for index in 0..config.threads {
+        let server = server.clone();
+        let api = api.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("http-{index}"))
+            .spawn(move || {
+                // recv() fails only when unblocked (shutdown) or when the listener is gone.
+                while let Ok(request) = server.recv() {
+                    api.respond(request);
+                }
+            })
+            .map_err(|e| Error::Other(format!("cannot start an HTTP thread: {e}")))?;
+        threads.push(thread);
+    }
+    log::info!("http: listening on {addr} threads={}", config.threads);
+    Ok(HttpHandle {
+        server,
+        threads,
+        addr,
+    })
+}
+
+/// A response before it is encoded.
+struct Reply {
+    status: u16,
+    body: Value,
+    allow: Option<&'static str>,
+}
+
+impl Reply {
+    fn json(status: u16, body: Value) -> Self {
+        Reply {
+            status,
+            body,
+            allow: None,
+        }
+    }
+
+    fn error(status: u16, message: impl Into<String>) -> Self {
+        Reply::json(status, json!({ "error": message.into() }))
+    }
+
+    fn method_not_allowed(allow: &'static str) -> Self {
+        Reply {
+            allow: Some(allow),
+            ..Reply::error(405, format!("method not allowed; use {allow}"))
+        }
+    }
+}
+
+struct Api {
+    db: Database,
+    max_body_bytes: usize,
+}
+
+impl Api {
+    fn respond(&self, mut request: Request) {
+        let reply = self.route(&mut request);
+        let body = serde_json::to_vec(&reply.body).unwrap_or_default();
+        let mut response = Response::from_data(body)
+            .with_status_code(StatusCode(reply.status))
+            .with_header(header("Content-Type", "application/json"));
+        if let Some(allow) = reply.allow {
+            response.add_header(header("Allow", allow));
+        }
+        if let Err(e) = request.respond(response) {
+            log::debug!("http: cannot send the response: {e}");
+        }
+    }
+
+    fn route(&self, request: &mut Request) -> Reply {
+        let path = request.url().split('?').next().unwrap_or("").to_string();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (segments.as_slice(), request.method()) {
+            (["orders"], Method::Post) => self.create_order(request),
+            (["orders"], _) => Reply::method_not_allowed("POST"),
+            (["orders", id], Method::Get) => self.get_order(id),
+            (["orders", _], _) => Reply::method_not_allowed("GET"),
+            _ => Reply::error(404, format!("no route for {path}")),
+        }
+    }
+
+    fn create_order(&self, request: &mut Request) -> Reply {
+        if !has_json_content_type(request) {
+            return Reply::error(415, "Content-Type must be application/json");
+        }
+        let body = match read_body(request, self.max_body_bytes) {
+            Ok(body) => body,
+            Err(reply) => return reply,
+        };
+        let new_order = match orders::parse_new_order(&body) {
+            Ok(order) => order,
+            Err(invalid) => {
+                let mut body = json!({ "error": invalid.error });
+                if let Some(field) = invalid.field {
+                    body["field"] = Value::String(field);
+                }
+                return Reply::json(400, body);
+            }
+        };
+        let result = self
+            .db
+            .get()
+            .and_then(|mut client| orders::create(&mut *client, &new_order));
+        match result {
+            Ok(order) => Reply::json(201, order.to_json()),
+            Err(e) => failure("cannot create the order", &e),
+        }
+    }
+
+    fn get_order(&self, id: &str) -> Reply {
+        let Ok(id) = Uuid::parse_str(id) else {
+            return Reply::error(404, format!("no order with id {id:?}"));
+        };
+        match self.db.get().and_then(|mut client| orders::get(&mut *client, id)) {
+            Ok(Some(order)) => Reply::json(200, order.to_json()),
+            Ok(None) => Reply::error(404, format!("no order with id {id}")),
+            Err(e) => failure("cannot read the order", &e),
+        }
+    }
+}
+
+/// 503 when the database is away (the client may retry), 500 otherwise.
+fn failure(what: &str, error: &Error) -> Reply {
+    if error.is_unavailable() {
+        log::warn!("http: {what}: {error}");
+        Reply::error(503, "database unavailable, retry later")
+    } else {
+        log::error!("http: {what}: {error}");
+        Reply::error(500, "internal error")
+    }
+}
+
+fn has_json_content_type(request: &Request) -> bool {
+    request.headers().iter().any(|h| {
+        h.field.equiv("Content-Type")
+            && h.value
+                .as_str()
+                .split(';')
+                .next()
+                .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+    })
+}
+
+/// Reads at most `max` bytes; refuses a declared or actual larger body with 413.
+fn read_body(request: &mut Request, max: usize) -> Result<Vec<u8>, Reply> {
+    let too_large = || Reply::error(413, format!("body larger than {max} bytes"));
+    if request.body_length().is_some_and(|len| len > max) {
+        return Err(too_large());
+    }
+    let mut body = Vec::with_capacity(request.body_length().unwrap_or(0));
+    // take(max + 1) also bounds a chunked body, whose length is not declared.
+    request
+        .as_reader()
+        .take(max as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| Reply::error(400, format!("cannot read the body: {e}")))?;
+    if body.len() > max {
+        return Err(too_large());
+    }
+    Ok(body)
+}
+
+fn header(name: &str, value: &str) -> Header {
+    // Both are static ASCII here, which tiny_http always accepts.
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap_or_else(|()| unreachable!("ASCII header"))
+}

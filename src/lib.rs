@@ -1,0 +1,54 @@
+//! # txoutbox
+//!
+//! A transactional outbox for Postgres and RabbitMQ, synchronous and thread-pool based.
+//!
+//! - [`enqueue`] writes an event inside the caller's own Postgres transaction: it is
+//!   published if and only if that transaction commits.
+//! - [`relay::start`] runs worker threads that claim outbox rows with `FOR UPDATE SKIP LOCKED`,
+//!   publish them with publisher confirms, and delete them only after the broker confirmed.
+//! - [`consumer::start`] applies each delivery through a [`Handler`] in a transaction that also
+//!   records the message id in `processed_messages`, and acks only after that commit: a
+//!   redelivered message has no second effect.
+//!
+//! ```no_run
+//! use txoutbox::{consumer, relay, ConsumerConfig, Database, PoolOptions, RelayConfig, Topology};
+//!
+//! fn main() -> txoutbox::Result<()> {
+//!     let db = Database::connect("postgres://postgres@127.0.0.1/app", &PoolOptions::default())?;
+//!     let amqp = "amqp://guest:guest@127.0.0.1:5672/%2f";
+//!     let relay = relay::start(db.clone(), amqp, Topology::default(), RelayConfig::default())?;
+//!     let consumer = consumer::start(
+//!         db.clone(),
+//!         amqp,
+//!         Topology::default(),
+//!         ConsumerConfig::default(),
+//!         |tx: &mut postgres::Transaction<'_>, msg: &txoutbox::Message| {
+//!             tx.execute("UPDATE accounts SET events = events + 1 WHERE id = $1", &[&msg.aggregate_id])?;
+//!             Ok(())
+//!         },
+//!     )?;
+//!     // ... write events with txoutbox::enqueue(&mut tx, &event) in your transactions ...
+//!     consumer.stop();
+//!     relay.stop();
+//!     Ok(())
+//! }
+//! ```
+#![warn(missing_docs)]
+
+pub mod broker;
+pub mod config;
+pub mod consumer;
+pub mod db;
+mod error;
+pub mod http;
+pub mod orders;
+pub mod outbox;
+pub mod relay;
+pub mod wakeup;
+
+pub use broker::Topology;
+pub use config::{ConsumerConfig, HttpConfig, RelayConfig};
+pub use consumer::{Handler, HandlerError, Message};
+pub use db::{Database, PoolOptions};
+pub use error::{is_transient_db_error, Error, Result};
+pub use outbox::{enqueue, NewEvent};

@@ -1,0 +1,86 @@
+//! The write side: recording an event inside the caller's own transaction.
+
+use postgres::Transaction;
+use uuid::Uuid;
+
+use crate::{Error, Result};
+
+/// Channel the relay LISTENs on; [`enqueue`] notifies it, and Postgres delivers the
+/// notification only when the caller's transaction commits.
+pub const NOTIFY_CHANNEL: &str = "txoutbox_outbox";
+
+const INSERT_EVENT: &str = "\
+    WITH inserted AS (
+        INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
+        VALUES ($1, $2, $3, $4, $5)
+        RETURNING id
+    )
+    SELECT pg_notify('txoutbox_outbox', '') FROM inserted";
+
+/// An event to publish once the transaction that records it commits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    /// Unique id of this event; becomes the AMQP `message_id` the consumer dedupes on.
+    pub message_id: Uuid,
+    /// Kind of entity the event is about, e.g. `order`.
+    pub aggregate_type: String,
+    /// Id of that entity; sent as the `aggregate_id` header.
+    pub aggregate_id: String,
+    /// Event name, e.g. `OrderCreated`: the AMQP `type` and routing key.
+    pub event_type: String,
+    /// JSON body of the message.
+    pub payload: serde_json::Value,
+}
+
+impl NewEvent {
+    /// An event with a fresh time-ordered message id (UUIDv7).
+    pub fn new(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> Self {
+        NewEvent {
+            message_id: Uuid::now_v7(),
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
+            payload,
+        }
+    }
+}
+
+/// Records `event` in the outbox as part of the caller's transaction `tx`.
+///
+/// Nothing is sent now. If `tx` commits, the relay publishes the event (at least once, until the
+/// broker confirms it); if `tx` rolls back, the event never existed. The relay is woken by a
+/// notification that Postgres delivers at commit.
+///
+/// ```no_run
+/// # fn demo(client: &mut postgres::Client) -> txoutbox::Result<()> {
+/// use txoutbox::{enqueue, NewEvent};
+/// let mut tx = client.transaction().map_err(|e| txoutbox::Error::db("begin", e))?;
+/// // ... the caller's own writes on `tx` ...
+/// enqueue(&mut tx, &NewEvent::new("invoice", "42", "InvoiceSent", serde_json::json!({"id": 42})))?;
+/// tx.commit().map_err(|e| txoutbox::Error::db("commit", e))?;
+/// # Ok(()) }
+/// ```
+pub fn enqueue(tx: &mut Transaction<'_>, event: &NewEvent) -> Result<()> {
+    tx.execute(
+        INSERT_EVENT,
+        &[
+            &event.message_id,
+            &event.aggregate_type,
+            &event.aggregate_id,
+            &event.event_type,
+            &event.payload,
+        ],
+    )
+    .map_err(|e| {
+        Error::db(
+            format!("cannot enqueue {} event {}", event.event_type, event.message_id),
+            e,
+        )
+    })?;
+    Ok(())
+}

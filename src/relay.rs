@@ -1,0 +1,325 @@
+//! The relay: worker threads that claim outbox rows with `FOR UPDATE SKIP LOCKED`, publish
+//! them with confirms, and delete them in the same transaction once the broker confirmed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use postgres::fallible_iterator::FallibleIterator;
+
+use crate::broker::{OutgoingEvent, Publisher, Topology};
+use crate::config::RelayConfig;
+use crate::db::Database;
+use crate::outbox::NOTIFY_CHANNEL;
+use crate::wakeup::{Backoff, Wakeup};
+use crate::{Error, Result};
+
+/// Available rows in outbox order; rows other workers hold are skipped, not waited for.
+const CLAIM: &str = "\
+    SELECT id, message_id::text, aggregate_type, aggregate_id, event_type, payload::text
+    FROM outbox
+    WHERE available_at <= now()
+    ORDER BY id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED";
+
+const DELETE_CONFIRMED: &str = "DELETE FROM outbox WHERE id = ANY($1)";
+
+/// A refused row waits `retry_delay * attempts` (capped at an hour) before its next try.
+const POSTPONE_REFUSED: &str = "\
+    UPDATE outbox
+    SET attempts = attempts + 1,
+        last_error = $2,
+        available_at = now() + least(make_interval(secs => $3 * (attempts + 1)), interval '1 hour')
+    WHERE id = $1";
+
+/// Counters a running relay keeps; read them through [`RelayHandle::stats`].
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    published: AtomicU64,
+    refused: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl RelayStats {
+    /// Events confirmed by the broker and deleted from the outbox.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+    /// Publish attempts the broker refused or could not route (rows kept for a retry).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+    /// Rounds that published at least one event.
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+}
+
+/// A running relay. Dropping it stops the relay the same way as [`stop`](Self::stop).
+pub struct RelayHandle {
+    wakeup: Arc<Wakeup>,
+    stats: Arc<RelayStats>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl RelayHandle {
+    /// Counters of this relay.
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
+    }
+
+    /// Stops claiming, lets every worker finish its batch, and waits for all threads.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.wakeup.stop();
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                log::error!("relay: a worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The relay's dependencies, shared by its threads.
+struct Shared {
+    db: Database,
+    amqp_url: String,
+    topology: Topology,
+    config: RelayConfig,
+    wakeup: Arc<Wakeup>,
+    stats: Arc<RelayStats>,
+}
+
+/// Starts `config.workers` worker threads and one LISTEN thread; returns at once.
+///
+/// Each worker owns a broker connection; each round is one transaction: claim up to
+/// `batch_size` rows, publish them, wait for every confirm, delete the confirmed rows, commit.
+/// A failure before the commit leaves every row of the round for a later round.
+pub fn start(db: Database, amqp_url: &str, topology: Topology, config: RelayConfig) -> Result<RelayHandle> {
+    config.validate()?;
+    let wakeup = Arc::new(Wakeup::default());
+    let stats = Arc::new(RelayStats::default());
+    let shared = Arc::new(Shared {
+        db,
+        amqp_url: amqp_url.to_string(),
+        topology,
+        config,
+        wakeup: wakeup.clone(),
+        stats: stats.clone(),
+    });
+    let mut threads = Vec::with_capacity(shared.config.workers + 1);
+    let spawn_error = |e: std::io::Error| Error::Other(format!("cannot start a relay thread: {e}"));
+    let listener = shared.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name("relay-listen".into())
+            .spawn(move || listen_loop(&listener))
+            .map_err(spawn_error)?,
+    );
+    for worker in 0..shared.config.workers {
+        let shared = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("relay-{worker}"))
+                .spawn(move || worker_loop(worker, &shared))
+                .map_err(spawn_error)?,
+        );
+    }
+    log::info!(
+        "relay: started workers={} batch={} exchange={}",
+        shared.config.workers,
+        shared.config.batch_size,
+        shared.topology.exchange
+    );
+    Ok(RelayHandle {
+        wakeup,
+        stats,
+        threads,
+    })
+}
+
+/// Holds a dedicated connection in LISTEN and turns each notification into a wake-up.
+fn listen_loop(shared: &Shared) {
+    let mut backoff = Backoff::new(shared.config.min_backoff, shared.config.max_backoff);
+    let mut healthy = true;
+    while !shared.wakeup.is_stopping() {
+        let result = shared.db.dedicated().and_then(|mut client| {
+            client
+                .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+                .map_err(|e| Error::db("cannot LISTEN for outbox notifications", e))?;
+            if !healthy {
+                log::info!("relay-listen: listening again");
+                healthy = true;
+            }
+            backoff.reset();
+            // Rows committed while we were not listening: look now.
+            shared.wakeup.notify();
+            while !shared.wakeup.is_stopping() {
+                // A fresh iterator for every wait: an exhausted one returns None forever.
+                let received = client
+                    .notifications()
+                    .timeout_iter(Duration::from_millis(250))
+                    .next();
+                match received {
+                    Ok(Some(_)) => {
+                        // Drain whatever else is queued: one wake-up covers them all.
+                        while let Ok(Some(_)) = client.notifications().iter().next() {}
+                        shared.wakeup.notify();
+                    }
+                    Ok(None) if client.is_closed() => {
+                        return Err(Error::Other("LISTEN connection closed".into()));
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(Error::db("LISTEN connection failed", e)),
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            if healthy {
+                log::warn!("relay-listen: {e}; falling back to polling while reconnecting");
+                healthy = false;
+            }
+            shared.wakeup.sleep(backoff.next_delay());
+        }
+    }
+}
+
+/// One worker: connect, run rounds, wait for a wake-up when idle, reconnect on failure.
+fn worker_loop(worker: usize, shared: &Shared) {
+    let config = &shared.config;
+    let mut backoff = Backoff::new(config.min_backoff, config.max_backoff);
+    let mut publisher: Option<Publisher> = None;
+    let mut failing = false;
+    while !shared.wakeup.is_stopping() {
+        if publisher.is_none() {
+            match Publisher::connect(&shared.amqp_url, &shared.topology) {
+                Ok(p) => publisher = Some(p),
+                Err(e) => {
+                    if !failing {
+                        log::warn!("relay[{worker}]: {e}; retrying with backoff");
+                        failing = true;
+                    }
+                    shared.wakeup.sleep(backoff.next_delay());
+                    continue;
+                }
+            }
+        }
+        let Some(active) = publisher.as_mut() else {
+            continue;
+        };
+        let seen = shared.wakeup.generation();
+        match run_round(shared, active) {
+            Ok(claimed) => {
+                if failing {
+                    log::info!("relay[{worker}]: recovered");
+                    failing = false;
+                }
+                backoff.reset();
+                if claimed < config.batch_size as usize {
+                    shared.wakeup.wait(seen, config.poll_interval);
+                }
+            }
+            Err(RoundError::Broker(e)) => {
+                if !failing {
+                    log::warn!("relay[{worker}]: {e}; reconnecting to RabbitMQ, rows stay in the outbox");
+                    failing = true;
+                }
+                if let Some(broken) = publisher.take() {
+                    broken.close();
+                }
+                shared.wakeup.sleep(backoff.next_delay());
+            }
+            Err(RoundError::Db(e)) => {
+                if !failing {
+                    log::warn!("relay[{worker}]: {e}; retrying with backoff");
+                    failing = true;
+                }
+                shared.wakeup.sleep(backoff.next_delay());
+            }
+        }
+    }
+    if let Some(p) = publisher {
+        p.close();
+    }
+}
+
+enum RoundError {
+    Broker(Error),
+    Db(Error),
+}
+
+/// One claim-publish-delete transaction. Returns how many rows it claimed.
+fn run_round(shared: &Shared, publisher: &mut Publisher) -> Result<usize, RoundError> {
+    let started = Instant::now();
+    let mut client = shared.db.get().map_err(RoundError::Db)?;
+    let db = |context: &'static str| move |e| RoundError::Db(Error::db(context, e));
+    let mut tx = client
+        .transaction()
+        .map_err(db("cannot begin a relay transaction"))?;
+    let rows = tx
+        .query(CLAIM, &[&shared.config.batch_size])
+        .map_err(db("cannot claim outbox rows"))?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        events.push(OutgoingEvent {
+            key: row.get(0),
+            message_id: row.get(1),
+            aggregate_type: row.get(2),
+            aggregate_id: row.get(3),
+            event_type: row.get(4),
+            body: row.get::<_, String>(5).into_bytes(),
+        });
+    }
+    // On error the transaction rolls back when dropped: every claimed row stays.
+    let outcome = publisher
+        .publish_batch(&events, shared.config.confirm_timeout)
+        .map_err(RoundError::Broker)?;
+    if !outcome.confirmed.is_empty() {
+        tx.execute(DELETE_CONFIRMED, &[&outcome.confirmed])
+            .map_err(db("cannot delete published outbox rows"))?;
+    }
+    let retry_secs = shared.config.retry_delay.as_secs_f64();
+    for (id, reason) in &outcome.refused {
+        tx.execute(POSTPONE_REFUSED, &[id, reason, &retry_secs])
+            .map_err(db("cannot record a refused publish"))?;
+    }
+    tx.commit().map_err(db("cannot commit a relay round"))?;
+
+    let stats = &shared.stats;
+    stats
+        .published
+        .fetch_add(outcome.confirmed.len() as u64, Ordering::Relaxed);
+    stats
+        .refused
+        .fetch_add(outcome.refused.len() as u64, Ordering::Relaxed);
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    if !outcome.refused.is_empty() {
+        log::warn!(
+            "relay: broker refused n={} of batch; first: {}",
+            outcome.refused.len(),
+            outcome.refused[0].1
+        );
+    }
+    log::debug!(
+        "relay: published batch n={} refused={} ms={}",
+        outcome.confirmed.len(),
+        outcome.refused.len(),
+        started.elapsed().as_millis()
+    );
+    Ok(rows.len())
+}
