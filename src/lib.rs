@@ -44,6 +44,7 @@ pub mod http;
 pub mod orders;
 pub mod outbox;
 pub mod relay;
+pub mod stress;
 pub mod wakeup;
 
 pub use broker::Topology;

@@ -1,0 +1,1 @@
+//! Load generator and verifier behind `txoutbox-stress` (being written).
