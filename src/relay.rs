@@ -31,7 +31,7 @@ const POSTPONE_REFUSED: &str = "\
     UPDATE outbox
     SET attempts = attempts + 1,
         last_error = $2,
-        available_at = now() + least(make_interval(secs => $3 * (attempts + 1)), interval '1 hour')
+        available_at = now() + least(make_interval(secs => $3::float8 * (attempts + 1)), interval '1 hour')
     WHERE id = $1";
 
 /// Counters a running relay keeps; read them through [`RelayHandle::stats`].
@@ -40,6 +40,7 @@ pub struct RelayStats {
     published: AtomicU64,
     refused: AtomicU64,
     batches: AtomicU64,
+    connected: AtomicU64,
 }
 
 impl RelayStats {
@@ -50,6 +51,10 @@ impl RelayStats {
     /// Publish attempts the broker refused or could not route (rows kept for a retry).
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+    /// Workers currently connected to the broker.
+    pub fn connected_workers(&self) -> u64 {
+        self.connected.load(Ordering::Relaxed)
     }
     /// Rounds that published at least one event.
     pub fn batches(&self) -> u64 {
@@ -205,7 +210,10 @@ fn worker_loop(worker: usize, shared: &Shared) {
     while !shared.wakeup.is_stopping() {
         if publisher.is_none() {
             match Publisher::connect(&shared.amqp_url, &shared.topology) {
-                Ok(p) => publisher = Some(p),
+                Ok(p) => {
+                    shared.stats.connected.fetch_add(1, Ordering::Relaxed);
+                    publisher = Some(p);
+                }
                 Err(e) => {
                     if !failing {
                         log::warn!("relay[{worker}]: {e}; retrying with backoff");
@@ -237,6 +245,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
                     failing = true;
                 }
                 if let Some(broken) = publisher.take() {
+                    shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
                     broken.close();
                 }
                 shared.wakeup.sleep(backoff.next_delay());
@@ -251,6 +260,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
         }
     }
     if let Some(p) = publisher {
+        shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
         p.close();
     }
 }
