@@ -263,3 +263,54 @@ impl Drop for Policy {
             .output();
     }
 }
+
+/// A response read off the wire.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: serde_json::Value,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `head` (request line and headers, without the blank line) and `body` on a fresh
+/// connection with `Connection: close`, and reads the whole response.
+pub fn http_raw(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> HttpReply {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the test server");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut request = format!("{head}\r\nHost: {addr}\r\nConnection: close\r\n\r\n").into_bytes();
+    request.extend_from_slice(body);
+    // The server may answer (413) and close before reading everything: ignore write errors.
+    let _ = stream.write_all(&request);
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let body = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    HttpReply { status, headers, body }
+}
+
+/// POST /orders with a JSON content type.
+pub fn post_order(addr: std::net::SocketAddr, body: &str) -> HttpReply {
+    http_raw(
+        addr,
+        &format!("POST /orders HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}", body.len()),
+        body.as_bytes(),
+    )
+}
