@@ -24,8 +24,8 @@ pub enum Error {
     Broker {
         /// What txoutbox was doing when the call failed.
         context: String,
-        /// The client's error.
-        source: amiquip::Error,
+        /// The client's error (boxed: it is large).
+        source: Box<amiquip::Error>,
     },
     /// A setting has a value txoutbox cannot use.
     Config(String),
@@ -57,7 +57,7 @@ impl Error {
     pub fn broker(context: impl Into<String>, source: amiquip::Error) -> Self {
         Error::Broker {
             context: context.into(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -110,7 +110,7 @@ impl std::error::Error for Error {
         match self {
             Error::Db { source, .. } => Some(source),
             Error::Pool { source, .. } => Some(source),
-            Error::Broker { source, .. } => Some(source),
+            Error::Broker { source, .. } => Some(source.as_ref()),
             Error::Config(_) | Error::Other(_) => None,
         }
     }
