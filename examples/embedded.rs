@@ -66,22 +66,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/txoutbox_example".into());
     let amqp_url = std::env::var("AMQP_URL").unwrap_or_else(|_| txoutbox::config::DEFAULT_AMQP_URL.into());
 
-    let db = Database::connect(&database_url, &PoolOptions { max_size: 8, ..PoolOptions::default() })?;
-    db.get()?.batch_execute(INVOICES).map_err(|e| Error::db("create invoices", e))?;
+    let db = Database::connect(
+        &database_url,
+        &PoolOptions {
+            max_size: 8,
+            ..PoolOptions::default()
+        },
+    )?;
+    db.get()?
+        .batch_execute(INVOICES)
+        .map_err(|e| Error::db("create invoices", e))?;
     let topology = Topology::new("billing.events", "invoice_events");
 
     let relay = relay::start(db.clone(), &amqp_url, topology.clone(), RelayConfig::default())?;
-    let consumer = consumer::start(db.clone(), &amqp_url, topology, ConsumerConfig::default(), mark_sent)?;
+    let consumer = consumer::start(
+        db.clone(),
+        &amqp_url,
+        topology,
+        ConsumerConfig::default(),
+        mark_sent,
+    )?;
 
-    let ids: Vec<Uuid> =
-        (1..=100).map(|n| issue_invoice(&db, &format!("customer-{n}"), n * 1_000)).collect::<Result<_, _>>()?;
+    let ids: Vec<Uuid> = (1..=100)
+        .map(|n| issue_invoice(&db, &format!("customer-{n}"), n * 1_000))
+        .collect::<Result<_, _>>()?;
     println!("issued {} invoices", ids.len());
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let sent: i64 = db
             .get()?
-            .query_one("SELECT count(*) FROM invoices WHERE id = ANY($1) AND state = 'SENT'", &[&ids])
+            .query_one(
+                "SELECT count(*) FROM invoices WHERE id = ANY($1) AND state = 'SENT'",
+                &[&ids],
+            )
             .map_err(|e| Error::db("count", e))?
             .get(0);
         if sent == ids.len() as i64 {

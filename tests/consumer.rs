@@ -32,7 +32,10 @@ fn with_effects_table(t: &TestDb) {
 
 fn record_effect(tx: &mut Transaction<'_>, message: &Message) -> Result<(), HandlerError> {
     let n = message.payload["n"].as_i64().unwrap_or(-1) as i32;
-    tx.execute("INSERT INTO effects (message_id, n) VALUES ($1, $2)", &[&message.message_id, &n])?;
+    tx.execute(
+        "INSERT INTO effects (message_id, n) VALUES ($1, $2)",
+        &[&message.message_id, &n],
+    )?;
     Ok(())
 }
 
@@ -51,13 +54,23 @@ fn a_message_delivered_twice_has_one_effect_and_both_are_acked() {
     let other = Uuid::new_v4().to_string();
     broker.publish_raw(Some(&other), "TestHappened", &body(2));
 
-    let handle = consumer::start(t.db.clone(), &broker.url, broker.topology.clone(), config(), record_effect).unwrap();
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        record_effect,
+    )
+    .unwrap();
     wait_until("all three deliveries are settled", WAIT, || {
         handle.stats().applied() + handle.stats().duplicates() == 3
     });
     handle.stop();
     assert_eq!(t.count("SELECT count(*) FROM effects"), 2);
-    assert_eq!(t.count(&format!("SELECT count(*) FROM effects WHERE message_id = '{id}'")), 1);
+    assert_eq!(
+        t.count(&format!("SELECT count(*) FROM effects WHERE message_id = '{id}'")),
+        1
+    );
     assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 2);
     // Acked, not merely held: nothing comes back once the consumer is gone.
     assert_eq!(broker.ready_main(), 0);
@@ -74,13 +87,24 @@ fn a_redelivery_after_a_lost_ack_has_no_second_effect() {
     {
         let mut client = t.client();
         let mut tx = client.transaction().unwrap();
-        tx.execute("INSERT INTO processed_messages (message_id) VALUES ($1)", &[&id]).unwrap();
-        tx.execute("INSERT INTO effects (message_id, n) VALUES ($1, 1)", &[&id]).unwrap();
+        tx.execute("INSERT INTO processed_messages (message_id) VALUES ($1)", &[&id])
+            .unwrap();
+        tx.execute("INSERT INTO effects (message_id, n) VALUES ($1, 1)", &[&id])
+            .unwrap();
         tx.commit().unwrap();
     }
     broker.publish_raw(Some(&id.to_string()), "TestHappened", &body(1));
-    let handle = consumer::start(t.db.clone(), &broker.url, broker.topology.clone(), config(), record_effect).unwrap();
-    wait_until("the redelivery is settled", WAIT, || handle.stats().duplicates() == 1);
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        record_effect,
+    )
+    .unwrap();
+    wait_until("the redelivery is settled", WAIT, || {
+        handle.stats().duplicates() == 1
+    });
     handle.stop();
     assert_eq!(t.count("SELECT count(*) FROM effects"), 1);
     assert_eq!(broker.ready_main(), 0);
@@ -110,7 +134,10 @@ fn a_failing_handler_leaves_no_processed_row_and_the_message_is_retried() {
             // What did the failed attempts leave behind? Look from outside this transaction.
             let mut outside = postgres::Client::connect(&url, postgres::NoTls).unwrap();
             let left: i64 = outside
-                .query_one("SELECT count(*) FROM processed_messages WHERE message_id = $1", &[&id])
+                .query_one(
+                    "SELECT count(*) FROM processed_messages WHERE message_id = $1",
+                    &[&id],
+                )
                 .unwrap()
                 .get(0);
             seen_in.store(left as usize, Ordering::SeqCst);
@@ -120,12 +147,27 @@ fn a_failing_handler_leaves_no_processed_row_and_the_message_is_retried() {
         }
         record_effect(tx, message)
     };
-    let handle = consumer::start(t.db.clone(), &broker.url, broker.topology.clone(), config(), handler).unwrap();
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        handler,
+    )
+    .unwrap();
     wait_until("every message is applied", WAIT, || handle.stats().applied() == 6);
     handle.stop();
-    assert_eq!(processed_seen_on_retry.load(Ordering::SeqCst), 0, "a failed attempt left a processed row");
+    assert_eq!(
+        processed_seen_on_retry.load(Ordering::SeqCst),
+        0,
+        "a failed attempt left a processed row"
+    );
     assert!(calls.load(Ordering::SeqCst) >= 3);
-    assert_eq!(t.count("SELECT count(*) FROM effects"), 6, "every message has exactly one effect");
+    assert_eq!(
+        t.count("SELECT count(*) FROM effects"),
+        6,
+        "every message has exactly one effect"
+    );
     assert_eq!(t.count("SELECT count(DISTINCT message_id) FROM effects"), 6);
     assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 6);
     assert_eq!(broker.ready_main(), 0);
@@ -142,9 +184,20 @@ fn malformed_deliveries_are_dead_lettered_once_not_redelivered() {
     let good = Uuid::new_v4().to_string();
     broker.publish_raw(Some(&good), "TestHappened", &body(3));
 
-    let handle = consumer::start(t.db.clone(), &broker.url, broker.topology.clone(), config(), record_effect).unwrap();
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        record_effect,
+    )
+    .unwrap();
     let dlq = broker.topology.dead_letter_queue();
-    wait_until("the three malformed messages reach the dead-letter queue", WAIT, || broker.ready(&dlq) == 3);
+    wait_until(
+        "the three malformed messages reach the dead-letter queue",
+        WAIT,
+        || broker.ready(&dlq) == 3,
+    );
     wait_until("the good one is applied", WAIT, || handle.stats().applied() == 1);
     handle.stop();
     assert_eq!(handle_rejected_total(&broker), 3);
@@ -165,7 +218,14 @@ fn a_permanent_handler_failure_is_dead_lettered() {
     let handler = |_: &mut Transaction<'_>, _: &Message| -> Result<(), HandlerError> {
         Err(HandlerError::permanent("cannot ever apply this (test)"))
     };
-    let handle = consumer::start(t.db.clone(), &broker.url, broker.topology.clone(), config(), handler).unwrap();
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        handler,
+    )
+    .unwrap();
     let dlq = broker.topology.dead_letter_queue();
     wait_until("the message is dead-lettered", WAIT, || broker.ready(&dlq) == 1);
     handle.stop();

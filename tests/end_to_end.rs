@@ -21,7 +21,10 @@ impl Drop for Process {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 fn spawn(binary: &str, t: &TestDb, broker: &TestBroker, http_addr: &str) -> Process {
@@ -61,7 +64,10 @@ fn orders_over_http_are_all_completed_exactly_once_by_the_real_binaries() {
     .expect("the stress run completes");
     println!("{report}");
     assert!(report.verified(), "verification failed:\n{report}");
-    assert_eq!(t.count("SELECT count(*) FROM orders WHERE status = 'COMPLETED'"), 1000);
+    assert_eq!(
+        t.count("SELECT count(*) FROM orders WHERE status = 'COMPLETED'"),
+        1000
+    );
     assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 1000);
     assert_eq!(t.count("SELECT count(*) FROM outbox"), 0);
 }
@@ -76,6 +82,9 @@ fn every_binary_documents_its_settings() {
         let output = Command::new(binary).arg("--help").output().expect("runs");
         let text = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "{binary} --help failed");
-        assert!(text.contains(setting) && text.contains("default"), "{binary} --help: {text}");
+        assert!(
+            text.contains(setting) && text.contains("default"),
+            "{binary} --help: {text}"
+        );
     }
 }

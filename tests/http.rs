@@ -9,13 +9,25 @@ use common::{http_raw, post_order, TestDb};
 use txoutbox::{http, HttpConfig, PoolOptions};
 
 fn serve(t: &TestDb) -> http::HttpHandle {
-    let config = HttpConfig { addr: "127.0.0.1:0".into(), threads: 4, ..HttpConfig::default() };
+    let config = HttpConfig {
+        addr: "127.0.0.1:0".into(),
+        threads: 4,
+        ..HttpConfig::default()
+    };
     http::serve(&config, t.db.clone()).unwrap()
 }
 
 fn assert_nothing_written(t: &TestDb, case: &str) {
-    assert_eq!(t.count("SELECT count(*) FROM orders"), 0, "{case}: an order was written");
-    assert_eq!(t.count("SELECT count(*) FROM outbox"), 0, "{case}: an event was written");
+    assert_eq!(
+        t.count("SELECT count(*) FROM orders"),
+        0,
+        "{case}: an order was written"
+    );
+    assert_eq!(
+        t.count("SELECT count(*) FROM outbox"),
+        0,
+        "{case}: an event was written"
+    );
 }
 
 const USER: &str = "5b0c7b52-8d0c-4d53-9a55-1f5b1d0f4e0a";
@@ -24,13 +36,18 @@ const USER: &str = "5b0c7b52-8d0c-4d53-9a55-1f5b1d0f4e0a";
 fn a_valid_order_is_created_with_its_event_and_can_be_read_back() {
     let t = TestDb::new();
     let server = serve(&t);
-    let reply = post_order(server.addr(), &format!(r#"{{"user_id":"{USER}","amount":"100.5"}}"#));
+    let reply = post_order(
+        server.addr(),
+        &format!(r#"{{"user_id":"{USER}","amount":"100.5"}}"#),
+    );
     assert_eq!(reply.status, 201, "{:?}", reply.body);
     assert_eq!(reply.body["amount"], "100.50");
     assert_eq!(reply.body["status"], "PENDING");
     assert_eq!(reply.body["user_id"], USER);
     let id = reply.body["id"].as_str().expect("id").to_string();
-    assert!(reply.body["created_at"].as_str().is_some_and(|s| s.ends_with('Z')));
+    assert!(reply.body["created_at"]
+        .as_str()
+        .is_some_and(|s| s.ends_with('Z')));
 
     assert_eq!(t.count("SELECT count(*) FROM orders WHERE amount = 100.50"), 1);
     assert_eq!(
@@ -60,19 +77,49 @@ fn each_bad_input_gets_its_status_and_writes_nothing() {
         ("invalid JSON", "{".into(), 400, None),
         ("not an object", "[1,2]".into(), 400, None),
         ("empty body", "".into(), 400, None),
-        ("missing user_id", r#"{"amount":"1.00"}"#.into(), 400, Some("user_id")),
-        ("missing amount", format!(r#"{{"user_id":"{USER}"}}"#), 400, Some("amount")),
+        (
+            "missing user_id",
+            r#"{"amount":"1.00"}"#.into(),
+            400,
+            Some("user_id"),
+        ),
+        (
+            "missing amount",
+            format!(r#"{{"user_id":"{USER}"}}"#),
+            400,
+            Some("amount"),
+        ),
         ("null amount", amount("null"), 400, Some("amount")),
-        ("user_id not a UUID", r#"{"user_id":"bob","amount":"1.00"}"#.into(), 400, Some("user_id")),
-        ("user_id a number", r#"{"user_id":42,"amount":"1.00"}"#.into(), 400, Some("user_id")),
-        ("unknown field", format!(r#"{{"user_id":"{USER}","amount":"1","admin":true}}"#), 400, Some("admin")),
+        (
+            "user_id not a UUID",
+            r#"{"user_id":"bob","amount":"1.00"}"#.into(),
+            400,
+            Some("user_id"),
+        ),
+        (
+            "user_id a number",
+            r#"{"user_id":42,"amount":"1.00"}"#.into(),
+            400,
+            Some("user_id"),
+        ),
+        (
+            "unknown field",
+            format!(r#"{{"user_id":"{USER}","amount":"1","admin":true}}"#),
+            400,
+            Some("admin"),
+        ),
         ("zero", amount("0"), 400, Some("amount")),
         ("zero string", amount(r#""0.00""#), 400, Some("amount")),
         ("negative", amount("-1"), 400, Some("amount")),
         ("negative string", amount(r#""-5.00""#), 400, Some("amount")),
         ("three decimals", amount(r#""1.005""#), 400, Some("amount")),
         ("three decimals number", amount("1.005"), 400, Some("amount")),
-        ("beyond NUMERIC(12,2)", amount(r#""10000000000.00""#), 400, Some("amount")),
+        (
+            "beyond NUMERIC(12,2)",
+            amount(r#""10000000000.00""#),
+            400,
+            Some("amount"),
+        ),
         ("exponent", amount("1e3"), 400, Some("amount")),
         ("huge exponent", amount("1e309"), 400, Some("amount")),
         ("NaN string", amount(r#""NaN""#), 400, Some("amount")),
@@ -84,15 +131,26 @@ fn each_bad_input_gets_its_status_and_writes_nothing() {
     for (case, body, status, field) in &cases {
         let reply = post_order(server.addr(), body);
         assert_eq!(reply.status, *status, "{case}: {:?}", reply.body);
-        assert!(reply.body["error"].as_str().is_some_and(|e| !e.is_empty()), "{case}: no error message");
-        assert_eq!(reply.body["field"].as_str(), *field, "{case}: wrong field in {:?}", reply.body);
+        assert!(
+            reply.body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{case}: no error message"
+        );
+        assert_eq!(
+            reply.body["field"].as_str(),
+            *field,
+            "{case}: wrong field in {:?}",
+            reply.body
+        );
         assert_nothing_written(&t, case);
     }
 
     let addr = server.addr();
     let valid = format!(r#"{{"user_id":"{USER}","amount":"1.00"}}"#);
     let head = |content_type: &str| {
-        format!("POST /orders HTTP/1.1\r\n{content_type}Content-Length: {}", valid.len())
+        format!(
+            "POST /orders HTTP/1.1\r\n{content_type}Content-Length: {}",
+            valid.len()
+        )
     };
     let reply = http_raw(addr, &head("Content-Type: text/plain\r\n"), valid.as_bytes());
     assert_eq!(reply.status, 415, "wrong content type");
@@ -102,14 +160,21 @@ fn each_bad_input_gets_its_status_and_writes_nothing() {
     let big = vec![b' '; 100 * 1024];
     let reply = http_raw(
         addr,
-        &format!("POST /orders HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}", big.len()),
+        &format!(
+            "POST /orders HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}",
+            big.len()
+        ),
         &big,
     );
     assert_eq!(reply.status, 413, "body over 64 KiB");
 
     let reply = http_raw(addr, "GET /orders HTTP/1.1", b"");
     assert_eq!((reply.status, reply.header("Allow")), (405, Some("POST")));
-    let reply = http_raw(addr, "DELETE /orders/5b0c7b52-8d0c-4d53-9a55-1f5b1d0f4e0a HTTP/1.1", b"");
+    let reply = http_raw(
+        addr,
+        "DELETE /orders/5b0c7b52-8d0c-4d53-9a55-1f5b1d0f4e0a HTTP/1.1",
+        b"",
+    );
     assert_eq!((reply.status, reply.header("Allow")), (405, Some("GET")));
     let reply = http_raw(addr, "GET /nowhere HTTP/1.1", b"");
     assert_eq!(reply.status, 404);
@@ -131,12 +196,18 @@ fn no_database_connection_gives_503_within_a_bounded_time() {
     // Every pooled connection is busy: the database is unavailable to the API.
     let held: Vec<_> = (0..2).map(|_| t.db.get().unwrap()).collect();
     let started = Instant::now();
-    let reply = post_order(server.addr(), &format!(r#"{{"user_id":"{USER}","amount":"1.00"}}"#));
+    let reply = post_order(
+        server.addr(),
+        &format!(r#"{{"user_id":"{USER}","amount":"1.00"}}"#),
+    );
     let waited = started.elapsed();
     assert_eq!(reply.status, 503, "{:?}", reply.body);
     assert!(reply.body["error"].as_str().is_some());
     assert!(waited < Duration::from_secs(5), "took {waited:?}");
     drop(held);
-    let reply = post_order(server.addr(), &format!(r#"{{"user_id":"{USER}","amount":"1.00"}}"#));
+    let reply = post_order(
+        server.addr(),
+        &format!(r#"{{"user_id":"{USER}","amount":"1.00"}}"#),
+    );
     assert_eq!(reply.status, 201, "recovers once connections are free");
 }

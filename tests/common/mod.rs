@@ -274,7 +274,10 @@ pub struct HttpReply {
 
 impl HttpReply {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -303,14 +306,21 @@ pub fn http_raw(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> HttpRepl
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
     let body = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
-    HttpReply { status, headers, body }
+    HttpReply {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// POST /orders with a JSON content type.
 pub fn post_order(addr: std::net::SocketAddr, body: &str) -> HttpReply {
     http_raw(
         addr,
-        &format!("POST /orders HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}", body.len()),
+        &format!(
+            "POST /orders HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}",
+            body.len()
+        ),
         body.as_bytes(),
     )
 }

@@ -1,0 +1,93 @@
+# txoutbox: `make help` lists the targets.
+#
+# Settings reach the binaries through the environment (see README.md, or any binary's --help):
+#   make server RELAY_WORKERS=8      # a make variable given on the command line is exported too
+#   make stress ORDERS=1000 CONCURRENCY=16
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO       ?= cargo
+COMPOSE     ?= docker compose
+ORDERS      ?= 10000
+CONCURRENCY ?= 32
+STRESS_URL  ?= http://127.0.0.1:8080
+
+# `make up` writes this file and `make down` removes it. While it exists, every target runs
+# with the accounts of docker-compose.yml (unless AMQP_URL / DATABASE_URL are already set):
+# RabbitMQ's own user instead of guest, Postgres with its password (the binaries' default
+# DATABASE_URL; the tests' default has no password, which the container's Postgres refuses),
+# and scripts/compose/rabbitmqctl first on PATH (it runs rabbitmqctl inside the container).
+COMPOSE_ENV := target/compose.env
+COMPOSE_AMQP_URL := amqp://txoutbox:txoutbox@127.0.0.1:5672/%2f
+COMPOSE_DATABASE_URL := postgres://postgres:postgres@127.0.0.1:5432/txoutbox
+-include $(COMPOSE_ENV)
+
+.PHONY: help up down build server consumer stress demo test fmt lint
+
+help: ## list the targets (the default)
+	@echo "txoutbox: transactional outbox for Postgres and RabbitMQ"
+	@echo
+	@echo "On a fresh machine: make demo (the whole flow under load), make test (every test)."
+	@echo
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-10s %s\n", $$1, $$2}' \
+		$(firstword $(MAKEFILE_LIST))
+	@echo
+	@echo "Variables: ORDERS=$(ORDERS) CONCURRENCY=$(CONCURRENCY) STRESS_URL=$(STRESS_URL) (stress, demo)"
+
+up: ## start Postgres 15 and RabbitMQ 3 in Docker, wait until healthy
+	$(COMPOSE) up -d --wait
+	@mkdir -p $(dir $(COMPOSE_ENV))
+	@printf '%s\n' '# Written by `make up`, removed by `make down`.' \
+		'AMQP_URL ?= $(COMPOSE_AMQP_URL)' 'export AMQP_URL' \
+		'DATABASE_URL ?= $(COMPOSE_DATABASE_URL)' 'export DATABASE_URL' \
+		'export PATH := $(CURDIR)/scripts/compose:$$(PATH)' > $(COMPOSE_ENV)
+	@echo "Services up; make targets now use AMQP_URL=$(COMPOSE_AMQP_URL)"
+	@echo "Outside make: export AMQP_URL='$(COMPOSE_AMQP_URL)'"
+
+down: ## stop and remove the containers of `make up` (the data volumes stay)
+	$(COMPOSE) down
+	@rm -f $(COMPOSE_ENV)
+
+build: ## build the release binaries
+	$(CARGO) build --release --bins
+
+server: ## run txoutbox-server (HTTP API on 127.0.0.1:8080 + relay)
+	$(CARGO) run --release --bin txoutbox-server
+
+consumer: ## run txoutbox-consumer (marks orders COMPLETED)
+	$(CARGO) run --release --bin txoutbox-consumer
+
+stress: ## load the running server and verify every order: make stress ORDERS=1000 CONCURRENCY=16
+	$(CARGO) run --release --bin txoutbox-stress -- \
+		--url $(STRESS_URL) --orders $(ORDERS) --concurrency $(CONCURRENCY)
+
+demo: ## services (Docker if absent), server, consumer, stress, verification: one command
+	ORDERS=$(ORDERS) CONCURRENCY=$(CONCURRENCY) bash scripts/demo.sh
+
+# nextest runs each test in its own process but no doctests, so those follow; plain
+# `cargo test` runs them itself. Everything runs even after a failure; the status says if any.
+test: ## every test against the real Postgres and RabbitMQ (DATABASE_URL, AMQP_URL)
+	@status=0; \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		echo "+ $(CARGO) nextest run --no-fail-fast"; \
+		$(CARGO) nextest run --no-fail-fast || status=$$?; \
+		echo "+ $(CARGO) test --doc"; \
+		$(CARGO) test --doc || status=$$?; \
+	else \
+		echo "+ $(CARGO) test --no-fail-fast   (cargo-nextest is not installed)"; \
+		$(CARGO) test --no-fail-fast || status=$$?; \
+	fi; \
+	exit $$status
+
+fmt: ## format the code
+	$(CARGO) fmt
+
+lint: ## cargo fmt --check, and cargo clippy --all-targets -- -D warnings
+	@status=0; \
+	echo "+ $(CARGO) fmt --check"; \
+	$(CARGO) fmt --check || status=$$?; \
+	echo "+ $(CARGO) clippy --all-targets -- -D warnings"; \
+	$(CARGO) clippy --all-targets -- -D warnings || status=$$?; \
+	exit $$status
