@@ -16,7 +16,7 @@ const SETTINGS: &[Setting] = &[
     Setting {
         name: "AMQP_URL",
         default: DEFAULT_AMQP_URL,
-        help: "RabbitMQ URL (heartbeat=10 added unless set)",
+        help: "RabbitMQ URL (heartbeat=10, connection_timeout=5000 added unless set)",
     },
     Setting {
         name: "AMQP_EXCHANGE",
@@ -85,6 +85,9 @@ fn try_main() -> Result<(), String> {
     let handle =
         consumer::start(db, &amqp_url, topology, config, orders::apply_event).map_err(|e| e.to_string())?;
     println!("txoutbox-consumer consuming");
-    handle.join();
+    common::wait_for_shutdown_signal()?;
+    // Commit and ack the batch in hand, then close the connection.
+    handle.stop();
+    log::info!("shutdown: done");
     Ok(())
 }

@@ -15,7 +15,7 @@ const SETTINGS: &[Setting] = &[
     Setting {
         name: "AMQP_URL",
         default: DEFAULT_AMQP_URL,
-        help: "RabbitMQ URL (heartbeat=10 added unless set)",
+        help: "RabbitMQ URL (heartbeat=10, connection_timeout=5000 added unless set)",
     },
     Setting {
         name: "HTTP_ADDR",
@@ -96,11 +96,17 @@ fn try_main() -> Result<(), String> {
     let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
     let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
 
+    http_config.validate().map_err(|e| e.to_string())?;
+    relay_config.validate().map_err(|e| e.to_string())?;
+
     let db = Database::connect(&database_url, &pool).map_err(|e| e.to_string())?;
     let relay = relay::start(db.clone(), &amqp_url, topology, relay_config).map_err(|e| e.to_string())?;
     let server = http::serve(&http_config, db).map_err(|e| e.to_string())?;
     println!("txoutbox-server listening on http://{}", server.addr());
-    server.join();
+    common::wait_for_shutdown_signal()?;
+    // Stop taking requests and answer those in flight, then let the relay finish its batches.
+    server.stop();
     relay.stop();
+    log::info!("shutdown: done");
     Ok(())
 }

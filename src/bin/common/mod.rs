@@ -58,3 +58,25 @@ pub fn run(try_main: impl FnOnce() -> Result<(), String>) {
         std::process::exit(1);
     }
 }
+
+/// Blocks until SIGTERM or SIGINT arrives. From then on a second signal ends the process at
+/// once (exit code 1), so a stuck shutdown can always be cut short.
+pub fn wait_for_shutdown_signal() -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let asked = Arc::new(AtomicBool::new(false));
+    for signal in [SIGTERM, SIGINT] {
+        // Registered first, so it sees the flag still false on the first signal.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, asked.clone())
+            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+        signal_hook::flag::register(signal, asked.clone())
+            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    }
+    while !asked.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    log::info!("shutdown: signal received, finishing work in hand (a second signal exits at once)");
+    Ok(())
+}
