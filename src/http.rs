@@ -3,8 +3,10 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
@@ -20,6 +22,7 @@ pub struct HttpHandle {
     server: Arc<Server>,
     threads: Vec<JoinHandle<()>>,
     addr: SocketAddr,
+    kicker: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
 impl HttpHandle {
@@ -41,6 +44,10 @@ impl HttpHandle {
     }
 
     fn shutdown(&mut self) {
+        if let Some((stop, thread)) = self.kicker.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
         // Each unblock() releases exactly one thread waiting in recv().
         for _ in 0..self.threads.len() {
             self.server.unblock();
@@ -88,12 +95,49 @@ pub fn serve(config: &HttpConfig, db: Database) -> Result<HttpHandle> {
             .map_err(|e| Error::Other(format!("cannot start an HTTP thread: {e}")))?;
         threads.push(thread);
     }
+    let kicker = start_connection_kicker(addr)?;
     log::info!("http: listening on {addr} threads={}", config.threads);
     Ok(HttpHandle {
         server,
         threads,
         addr,
+        kicker: Some(kicker),
     })
+}
+
+/// How often the kicker opens and closes a connection to the server.
+const KICK_INTERVAL: Duration = Duration::from_millis(25);
+
+/// Works around a race in tiny_http 0.12's connection thread pool.
+///
+/// tiny_http serves each connection on a pooled thread for as long as the connection lives.
+/// During a burst of new connections its pool can count a thread as idle while that thread is
+/// already taking another connection, and so queue a new connection without starting a thread
+/// for it; the queued connection then waits until some other connection closes, which
+/// keep-alive clients may never do. A connection that closes at once ends its task and lets
+/// the pool pick up whatever is queued, so this thread makes one every [`KICK_INTERVAL`].
+fn start_connection_kicker(addr: SocketAddr) -> Result<(Arc<AtomicBool>, JoinHandle<()>)> {
+    let target = match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+        }
+        other => other,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("http-kicker".into())
+        .spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                if let Ok(stream) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+                    drop(stream);
+                }
+                std::thread::sleep(KICK_INTERVAL);
+            }
+        })
+        .map_err(|e| Error::Other(format!("cannot start an HTTP thread: {e}")))?;
+    Ok((stop, thread))
 }
 
 /// A response before it is encoded.

@@ -29,6 +29,9 @@
 //!   first POST; this is exact to the millisecond rather than to the polling interval. When the
 //!   two clocks visibly disagree (the result is negative or later than the instant polling saw
 //!   the last completion), the instant polling saw the last completion is used instead.
+//! - Completion is polled once a second while orders are sent (enough for the progress line)
+//!   and every 100 ms afterwards, spaced out while one poll of many pending ids is expensive,
+//!   so that the measuring takes little of Postgres from the consumer being measured.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -61,8 +64,13 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_CONCURRENCY: usize = 1024;
 /// Connect, read and write timeout of every HTTP connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often Postgres is asked which orders have completed.
+/// How often Postgres is asked which orders have completed once sending is over, at most.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often it is asked while orders are being sent (for the progress line), and at least.
+const SLOW_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Polls are spaced so that they keep Postgres busy at most 1/this of the time: with many
+/// orders pending a poll costs tens of milliseconds, taken from the consumer being measured.
+const POLL_DUTY_DIVISOR: u32 = 10;
 /// How often the progress line is refreshed.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Most ids passed to one `= ANY($1)` query.
@@ -366,12 +374,13 @@ impl fmt::Display for StressReport {
                 elapsed.as_secs_f64(),
                 self.e2e_rate
             )?,
-            None => writeln!(
+            None if self.deadline_passed => writeln!(
                 f,
                 "  end to end:  none of {} COMPLETED within {} s",
                 self.accepted,
                 self.timeout.as_secs_f64()
             )?,
+            None => writeln!(f, "  end to end:  none of {} COMPLETED", self.accepted)?,
         }
         let show = |p: &Option<Percentiles>| p.map_or_else(|| "no samples".to_string(), |p| p.to_string());
         writeln!(f, "  HTTP latency           {}", show(&self.http_latency))?;
@@ -452,6 +461,7 @@ pub fn run(options: &StressOptions) -> Result<StressReport> {
         last_completion_seen: None,
         missing: 0,
         deadline_passed: false,
+        poll_cost: Duration::ZERO,
     };
 
     thread::scope(|scope| -> Result<()> {
@@ -538,15 +548,6 @@ fn send_orders(target: &Target, shared: &Shared, accepted: &Sender<Accepted>) {
         shared.sent.fetch_add(1, Ordering::Relaxed);
         let outcome = connection.post_json(&target.path, body.as_bytes());
         let latency = sent.elapsed();
-        if latency > Duration::from_secs(1) {
-            eprintln!(
-                "SLOW {:?} thread {:?} at {:?} ok={}",
-                latency,
-                thread::current().name(),
-                sent.duration_since(shared.deadline - Duration::from_secs(120)),
-                outcome.is_ok()
-            );
-        }
         match outcome {
             Ok(response) if response.status == 201 => match order_id(&response.body) {
                 Some(id) => {
@@ -602,6 +603,8 @@ struct Monitor<'a> {
     last_completion_seen: Option<Instant>,
     missing: usize,
     deadline_passed: bool,
+    /// How long the last poll took.
+    poll_cost: Duration,
 }
 
 impl Monitor<'_> {
@@ -616,7 +619,8 @@ impl Monitor<'_> {
     /// passes, or accepted orders turn out to be missing from the database.
     fn watch(&mut self, receiver: &Receiver<Accepted>) -> Result<()> {
         loop {
-            let tick = Instant::now() + POLL_INTERVAL;
+            let started = Instant::now();
+            let tick = started + self.poll_interval();
             // recv_deadline returns a waiting message even after the deadline: check it here.
             while self.http_done.is_none() && Instant::now() < tick {
                 match receiver.recv_deadline(tick) {
@@ -625,8 +629,13 @@ impl Monitor<'_> {
                     Err(RecvTimeoutError::Disconnected) => self.http_done = Some(Instant::now()),
                 }
             }
+            // The interval shortens when sending is over.
+            let tick = tick.min(started + self.poll_interval());
             thread::sleep(tick.saturating_duration_since(Instant::now()));
-            match self.poll() {
+            let polled = Instant::now();
+            let outcome = self.poll();
+            self.poll_cost = polled.elapsed();
+            match outcome {
                 Ok(()) => {}
                 Err(e) if e.is_unavailable() => log::warn!("stress: cannot poll the orders, retrying: {e}"),
                 Err(e) => return Err(e),
@@ -643,6 +652,15 @@ impl Monitor<'_> {
                 return Ok(());
             }
         }
+    }
+
+    /// Once a second while sending; afterwards every 100 ms, or less often while a poll is
+    /// expensive (see [`POLL_DUTY_DIVISOR`]).
+    fn poll_interval(&self) -> Duration {
+        if self.http_done.is_none() {
+            return SLOW_POLL_INTERVAL;
+        }
+        (self.poll_cost * POLL_DUTY_DIVISOR).clamp(POLL_INTERVAL, SLOW_POLL_INTERVAL)
     }
 
     /// Moves the pending orders that completed out of `pending`.
@@ -675,7 +693,7 @@ impl Monitor<'_> {
             }
         }
         // The server commits before it answers 201, so every accepted order must be visible.
-        self.missing = self.pending.len() - found;
+        self.missing = self.pending.len().saturating_sub(found);
         if self.missing > 0 {
             log::error!(
                 "stress: {} accepted orders are not in database {}",
@@ -726,7 +744,7 @@ impl Monitor<'_> {
         let (completed, found) = self.verifier.count_orders(&self.all)?;
         let processed = self.verifier.count_processed(&self.all)?;
         let outbox_left = self.verifier.count_outbox(&self.all)?;
-        let missing = self.all.len() - found;
+        let missing = self.all.len().saturating_sub(found);
         let accepted = self.all.len();
         let http_elapsed = http_done.saturating_duration_since(self.start);
         let e2e_elapsed = self.e2e_elapsed(start_wall);

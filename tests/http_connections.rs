@@ -1,0 +1,80 @@
+//! The HTTP front under connection pressure: many keep-alive clients at once must all be
+//! served, even though tiny_http 0.12 can queue a new connection behind busy ones.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use common::TestDb;
+use txoutbox::{http, HttpConfig};
+
+/// Sends one keep-alive GET and reads its response; returns the status, keeping the socket open.
+fn get_keep_alive(addr: SocketAddr, stream: &mut BufReader<TcpStream>) -> Option<u16> {
+    let request =
+        format!("GET /orders/00000000-0000-0000-0000-000000000000 HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    stream.get_mut().write_all(request.as_bytes()).ok()?;
+    let mut status_line = String::new();
+    stream.read_line(&mut status_line).ok()?;
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        stream.read_line(&mut line).ok()?;
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().ok()?;
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).ok()?;
+    status_line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn a_burst_of_keep_alive_connections_is_served_in_full() {
+    const CLIENTS: usize = 64;
+    let t = TestDb::new();
+    let config = HttpConfig {
+        addr: "127.0.0.1:0".into(),
+        threads: 4,
+        ..HttpConfig::default()
+    };
+    let server = http::serve(&config, t.db.clone()).unwrap();
+    let addr = server.addr();
+    for round in 0..3 {
+        // Every client connects at the same moment and keeps its connection open until all
+        // of them have been answered: none may wait for another to close.
+        let connected = Arc::new(Barrier::new(CLIENTS));
+        let answered = Arc::new(Barrier::new(CLIENTS));
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let (connected, answered) = (connected.clone(), answered.clone());
+                std::thread::spawn(move || {
+                    connected.wait();
+                    let stream = TcpStream::connect(addr).expect("connect");
+                    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    let mut stream = BufReader::new(stream);
+                    let first = get_keep_alive(addr, &mut stream);
+                    answered.wait();
+                    let second = get_keep_alive(addr, &mut stream);
+                    (first, second)
+                })
+            })
+            .collect();
+        for client in clients {
+            let (first, second) = client.join().expect("client thread");
+            assert_eq!(first, Some(404), "round {round}: a connection was never answered");
+            assert_eq!(
+                second,
+                Some(404),
+                "round {round}: a kept-alive connection stopped being served"
+            );
+        }
+    }
+}
