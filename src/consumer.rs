@@ -1,6 +1,7 @@
 //! The idempotent consumer: applies each delivery's effect and records its message id in
 //! `processed_messages` in one transaction, and acknowledges only after that commit.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,10 +18,12 @@ use crate::db::Database;
 use crate::wakeup::{Backoff, Wakeup};
 use crate::{Error, Result};
 
+/// Records a batch of message ids in one statement; returns those not recorded before.
 const RECORD_PROCESSED: &str = "\
     INSERT INTO processed_messages (message_id, event_type, aggregate_id)
-    VALUES ($1, $2, $3)
-    ON CONFLICT (message_id) DO NOTHING";
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING message_id";
 
 /// A delivery that passed the envelope checks, as a handler sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -84,6 +87,12 @@ impl From<postgres::Error> for HandlerError {
 pub trait Handler: Send {
     /// Applies `message` on `tx`. Do not commit: the consumer does.
     fn handle(&mut self, tx: &mut Transaction<'_>, message: &Message) -> Result<(), HandlerError>;
+
+    /// Applies several new messages on `tx`, in delivery order. The default calls
+    /// [`handle`](Self::handle) for each; override it to apply a batch in fewer statements.
+    fn handle_batch(&mut self, tx: &mut Transaction<'_>, messages: &[&Message]) -> Result<(), HandlerError> {
+        messages.iter().try_for_each(|message| self.handle(tx, message))
+    }
 }
 
 impl<F> Handler for F
@@ -397,23 +406,28 @@ impl<H: Handler> Worker<H> {
         let mut tx = client
             .transaction()
             .map_err(db("cannot begin the consumer transaction"))?;
-        let (mut applied, mut duplicates) = (0, 0);
-        for message in messages {
-            let inserted = tx
-                .execute(
-                    RECORD_PROCESSED,
-                    &[&message.message_id, &message.event_type, &message.aggregate_id],
-                )
-                .map_err(db("cannot record a processed message"))?;
-            if inserted == 0 {
-                duplicates += 1;
-                continue;
-            }
+        let ids: Vec<Uuid> = messages.iter().map(|m| m.message_id).collect();
+        let types: Vec<Option<&str>> = messages.iter().map(|m| m.event_type.as_deref()).collect();
+        let aggregates: Vec<Option<&str>> = messages.iter().map(|m| m.aggregate_id.as_deref()).collect();
+        let mut new_ids: HashSet<Uuid> = tx
+            .query(RECORD_PROCESSED, &[&ids, &types, &aggregates])
+            .map_err(db("cannot record processed messages"))?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        // `remove` also keeps a message delivered twice within one batch to one effect.
+        let new: Vec<&Message> = messages
+            .iter()
+            .copied()
+            .filter(|m| new_ids.remove(&m.message_id))
+            .collect();
+        if !new.is_empty() {
             self.handler
-                .handle(&mut tx, message)
+                .handle_batch(&mut tx, &new)
                 .map_err(ApplyError::Handler)?;
-            applied += 1;
         }
+        let applied = new.len() as u64;
+        let duplicates = messages.len() as u64 - applied;
         tx.commit()
             .map_err(db("cannot commit the consumer transaction"))?;
         Ok((applied, duplicates))

@@ -7,7 +7,7 @@ use postgres::{GenericClient, Row, Transaction};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::consumer::{HandlerError, Message};
+use crate::consumer::{Handler, HandlerError, Message};
 use crate::outbox::{enqueue, NewEvent};
 use crate::{Error, Result};
 
@@ -32,9 +32,9 @@ const SELECT_ORDER: &str = "\
            to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
     FROM orders WHERE id = $1";
 
-const COMPLETE_ORDER: &str = "\
+const COMPLETE_ORDERS: &str = "\
     UPDATE orders SET status = 'COMPLETED', updated_at = now()
-    WHERE id = $1 AND status = 'PENDING'";
+    WHERE id = ANY($1) AND status = 'PENDING'";
 
 /// An exact amount of money in cents (minor units).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -235,20 +235,42 @@ pub fn get(client: &mut impl GenericClient, id: Uuid) -> Result<Option<Order>> {
     Ok(row.as_ref().map(Order::from_row))
 }
 
-/// The consumer's effect for the order service: `OrderCreated` marks the order `COMPLETED`.
-/// Other event types are acknowledged without effect.
-pub fn apply_event(tx: &mut Transaction<'_>, message: &Message) -> Result<(), HandlerError> {
-    if message.event_type.as_deref() != Some(ORDER_CREATED) {
-        return Ok(());
+/// The consumer's effect for the order service: `OrderCreated` marks the order `COMPLETED`
+/// (once: only a `PENDING` order changes). Other event types are acknowledged without effect.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OrderEvents;
+
+impl OrderEvents {
+    fn created_order_id(message: &Message) -> Result<Option<Uuid>, HandlerError> {
+        if message.event_type.as_deref() != Some(ORDER_CREATED) {
+            return Ok(None);
+        }
+        message
+            .payload
+            .get("order_id")
+            .and_then(Value::as_str)
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .map(Some)
+            .ok_or_else(|| HandlerError::permanent("OrderCreated payload has no valid order_id"))
     }
-    let order_id = message
-        .payload
-        .get("order_id")
-        .and_then(Value::as_str)
-        .and_then(|s| Uuid::parse_str(s).ok())
-        .ok_or_else(|| HandlerError::permanent("OrderCreated payload has no valid order_id"))?;
-    tx.execute(COMPLETE_ORDER, &[&order_id])?;
-    Ok(())
+}
+
+impl Handler for OrderEvents {
+    fn handle(&mut self, tx: &mut Transaction<'_>, message: &Message) -> Result<(), HandlerError> {
+        self.handle_batch(tx, &[message])
+    }
+
+    /// Completes every order of the batch in one statement.
+    fn handle_batch(&mut self, tx: &mut Transaction<'_>, messages: &[&Message]) -> Result<(), HandlerError> {
+        let mut ids = Vec::with_capacity(messages.len());
+        for message in messages {
+            ids.extend(Self::created_order_id(message)?);
+        }
+        if !ids.is_empty() {
+            tx.execute(COMPLETE_ORDERS, &[&ids])?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

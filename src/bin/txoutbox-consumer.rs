@@ -83,7 +83,7 @@ fn try_main() -> Result<(), String> {
 
     let db = Database::connect(&database_url, &pool).map_err(|e| e.to_string())?;
     let handle =
-        consumer::start(db, &amqp_url, topology, config, orders::apply_event).map_err(|e| e.to_string())?;
+        consumer::start(db, &amqp_url, topology, config, orders::OrderEvents).map_err(|e| e.to_string())?;
     println!("txoutbox-consumer consuming");
     common::wait_for_shutdown_signal()?;
     // Commit and ack the batch in hand, then close the connection.
