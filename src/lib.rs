@@ -41,6 +41,7 @@ pub mod consumer;
 pub mod db;
 mod error;
 pub mod http;
+pub mod metrics;
 pub mod orders;
 pub mod outbox;
 pub mod relay;

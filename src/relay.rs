@@ -11,13 +11,15 @@ use postgres::fallible_iterator::FallibleIterator;
 use crate::broker::{OutgoingEvent, Publisher, Topology};
 use crate::config::RelayConfig;
 use crate::db::Database;
+use crate::metrics::LatencyHistogram;
 use crate::outbox::NOTIFY_CHANNEL;
 use crate::wakeup::{Backoff, Wakeup};
 use crate::{Error, Result};
 
 /// Available rows in outbox order; rows other workers hold are skipped, not waited for.
 const CLAIM: &str = "\
-    SELECT id, message_id::text, aggregate_type, aggregate_id, event_type, payload::text
+    SELECT id, message_id::text, aggregate_type, aggregate_id, event_type, payload::text,
+           extract(epoch FROM clock_timestamp() - created_at)::float8
     FROM outbox
     WHERE available_at <= now()
     ORDER BY id
@@ -41,6 +43,7 @@ pub struct RelayStats {
     refused: AtomicU64,
     batches: AtomicU64,
     connected: AtomicU64,
+    confirm_latency: LatencyHistogram,
 }
 
 impl RelayStats {
@@ -51,6 +54,11 @@ impl RelayStats {
     /// Publish attempts the broker refused or could not route (rows kept for a retry).
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+    /// Time from an event's transaction (its `created_at`) to the broker's confirm, for every
+    /// published event.
+    pub fn confirm_latency(&self) -> &LatencyHistogram {
+        &self.confirm_latency
     }
     /// Workers currently connected to the broker.
     pub fn connected_workers(&self) -> u64 {
@@ -284,8 +292,11 @@ fn run_round(shared: &Shared, publisher: &mut Publisher) -> Result<usize, RoundE
     if rows.is_empty() {
         return Ok(0);
     }
+    let claimed_at = Instant::now();
+    let mut ages = std::collections::HashMap::with_capacity(rows.len());
     let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
+        ages.insert(row.get::<_, i64>(0), row.get::<_, f64>(6));
         events.push(OutgoingEvent {
             key: row.get(0),
             message_id: row.get(1),
@@ -295,10 +306,18 @@ fn run_round(shared: &Shared, publisher: &mut Publisher) -> Result<usize, RoundE
             body: row.get::<_, String>(5).into_bytes(),
         });
     }
+    let stats = &shared.stats;
     // On error the transaction rolls back when dropped: every claimed row stays.
     let outcome = publisher
         .publish_batch(&events, shared.config.confirm_timeout)
         .map_err(RoundError::Broker)?;
+    let confirmed_after = claimed_at.elapsed();
+    for id in &outcome.confirmed {
+        let age = ages.get(id).copied().unwrap_or(0.0).max(0.0);
+        stats
+            .confirm_latency
+            .record(Duration::from_secs_f64(age) + confirmed_after);
+    }
     if !outcome.confirmed.is_empty() {
         tx.execute(DELETE_CONFIRMED, &[&outcome.confirmed])
             .map_err(db("cannot delete published outbox rows"))?;
