@@ -1,8 +1,10 @@
 //! Postgres: connection settings, the pool, database creation and the embedded schema.
 
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
-use postgres::{Client, NoTls};
+use postgres::{Client, NoTls, Statement};
 use r2d2_postgres::PostgresConnectionManager;
 
 use crate::config::redact_url;
@@ -14,11 +16,67 @@ pub const SCHEMA: &str = include_str!("../schema.sql");
 /// Advisory lock key held while the schema is applied (so concurrent starts do not race).
 const SCHEMA_LOCK_KEY: i64 = 0x7478_6f75_7462_6f78; // "txoutbox"
 
-/// A pool of blocking Postgres connections.
-pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+/// A pool of blocking Postgres connections, each with its prepared statements.
+pub type Pool = r2d2::Pool<Manager>;
 
-/// A connection checked out of a [`Pool`].
-pub type PooledClient = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+/// A connection checked out of a [`Pool`]; derefs to [`postgres::Client`].
+pub type PooledClient = r2d2::PooledConnection<Manager>;
+
+/// A Postgres connection that keeps the statements it prepared, so that a hot statement is
+/// parsed and planned once per connection instead of once per use.
+pub struct Connection {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Connection {
+    /// The prepared form of `sql` on this connection, preparing it on first use.
+    pub fn prepared(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+}
+
+impl Deref for Connection {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl DerefMut for Connection {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+/// r2d2 manager of [`Connection`]s, delegating connection checks to r2d2_postgres.
+#[derive(Debug)]
+pub struct Manager(PostgresConnectionManager<NoTls>);
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Connection;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<Connection, postgres::Error> {
+        Ok(Connection {
+            client: self.0.connect()?,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut Connection) -> Result<(), postgres::Error> {
+        self.0.is_valid(&mut conn.client)
+    }
+
+    fn has_broken(&self, conn: &mut Connection) -> bool {
+        self.0.has_broken(&mut conn.client)
+    }
+}
 
 /// Where the database is and how to reach it: the pool for short transactions, and the parsed
 /// config for dedicated connections (LISTEN).
@@ -90,7 +148,7 @@ impl Database {
             .map_err(|e| Error::db(format!("cannot connect to {}", redact_url(url)), e))?;
         install_schema(&mut client)?;
         let _ = client.close();
-        let manager = PostgresConnectionManager::new(config.clone(), NoTls);
+        let manager = Manager(PostgresConnectionManager::new(config.clone(), NoTls));
         let pool = r2d2::Pool::builder()
             .max_size(options.max_size)
             .min_idle(Some(options.max_size.min(4)))

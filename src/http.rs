@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::config::HttpConfig;
 use crate::db::Database;
-use crate::orders;
+use crate::orders::{self, Announce};
 use crate::{Error, Result};
 
 /// A running HTTP server. Dropping it stops the server like [`stop`](Self::stop).
@@ -67,7 +67,8 @@ impl Drop for HttpHandle {
 }
 
 /// Binds `config.addr` and serves the orders API on `config.threads` handler threads.
-pub fn serve(config: &HttpConfig, db: Database) -> Result<HttpHandle> {
+/// `announce` says how a new order's event reaches the relay.
+pub fn serve(config: &HttpConfig, db: Database, announce: Announce) -> Result<HttpHandle> {
     config.validate()?;
     let server = Server::http(&config.addr)
         .map_err(|e| Error::Config(format!("cannot listen on HTTP_ADDR {}: {e}", config.addr)))?;
@@ -78,6 +79,7 @@ pub fn serve(config: &HttpConfig, db: Database) -> Result<HttpHandle> {
     let server = Arc::new(server);
     let api = Arc::new(Api {
         db,
+        announce,
         max_body_bytes: config.max_body_bytes,
     });
     let mut threads = Vec::with_capacity(config.threads);
@@ -170,6 +172,7 @@ impl Reply {
 
 struct Api {
     db: Database,
+    announce: Announce,
     max_body_bytes: usize,
 }
 
@@ -221,7 +224,7 @@ impl Api {
         let result = self
             .db
             .get()
-            .and_then(|mut client| orders::create(&mut *client, &new_order));
+            .and_then(|mut client| orders::create(&mut client, &new_order, &self.announce));
         match result {
             Ok(order) => Reply::json(201, order.to_json()),
             Err(e) => failure("cannot create the order", &e),
@@ -232,7 +235,7 @@ impl Api {
         let Ok(id) = Uuid::parse_str(id) else {
             return Reply::error(404, format!("no order with id {id:?}"));
         };
-        match self.db.get().and_then(|mut client| orders::get(&mut *client, id)) {
+        match self.db.get().and_then(|mut client| orders::get(&mut client, id)) {
             Ok(Some(order)) => Reply::json(200, order.to_json()),
             Ok(None) => Reply::error(404, format!("no order with id {id}")),
             Err(e) => failure("cannot read the order", &e),

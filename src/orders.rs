@@ -3,12 +3,14 @@
 
 use std::fmt;
 
-use postgres::{GenericClient, Row, Transaction};
+use postgres::{Row, ToStatement, Transaction};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::consumer::{Handler, HandlerError, Message};
-use crate::outbox::{enqueue, NewEvent};
+use crate::db::Connection;
+use crate::outbox::{self, enqueue, NewEvent};
+use crate::relay::Waker;
 use crate::{Error, Result};
 
 /// Aggregate type of order events.
@@ -197,40 +199,76 @@ impl Order {
     }
 }
 
-/// Inserts the order and its `OrderCreated` event in one transaction and commits it.
-pub fn create(client: &mut impl GenericClient, new: &NewOrder) -> Result<Order> {
-    let mut tx = client
+/// How [`create`] lets the relay know about the new event.
+#[derive(Clone, Debug)]
+pub enum Announce {
+    /// Postgres NOTIFY at commit: reaches a relay in any process.
+    Notify,
+    /// Wake this in-process relay after the commit; no NOTIFY (whose commits Postgres
+    /// serializes).
+    Wake(Waker),
+}
+
+/// Inserts the order and its `OrderCreated` event in one transaction, commits it, and
+/// announces the event to the relay. Statements are prepared once per connection.
+pub fn create(conn: &mut Connection, new: &NewOrder, announce: &Announce) -> Result<Order> {
+    let prepare = |e| Error::db("cannot prepare the order statements", e);
+    let insert_order = conn.prepared(INSERT_ORDER).map_err(prepare)?;
+    let insert_event = match announce {
+        Announce::Notify => conn.prepared(outbox::INSERT_EVENT_AND_NOTIFY),
+        Announce::Wake(_) => conn.prepared(outbox::INSERT_EVENT),
+    }
+    .map_err(prepare)?;
+    let mut tx = conn
         .transaction()
         .map_err(|e| Error::db("cannot begin the order transaction", e))?;
-    let order = insert(&mut tx, new)?;
+    let order = insert_order_row(&mut tx, &insert_order, new)?;
+    outbox::insert_event(&mut tx, &insert_event, &created_event(&order))?;
     tx.commit().map_err(|e| Error::db("cannot commit the order", e))?;
+    if let Announce::Wake(waker) = announce {
+        waker.wake();
+    }
     Ok(order)
 }
 
 /// Inserts the order and enqueues its `OrderCreated` event on the caller's transaction.
 pub fn insert(tx: &mut Transaction<'_>, new: &NewOrder) -> Result<Order> {
-    let id = Uuid::now_v7();
+    let order = insert_order_row(tx, INSERT_ORDER, new)?;
+    enqueue(tx, &created_event(&order))?;
+    Ok(order)
+}
+
+fn insert_order_row<S>(tx: &mut Transaction<'_>, statement: &S, new: &NewOrder) -> Result<Order>
+where
+    S: ToStatement + ?Sized,
+{
     let row = tx
-        .query_one(INSERT_ORDER, &[&id, &new.user_id, &new.amount.to_string()])
+        .query_one(
+            statement,
+            &[&Uuid::now_v7(), &new.user_id, &new.amount.to_string()],
+        )
         .map_err(|e| Error::db("cannot insert the order", e))?;
-    let order = Order::from_row(&row);
+    Ok(Order::from_row(&row))
+}
+
+/// The `OrderCreated` event of a new order.
+fn created_event(order: &Order) -> NewEvent {
     let payload = json!({
         "order_id": order.id.to_string(),
         "user_id": order.user_id.to_string(),
         "amount": order.amount,
         "created_at": order.created_at,
     });
-    enqueue(
-        tx,
-        &NewEvent::new(AGGREGATE_TYPE, order.id.to_string(), ORDER_CREATED, payload),
-    )?;
-    Ok(order)
+    NewEvent::new(AGGREGATE_TYPE, order.id.to_string(), ORDER_CREATED, payload)
 }
 
 /// The order with this id, if any.
-pub fn get(client: &mut impl GenericClient, id: Uuid) -> Result<Option<Order>> {
-    let row = client
-        .query_opt(SELECT_ORDER, &[&id])
+pub fn get(conn: &mut Connection, id: Uuid) -> Result<Option<Order>> {
+    let select = conn
+        .prepared(SELECT_ORDER)
+        .map_err(|e| Error::db("cannot prepare the order query", e))?;
+    let row = conn
+        .query_opt(&select, &[&id])
         .map_err(|e| Error::db("cannot read the order", e))?;
     Ok(row.as_ref().map(Order::from_row))
 }

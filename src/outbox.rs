@@ -1,6 +1,6 @@
 //! The write side: recording an event inside the caller's own transaction.
 
-use postgres::Transaction;
+use postgres::{ToStatement, Transaction};
 use uuid::Uuid;
 
 use crate::{Error, Result};
@@ -9,13 +9,19 @@ use crate::{Error, Result};
 /// notification only when the caller's transaction commits.
 pub const NOTIFY_CHANNEL: &str = "txoutbox_outbox";
 
-const INSERT_EVENT: &str = "\
+/// Inserts an event and notifies [`NOTIFY_CHANNEL`] (delivered at commit).
+pub(crate) const INSERT_EVENT_AND_NOTIFY: &str = "\
     WITH inserted AS (
         INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
         VALUES ($1, $2, $3, $4, $5)
         RETURNING id
     )
     SELECT pg_notify('txoutbox_outbox', '') FROM inserted";
+
+/// Inserts an event without a notification.
+pub(crate) const INSERT_EVENT: &str = "\
+    INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
+    VALUES ($1, $2, $3, $4, $5)";
 
 /// An event to publish once the transaction that records it commits.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,8 +72,27 @@ impl NewEvent {
 /// # Ok(()) }
 /// ```
 pub fn enqueue(tx: &mut Transaction<'_>, event: &NewEvent) -> Result<()> {
+    insert_event(tx, INSERT_EVENT_AND_NOTIFY, event)
+}
+
+/// Like [`enqueue`], without the notification.
+///
+/// Postgres serializes the commits of transactions that NOTIFY, which caps how many of them
+/// commit per second. Use this when the relay runs in the same process and the caller wakes it
+/// after the commit ([`Waker::wake`](crate::relay::Waker::wake)), or when a relay finding the
+/// event at its next poll is soon enough.
+pub fn enqueue_silently(tx: &mut Transaction<'_>, event: &NewEvent) -> Result<()> {
+    insert_event(tx, INSERT_EVENT, event)
+}
+
+/// Inserts `event` with `statement`: [`INSERT_EVENT`] or [`INSERT_EVENT_AND_NOTIFY`], as text
+/// or prepared.
+pub(crate) fn insert_event<S>(tx: &mut Transaction<'_>, statement: &S, event: &NewEvent) -> Result<()>
+where
+    S: ToStatement + ?Sized,
+{
     tx.execute(
-        INSERT_EVENT,
+        statement,
         &[
             &event.message_id,
             &event.aggregate_type,

@@ -536,33 +536,71 @@ fn send_orders(target: &Target, shared: &Shared, accepted: &Sender<Accepted>) {
         if shared.next.fetch_add(1, Ordering::Relaxed) >= shared.orders {
             return;
         }
-        let user_id = Uuid::new_v4();
-        // 0.01 to 10000.00, varying with the random user id.
-        let cents = 1 + user_id.as_u128() % 1_000_000;
-        let body = format!(
-            r#"{{"user_id":"{user_id}","amount":"{}.{:02}"}}"#,
-            cents / 100,
-            cents % 100
-        );
+        let body = random_order_body();
         let sent = Instant::now();
         shared.sent.fetch_add(1, Ordering::Relaxed);
         let outcome = connection.post_json(&target.path, body.as_bytes());
         let latency = sent.elapsed();
-        match outcome {
-            Ok(response) if response.status == 201 => match order_id(&response.body) {
-                Some(id) => {
-                    shared.accepted.fetch_add(1, Ordering::Relaxed);
-                    // The monitor outlives the senders; a send error cannot happen.
-                    let _ = accepted.send(Accepted { id, sent, latency });
-                }
-                None => shared.fail(format!(
-                    "HTTP 201 without an order id: {}",
-                    snippet(&response.body)
-                )),
-            },
-            Ok(response) => shared.fail(format!("HTTP {}: {}", response.status, snippet(&response.body))),
+        match created_order(outcome) {
+            Ok(id) => {
+                shared.accepted.fetch_add(1, Ordering::Relaxed);
+                // The monitor outlives the senders; a send error cannot happen.
+                let _ = accepted.send(Accepted { id, sent, latency });
+            }
             Err(e) => shared.fail(e),
         }
+    }
+}
+
+/// A `POST /orders` body with a random user and an amount from 0.01 to 10000.00.
+fn random_order_body() -> String {
+    let user_id = Uuid::new_v4();
+    // Varying with the random user id.
+    let cents = 1 + user_id.as_u128() % 1_000_000;
+    format!(
+        r#"{{"user_id":"{user_id}","amount":"{}.{:02}"}}"#,
+        cents / 100,
+        cents % 100
+    )
+}
+
+/// The id of the created order when the answer is a 201 that carries one, else why not.
+fn created_order(outcome: Result<Response, String>) -> Result<Uuid, String> {
+    match outcome {
+        Ok(response) if response.status == 201 => order_id(&response.body)
+            .ok_or_else(|| format!("HTTP 201 without an order id: {}", snippet(&response.body))),
+        Ok(response) => Err(format!("HTTP {}: {}", response.status, snippet(&response.body))),
+        Err(e) => Err(e),
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection that POSTs random orders exactly as the senders of
+/// [`run`] do. Public so that other load generators (`txoutbox-bench`) send the same requests
+/// through the same client; it connects on first use and reconnects after the server closes.
+pub struct OrderClient {
+    target: Target,
+    stream: Option<BufReader<TcpStream>>,
+}
+
+impl OrderClient {
+    /// A client for the server at `url` (`http://HOST:PORT`, as `--url`). Does not connect yet.
+    pub fn new(url: &str) -> Result<OrderClient> {
+        Ok(OrderClient {
+            target: Target::parse(url)?,
+            stream: None,
+        })
+    }
+
+    /// POSTs one order with a random user and amount; the created order's id, or why the
+    /// request failed (connection error, another status than 201, or a 201 without an id).
+    pub fn post_order(&mut self) -> Result<Uuid, String> {
+        let mut connection = Connection {
+            target: &self.target,
+            stream: self.stream.take(),
+        };
+        let outcome = connection.post_json(&self.target.path, random_order_body().as_bytes());
+        self.stream = connection.stream;
+        created_order(outcome)
     }
 }
 

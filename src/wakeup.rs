@@ -23,10 +23,10 @@ impl Wakeup {
         self.lock().generation
     }
 
-    /// Signals that there may be new work, waking every waiter.
+    /// Signals that there may be new work, waking one waiter (who may recruit more).
     pub fn notify(&self) {
         self.lock().generation += 1;
-        self.changed.notify_all();
+        self.changed.notify_one();
     }
 
     /// Asks every waiter to stop; [`is_stopping`](Self::is_stopping) stays true from now on.

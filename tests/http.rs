@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{http_raw, post_order, TestDb};
+use txoutbox::orders::Announce;
 use txoutbox::{http, HttpConfig, PoolOptions};
 
 fn serve(t: &TestDb) -> http::HttpHandle {
@@ -14,7 +15,7 @@ fn serve(t: &TestDb) -> http::HttpHandle {
         threads: 4,
         ..HttpConfig::default()
     };
-    http::serve(&config, t.db.clone()).unwrap()
+    http::serve(&config, t.db.clone(), Announce::Notify).unwrap()
 }
 
 fn assert_nothing_written(t: &TestDb, case: &str) {

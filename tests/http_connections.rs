@@ -9,6 +9,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use common::TestDb;
+use txoutbox::orders::Announce;
 use txoutbox::{http, HttpConfig};
 
 /// Sends one keep-alive GET and reads its response; returns the status, keeping the socket open.
@@ -45,7 +46,7 @@ fn a_burst_of_keep_alive_connections_is_served_in_full() {
         threads: 4,
         ..HttpConfig::default()
     };
-    let server = http::serve(&config, t.db.clone()).unwrap();
+    let server = http::serve(&config, t.db.clone(), Announce::Notify).unwrap();
     let addr = server.addr();
     for round in 0..3 {
         // Every client connects at the same moment and keeps its connection open until all

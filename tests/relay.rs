@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::{wait_until, Policy, TestBroker, TestDb};
 use serde_json::json;
 use txoutbox::orders::{self, Amount, NewOrder};
+use txoutbox::outbox::enqueue_silently;
 use txoutbox::{enqueue, relay, NewEvent, RelayConfig};
 use uuid::Uuid;
 
@@ -44,7 +45,8 @@ fn an_order_is_not_written_when_its_outbox_insert_fails() {
         user_id: Uuid::new_v4(),
         amount: Amount::parse("10.00").unwrap(),
     };
-    let result = orders::create(&mut client, &new);
+    let mut conn = t.db.get().unwrap();
+    let result = orders::create(&mut conn, &new, &orders::Announce::Notify);
     let error = result.expect_err("the order must fail when its event cannot be written");
     assert!(error.to_string().contains("outbox refused by test"), "{error}");
     assert_eq!(t.count("SELECT count(*) FROM orders"), 0);
@@ -266,4 +268,88 @@ fn unroutable_events_are_kept_not_lost() {
 
 fn relay_published_nothing(t: &TestDb) -> i64 {
     t.count("SELECT count(*) FROM outbox")
+}
+
+fn slow_polling_relay() -> RelayConfig {
+    RelayConfig {
+        poll_interval: Duration::from_secs(3600),
+        ..fast_relay(2, 10)
+    }
+}
+
+fn wait_idle(relay: &relay::RelayHandle) {
+    wait_until("the relay is connected", WAIT, || {
+        relay.stats().connected_workers() == 2
+    });
+}
+
+#[test]
+fn a_notification_wakes_an_idle_relay_long_before_its_poll() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let relay = relay::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        slow_polling_relay(),
+    )
+    .unwrap();
+    wait_idle(&relay);
+    for n in 1..=3u64 {
+        let mut client = t.client();
+        let mut tx = client.transaction().unwrap();
+        enqueue(&mut tx, &event(n as usize)).unwrap();
+        tx.commit().unwrap();
+        // The poll is an hour away: only the NOTIFY can bring this event out.
+        wait_until("the notified event is published", WAIT, || {
+            relay.stats().published() == n
+        });
+    }
+    relay.stop();
+}
+
+#[test]
+fn a_waker_wakes_an_idle_relay_for_silently_enqueued_events() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let relay = relay::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        slow_polling_relay(),
+    )
+    .unwrap();
+    wait_idle(&relay);
+    let waker = relay.waker();
+    for n in 1..=3u64 {
+        let mut client = t.client();
+        let mut tx = client.transaction().unwrap();
+        enqueue_silently(&mut tx, &event(n as usize)).unwrap();
+        tx.commit().unwrap();
+        waker.wake();
+        wait_until("the woken relay publishes the event", WAIT, || {
+            relay.stats().published() == n
+        });
+    }
+    relay.stop();
+}
+
+#[test]
+fn a_silent_event_nobody_announces_is_found_by_the_poll() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let config = RelayConfig {
+        poll_interval: Duration::from_millis(200),
+        ..fast_relay(2, 10)
+    };
+    let relay = relay::start(t.db.clone(), &broker.url, broker.topology.clone(), config).unwrap();
+    wait_idle(&relay);
+    let mut client = t.client();
+    let mut tx = client.transaction().unwrap();
+    enqueue_silently(&mut tx, &event(1)).unwrap();
+    tx.commit().unwrap();
+    wait_until("the poll finds the event", WAIT, || {
+        relay.stats().published() == 1
+    });
+    relay.stop();
 }

@@ -4,7 +4,7 @@ mod common;
 
 use common::{env_or, env_parse, Setting};
 use txoutbox::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
-use txoutbox::{http, relay, Database, HttpConfig, PoolOptions, RelayConfig, Topology};
+use txoutbox::{http, orders, relay, Database, HttpConfig, PoolOptions, RelayConfig, Topology};
 
 const SETTINGS: &[Setting] = &[
     Setting {
@@ -101,7 +101,8 @@ fn try_main() -> Result<(), String> {
 
     let db = Database::connect(&database_url, &pool).map_err(|e| e.to_string())?;
     let relay = relay::start(db.clone(), &amqp_url, topology, relay_config).map_err(|e| e.to_string())?;
-    let server = http::serve(&http_config, db).map_err(|e| e.to_string())?;
+    let announce = orders::Announce::Wake(relay.waker());
+    let server = http::serve(&http_config, db, announce).map_err(|e| e.to_string())?;
     println!("txoutbox-server listening on http://{}", server.addr());
     common::wait_for_shutdown_signal()?;
     // Stop taking requests and answer those in flight, then let the relay finish its batches.
