@@ -270,7 +270,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
         let (Some(active), Some(connection)) = (publisher.as_mut(), db.as_mut()) else {
             continue;
         };
-        let seen = shared.wakeup.generation();
+        let seen = shared.wakeup.start_looking();
         match run_round(shared, connection, active) {
             Ok(claimed) => {
                 if failing {

@@ -5,16 +5,25 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Shared between the thread that signals and the threads that wait.
+///
+/// Wake-ups coalesce: while one woken worker has not yet started looking for work, further
+/// signals wake nobody else, because that worker's look will see their work too. Under load
+/// this turns a stream of one-event signals into fewer, larger batches.
 #[derive(Debug, Default)]
 pub struct Wakeup {
     state: Mutex<State>,
-    changed: Condvar,
+    /// Waiters for work ([`wait`](Self::wait)).
+    work: Condvar,
+    /// Sleepers that only care about a stop ([`sleep`](Self::sleep)).
+    stopped: Condvar,
 }
 
 #[derive(Debug, Default)]
 struct State {
     generation: u64,
     stopping: bool,
+    /// A waiter was woken and has not called [`Wakeup::start_looking`] yet.
+    wake_pending: bool,
 }
 
 impl Wakeup {
@@ -23,16 +32,29 @@ impl Wakeup {
         self.lock().generation
     }
 
-    /// Signals that there may be new work, waking one waiter (who may recruit more).
+    /// Call right before looking for work: returns the generation to pass to
+    /// [`wait`](Self::wait) afterwards, and lets the next signal wake another waiter.
+    pub fn start_looking(&self) -> u64 {
+        let mut state = self.lock();
+        state.wake_pending = false;
+        state.generation
+    }
+
+    /// Signals that there may be new work, waking one waiter unless one is already on its way.
     pub fn notify(&self) {
-        self.lock().generation += 1;
-        self.changed.notify_one();
+        let mut state = self.lock();
+        state.generation += 1;
+        if !state.wake_pending {
+            state.wake_pending = true;
+            self.work.notify_one();
+        }
     }
 
     /// Asks every waiter to stop; [`is_stopping`](Self::is_stopping) stays true from now on.
     pub fn stop(&self) {
         self.lock().stopping = true;
-        self.changed.notify_all();
+        self.work.notify_all();
+        self.stopped.notify_all();
     }
 
     /// True once [`stop`](Self::stop) was called.
@@ -44,7 +66,7 @@ impl Wakeup {
     pub fn wait(&self, seen: u64, timeout: Duration) {
         let guard = self.lock();
         let _unused = self
-            .changed
+            .work
             .wait_timeout_while(guard, timeout, |s| s.generation == seen && !s.stopping)
             .map(|(guard, _)| guard);
     }
@@ -52,7 +74,7 @@ impl Wakeup {
     /// Sleeps for `duration` unless a stop is asked first. Returns true when stopping.
     pub fn sleep(&self, duration: Duration) -> bool {
         let guard = self.lock();
-        let result = self.changed.wait_timeout_while(guard, duration, |s| !s.stopping);
+        let result = self.stopped.wait_timeout_while(guard, duration, |s| !s.stopping);
         match result {
             Ok((guard, _)) => guard.stopping,
             Err(_) => true,
@@ -94,5 +116,49 @@ impl Backoff {
     /// Back to the first step, after a success.
     pub fn reset(&mut self) {
         self.current = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    #[test]
+    fn a_signal_after_looking_ends_the_wait_and_one_before_does_not_get_lost() {
+        let wakeup = Wakeup::default();
+        let seen = wakeup.start_looking();
+        wakeup.notify(); // arrives while "looking": the wait must return at once
+        let started = Instant::now();
+        wakeup.wait(seen, Duration::from_secs(30));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_sleeper_does_not_swallow_a_wake_up_meant_for_a_waiter() {
+        let wakeup = Arc::new(Wakeup::default());
+        let sleeper = {
+            let wakeup = wakeup.clone();
+            std::thread::spawn(move || wakeup.sleep(Duration::from_secs(30)))
+        };
+        let (looked, has_looked) = std::sync::mpsc::channel();
+        let waiter = {
+            let wakeup = wakeup.clone();
+            std::thread::spawn(move || {
+                let seen = wakeup.start_looking();
+                let _ = looked.send(());
+                wakeup.wait(seen, Duration::from_secs(30));
+                wakeup.generation() != seen
+            })
+        };
+        has_looked.recv().unwrap();
+        wakeup.notify();
+        assert!(
+            waiter.join().unwrap(),
+            "the waiter woke for the signal, not its timeout"
+        );
+        wakeup.stop();
+        assert!(sleeper.join().unwrap());
     }
 }
