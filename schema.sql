@@ -25,11 +25,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at      timestamptz NOT NULL DEFAULT now(),
     attempts        integer     NOT NULL DEFAULT 0,    -- failed publish attempts so far
     last_error      text,                              -- why the last attempt failed
-    available_at    timestamptz NOT NULL DEFAULT now() -- not claimed before this time (backoff)
+    available_at    timestamptz NOT NULL DEFAULT now(), -- not claimed before this time (backoff)
+    failed_at       timestamptz                        -- set at RELAY_MAX_ATTEMPTS refusals: skipped
+                                                       -- until re-queued (set back to NULL)
 );
 
 -- The relay claims available rows in id order through the primary key; rows waiting for a
--- retry (available_at in the future) are rare and filtered on the way.
+-- retry (available_at in the future) or failed are rare and filtered on the way.
+CREATE INDEX IF NOT EXISTS outbox_failed_idx ON outbox (id) WHERE failed_at IS NOT NULL;
 
 -- One row per message whose effect has committed: the consumer's dedupe table.
 CREATE TABLE IF NOT EXISTS processed_messages (

@@ -21,8 +21,12 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// How long to wait for the broker's confirms of one batch (default 10 s).
     pub confirm_timeout: Duration,
-    /// Delay before a refused event is tried again (default 5 s; grows with attempts).
+    /// Delay before a refused event is tried again (default 5 s; doubles with each attempt, up
+    /// to an hour).
     pub retry_delay: Duration,
+    /// Refusals (nack or unroutable) after which an event is marked failed and no longer tried
+    /// until re-queued (`RELAY_MAX_ATTEMPTS`, default 10). A broker outage uses no attempts.
+    pub max_attempts: i32,
     /// First delay before reconnecting after a failure (default 100 ms, doubled up to `max_backoff`).
     pub min_backoff: Duration,
     /// Cap of the reconnect delay (default 10 s).
@@ -37,6 +41,7 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_secs(1),
             confirm_timeout: Duration::from_secs(10),
             retry_delay: Duration::from_secs(5),
+            max_attempts: 10,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
         }
@@ -50,6 +55,12 @@ impl RelayConfig {
             return Err(Error::Config(format!(
                 "RELAY_WORKERS must be 1..=64, got {}",
                 self.workers
+            )));
+        }
+        if self.max_attempts < 1 {
+            return Err(Error::Config(format!(
+                "RELAY_MAX_ATTEMPTS must be at least 1, got {}",
+                self.max_attempts
             )));
         }
         if !(1..=10_000).contains(&self.batch_size) {

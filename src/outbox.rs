@@ -1,6 +1,6 @@
 //! The write side: recording an event inside the caller's own transaction.
 
-use postgres::{ToStatement, Transaction};
+use postgres::{GenericClient, ToStatement, Transaction};
 use uuid::Uuid;
 
 use crate::{Error, Result};
@@ -108,4 +108,64 @@ where
         )
     })?;
     Ok(())
+}
+
+/// An event the relay gave up on after `RELAY_MAX_ATTEMPTS` refusals.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailedEvent {
+    /// Outbox row id (use it to re-queue).
+    pub id: i64,
+    /// The event's message id.
+    pub message_id: Uuid,
+    /// Event type.
+    pub event_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Refusals so far.
+    pub attempts: i32,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+const SELECT_FAILED: &str = "\
+    SELECT id, message_id, event_type, aggregate_id, attempts, last_error
+    FROM outbox WHERE failed_at IS NOT NULL ORDER BY id LIMIT $1";
+
+const REQUEUE_FAILED: &str = "\
+    UPDATE outbox SET failed_at = NULL, attempts = 0, available_at = now()
+    WHERE failed_at IS NOT NULL AND ($1::bigint IS NULL OR id = $1)";
+
+/// Up to `limit` failed events, oldest first.
+pub fn failed_events(client: &mut impl GenericClient, limit: i64) -> Result<Vec<FailedEvent>> {
+    let rows = client
+        .query(SELECT_FAILED, &[&limit])
+        .map_err(|e| Error::db("cannot list failed events", e))?;
+    Ok(rows
+        .iter()
+        .map(|row| FailedEvent {
+            id: row.get(0),
+            message_id: row.get(1),
+            event_type: row.get(2),
+            aggregate_id: row.get(3),
+            attempts: row.get(4),
+            last_error: row.get(5),
+        })
+        .collect())
+}
+
+/// Puts failed events back in line for the relay with a fresh attempt count: the one with
+/// outbox id `id`, or all of them with `None`. Returns how many were re-queued. Notifies the
+/// relay, so a listening relay picks them up at once.
+pub fn requeue_failed(client: &mut impl GenericClient, id: Option<i64>) -> Result<u64> {
+    let mut tx = client
+        .transaction()
+        .map_err(|e| Error::db("cannot re-queue failed events", e))?;
+    let count = tx
+        .execute(REQUEUE_FAILED, &[&id])
+        .map_err(|e| Error::db("cannot re-queue failed events", e))?;
+    tx.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+        .map_err(|e| Error::db("cannot notify the relay", e))?;
+    tx.commit()
+        .map_err(|e| Error::db("cannot re-queue failed events", e))?;
+    Ok(count)
 }

@@ -22,26 +22,30 @@ const CLAIM: &str = "\
     SELECT id, message_id::text, aggregate_type, aggregate_id, event_type, payload::text,
            extract(epoch FROM clock_timestamp() - created_at)::float8
     FROM outbox
-    WHERE available_at <= now()
+    WHERE available_at <= now() AND failed_at IS NULL
     ORDER BY id
     LIMIT $1
     FOR UPDATE SKIP LOCKED";
 
 const DELETE_CONFIRMED: &str = "DELETE FROM outbox WHERE id = ANY($1)";
 
-/// A refused row waits `retry_delay * attempts` (capped at an hour) before its next try.
+/// A refused row waits `retry_delay * 2^attempts` (capped at an hour) before its next try;
+/// at `max_attempts` it is marked failed and no longer claimed. Returns whether it failed.
 const POSTPONE_REFUSED: &str = "\
     UPDATE outbox
     SET attempts = attempts + 1,
         last_error = $2,
-        available_at = now() + least(make_interval(secs => $3::float8 * (attempts + 1)), interval '1 hour')
-    WHERE id = $1";
+        available_at = now() + least(make_interval(secs => $3::float8 * 2 ^ attempts), interval '1 hour'),
+        failed_at = CASE WHEN attempts + 1 >= $4 THEN now() END
+    WHERE id = $1
+    RETURNING failed_at IS NOT NULL";
 
 /// Counters a running relay keeps; read them through [`RelayHandle::stats`].
 #[derive(Debug, Default)]
 pub struct RelayStats {
     published: AtomicU64,
     refused: AtomicU64,
+    failed: AtomicU64,
     batches: AtomicU64,
     connected: AtomicU64,
     confirm_latency: LatencyHistogram,
@@ -60,6 +64,10 @@ impl RelayStats {
     /// published event.
     pub fn confirm_latency(&self) -> &LatencyHistogram {
         &self.confirm_latency
+    }
+    /// Events that reached the attempt limit and were marked failed.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
     }
     /// Workers currently connected to the broker.
     pub fn connected_workers(&self) -> u64 {
@@ -400,9 +408,18 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
             .map_err(db_error("cannot delete published outbox rows"))?;
     }
     let retry_secs = shared.config.retry_delay.as_secs_f64();
+    let max_attempts = shared.config.max_attempts;
     for (id, reason) in &outcome.refused {
-        tx.execute(postpone, &[id, reason, &retry_secs])
-            .map_err(db_error("cannot record a refused publish"))?;
+        let failed: bool = tx
+            .query_one(postpone, &[id, reason, &retry_secs, &max_attempts])
+            .map_err(db_error("cannot record a refused publish"))?
+            .get(0);
+        if failed {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            log::error!(
+                "relay: outbox id={id} failed after {max_attempts} attempts, kept as failed until re-queued: {reason}"
+            );
+        }
     }
     tx.commit().map_err(db_error("cannot commit a relay round"))?;
 

@@ -353,3 +353,73 @@ fn a_silent_event_nobody_announces_is_found_by_the_poll() {
     });
     relay.stop();
 }
+
+#[test]
+fn an_event_refused_too_often_is_marked_failed_without_blocking_the_rest_and_can_be_requeued() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let config = RelayConfig {
+        max_attempts: 2,
+        retry_delay: Duration::from_millis(50),
+        ..fast_relay(1, 10)
+    };
+    let relay = relay::start(t.db.clone(), &broker.url, broker.topology.clone(), config).unwrap();
+    wait_until("the relay is connected", WAIT, || {
+        relay.stats().connected_workers() == 1
+    });
+    // Only "Good" events reach the queue now: "Bad" ones come back unroutable.
+    let (connection, channel) = txoutbox::broker::connect(&broker.url).unwrap();
+    let (queue, exchange) = (broker.topology.queue.as_str(), broker.topology.exchange.as_str());
+    channel
+        .queue_unbind(queue, exchange, "#", Default::default())
+        .unwrap();
+    channel
+        .queue_bind(queue, exchange, "Good", Default::default())
+        .unwrap();
+
+    let mut client = t.client();
+    let mut tx = client.transaction().unwrap();
+    enqueue(&mut tx, &NewEvent::new("test", "bad", "Bad", json!({}))).unwrap();
+    for n in 0..5 {
+        enqueue(
+            &mut tx,
+            &NewEvent::new("test", n.to_string(), "Good", json!({ "n": n })),
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+
+    wait_until("the bad event is marked failed", WAIT, || {
+        relay.stats().failed() == 1
+    });
+    wait_until("the good events behind it are published", WAIT, || {
+        relay.stats().published() == 5
+    });
+    let failed = txoutbox::outbox::failed_events(&mut client, 10).unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!((failed[0].event_type.as_str(), failed[0].attempts), ("Bad", 2));
+    assert!(failed[0]
+        .last_error
+        .as_deref()
+        .is_some_and(|e| e.contains("unroutable")));
+    // Failed means left alone: no more attempts while it stays failed.
+    let refused_so_far = relay.stats().refused();
+    let mut sleeper = t.client();
+    sleeper.batch_execute("SELECT pg_sleep(0.3)").unwrap();
+    assert_eq!(relay.stats().refused(), refused_so_far);
+
+    channel
+        .queue_bind(queue, exchange, "#", Default::default())
+        .unwrap();
+    assert_eq!(
+        txoutbox::outbox::requeue_failed(&mut client, Some(failed[0].id)).unwrap(),
+        1
+    );
+    wait_until("the re-queued event is published", WAIT, || {
+        relay.stats().published() == 6
+    });
+    relay.stop();
+    assert_eq!(t.count("SELECT count(*) FROM outbox"), 0);
+    let _ = channel.close();
+    let _ = connection.close();
+}

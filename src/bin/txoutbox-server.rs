@@ -29,7 +29,7 @@ const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "DB_POOL_SIZE",
-        default: "HTTP_THREADS + RELAY_WORKERS + 2",
+        default: "HTTP_THREADS + 2 (the relay has its own connections)",
         help: "Postgres connections in the pool",
     },
     Setting {
@@ -41,6 +41,11 @@ const SETTINGS: &[Setting] = &[
         name: "RELAY_BATCH",
         default: "200",
         help: "outbox rows claimed, published and deleted per round",
+    },
+    Setting {
+        name: "RELAY_MAX_ATTEMPTS",
+        default: "10",
+        help: "broker refusals (nack, unroutable) before an event is marked failed",
     },
     Setting {
         name: "AMQP_EXCHANGE",
@@ -82,9 +87,10 @@ fn try_main() -> Result<(), String> {
     let relay_config = RelayConfig {
         workers: env_parse("RELAY_WORKERS", 5)?,
         batch_size: env_parse("RELAY_BATCH", 200)?,
+        max_attempts: env_parse("RELAY_MAX_ATTEMPTS", 10)?,
         ..RelayConfig::default()
     };
-    let pool_size = http_config.threads + relay_config.workers + 2;
+    let pool_size = http_config.threads + 2;
     let pool = PoolOptions {
         max_size: env_parse("DB_POOL_SIZE", pool_size as u32)?,
         ..PoolOptions::default()

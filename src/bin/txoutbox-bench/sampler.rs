@@ -1,5 +1,5 @@
-//! Samples cumulative counters at a fixed interval on a thread of its own and turns them into
-//! rates over time, for the throughput chart.
+//! Samples cumulative counters at a fixed interval and turns them into rates over time, for the
+//! throughput chart: by a thread of its own, or by a loop that polls anyway.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -16,6 +16,70 @@ pub struct Line {
     pub points: Vec<(f64, f64)>,
 }
 
+/// Turns successive readings of cumulative counters into rates, one point per interval.
+pub struct Recorder {
+    start: Instant,
+    interval: Duration,
+    next_due: Instant,
+    previous: Option<(f64, Vec<u64>)>,
+    lines: Vec<Line>,
+}
+
+impl Recorder {
+    /// Starts now; a point is recorded at most once per `interval`.
+    pub fn new(names: &[&str], interval: Duration) -> Recorder {
+        let start = Instant::now();
+        Recorder {
+            start,
+            interval,
+            next_due: start,
+            previous: None,
+            lines: names
+                .iter()
+                .map(|name| Line {
+                    name: name.to_string(),
+                    points: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// True when the next reading is due.
+    pub fn due(&self) -> bool {
+        Instant::now() >= self.next_due
+    }
+
+    /// The instant the next reading is due.
+    pub fn next_due(&self) -> Instant {
+        self.next_due
+    }
+
+    /// Takes a reading of the counters (in the order of the names) if one is due.
+    pub fn observe(&mut self, values: Vec<u64>) {
+        if !self.due() {
+            return;
+        }
+        let now = self.start.elapsed().as_secs_f64();
+        if let Some((then, before)) = &self.previous {
+            let seconds = now - then;
+            if seconds > 0.0 {
+                for (line, (after, before)) in self.lines.iter_mut().zip(values.iter().zip(before)) {
+                    line.points.push((now, after.saturating_sub(*before) as f64 / seconds));
+                }
+            }
+        }
+        self.previous = Some((now, values));
+        while self.next_due <= Instant::now() {
+            self.next_due += self.interval;
+        }
+    }
+
+    /// One line per counter.
+    pub fn finish(self) -> Vec<Line> {
+        self.lines
+    }
+}
+
 /// A running sampler; [`finish`](Self::finish) stops it and returns the lines.
 pub struct Sampler {
     stop: Arc<(Mutex<bool>, Condvar)>,
@@ -23,50 +87,25 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Calls `probe` now and every `interval`; `probe` returns the counters named by `names`,
-    /// cumulative, in that order. A failed probe is logged and skipped.
+    /// Calls `probe` now and every `interval` on a thread of its own; `probe` returns the
+    /// counters named by `names`, cumulative, in that order. A failed probe is logged and skipped.
     pub fn start<F>(names: &[&str], interval: Duration, mut probe: F) -> Result<Sampler>
     where
         F: FnMut() -> Result<Vec<u64>> + Send + 'static,
     {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut recorder = Recorder::new(names, interval);
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
             .name("bench-sampler".into())
             .spawn(move || {
-                let mut lines: Vec<Line> = names
-                    .into_iter()
-                    .map(|name| Line {
-                        name,
-                        points: Vec::new(),
-                    })
-                    .collect();
-                let start = Instant::now();
-                let mut previous = probe().ok().map(|values| (0.0, values));
-                for tick in 1u32.. {
-                    let due = start + interval * tick;
-                    if wait_until(&stopping, due) {
-                        break;
+                while !wait_until(&stopping, recorder.next_due()) {
+                    match probe() {
+                        Ok(values) => recorder.observe(values),
+                        Err(e) => log::warn!("bench: cannot sample the counters: {e}"),
                     }
-                    let values = match probe() {
-                        Ok(values) => values,
-                        Err(e) => {
-                            log::warn!("bench: cannot sample the counters: {e}");
-                            continue;
-                        }
-                    };
-                    let now = start.elapsed().as_secs_f64();
-                    if let Some((then, before)) = &previous {
-                        let seconds = now - then;
-                        for (line, (after, before)) in lines.iter_mut().zip(values.iter().zip(before)) {
-                            let rate = after.saturating_sub(*before) as f64 / seconds;
-                            line.points.push((now, rate));
-                        }
-                    }
-                    previous = Some((now, values));
                 }
-                lines
+                recorder.finish()
             })
             .map_err(|e| Error::Other(format!("cannot start the sampler thread: {e}")))?;
         Ok(Sampler {
