@@ -81,6 +81,11 @@ pub struct ConsumerConfig {
     /// Deliveries applied in one database transaction and acked together (`CONSUMER_BATCH`,
     /// default 100).
     pub batch_size: usize,
+    /// Redeliveries of a message whose handler failed transiently before it is dead-lettered
+    /// (`CONSUMER_MAX_RETRIES`, default 5).
+    pub max_retries: u32,
+    /// Pause before a transiently failed message is handed back for redelivery (default 200 ms).
+    pub retry_delay: Duration,
     /// First reconnect delay (default 100 ms, doubled up to `max_backoff`).
     pub min_backoff: Duration,
     /// Cap of the reconnect delay (default 10 s).
@@ -92,6 +97,8 @@ impl Default for ConsumerConfig {
         ConsumerConfig {
             prefetch: 256,
             batch_size: 100,
+            max_retries: 5,
+            retry_delay: Duration::from_millis(200),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
         }

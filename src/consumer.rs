@@ -1,13 +1,13 @@
 //! The idempotent consumer: applies each delivery's effect and records its message id in
 //! `processed_messages` in one transaction, and acknowledges only after that commit.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use amiquip::{AmqpValue, Channel, ConsumerMessage, ConsumerOptions, Delivery};
+use amiquip::{AmqpValue, Channel, Confirm, ConsumerMessage, ConsumerOptions, Delivery, Publish};
 use crossbeam_channel::RecvTimeoutError;
 use postgres::Transaction;
 use uuid::Uuid;
@@ -47,6 +47,9 @@ pub struct HandlerError {
     pub reason: String,
     /// True when retrying cannot help (the message itself is wrong).
     pub permanent: bool,
+    /// True when the database itself is unreachable: not the message's fault, so the consumer
+    /// reconnects and the delivery is retried without counting against it.
+    pub database_unavailable: bool,
 }
 
 impl HandlerError {
@@ -55,6 +58,7 @@ impl HandlerError {
         HandlerError {
             reason: reason.into(),
             permanent: false,
+            database_unavailable: false,
         }
     }
 
@@ -63,6 +67,7 @@ impl HandlerError {
         HandlerError {
             reason: reason.into(),
             permanent: true,
+            database_unavailable: false,
         }
     }
 }
@@ -75,7 +80,11 @@ impl std::fmt::Display for HandlerError {
 
 impl From<postgres::Error> for HandlerError {
     fn from(e: postgres::Error) -> Self {
-        HandlerError::transient(Error::db("handler query failed", e).to_string())
+        let database_unavailable = crate::is_transient_db_error(&e);
+        HandlerError {
+            database_unavailable,
+            ..HandlerError::transient(Error::db("handler query failed", e).to_string())
+        }
     }
 }
 
@@ -195,6 +204,7 @@ pub fn start<H: Handler + 'static>(
         handler,
         wakeup: wakeup.clone(),
         stats: stats.clone(),
+        attempts: HashMap::new(),
     };
     let thread = std::thread::Builder::new()
         .name("consumer".into())
@@ -215,7 +225,12 @@ struct Worker<H> {
     handler: H,
     wakeup: Arc<Wakeup>,
     stats: Arc<ConsumerStats>,
+    /// Transient failures per message id, to give up after `max_retries`.
+    attempts: HashMap<Uuid, u32>,
 }
+
+/// Forget failure counts beyond this many messages (they restart from zero).
+const MAX_TRACKED_FAILURES: usize = 10_000;
 
 /// Why a session with the broker ended.
 enum SessionEnd {
@@ -266,6 +281,10 @@ impl<H: Handler> Worker<H> {
         if let Err(e) = channel.qos(0, self.config.prefetch, false) {
             return SessionEnd::Failed(Error::broker("cannot set the prefetch limit", e));
         }
+        let mut dead_letters = match DeadLetters::enable(channel, &self.topology) {
+            Ok(d) => d,
+            Err(e) => return SessionEnd::Failed(e),
+        };
         let consumer = match channel.basic_consume(
             self.topology.queue.as_str(),
             ConsumerOptions {
@@ -312,7 +331,7 @@ impl<H: Handler> Worker<H> {
                 }
             }
             if !batch.is_empty() {
-                if let Err(e) = self.process(channel, batch) {
+                if let Err(e) = self.process(channel, &mut dead_letters, batch) {
                     return SessionEnd::Failed(e);
                 }
             }
@@ -324,21 +343,24 @@ impl<H: Handler> Worker<H> {
 
     /// Applies a batch and settles every delivery in it. `Err` means the session must end
     /// (unsettled deliveries are then redelivered by the broker).
-    fn process(&mut self, channel: &Channel, batch: Vec<Delivery>) -> Result<()> {
+    fn process(
+        &mut self,
+        channel: &Channel,
+        dead_letters: &mut DeadLetters,
+        batch: Vec<Delivery>,
+    ) -> Result<()> {
         let mut valid = Vec::with_capacity(batch.len());
         for delivery in batch {
             match parse(&delivery) {
                 Ok(message) => valid.push((delivery, message)),
                 Err(reason) => {
                     log::warn!(
-                        "consumer: rejecting delivery tag={} routing_key={}: {reason}",
+                        "consumer: dead-lettering delivery tag={} routing_key={}: {reason}",
                         delivery.delivery_tag(),
                         delivery.routing_key
                     );
                     self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    delivery
-                        .reject(channel, false)
-                        .map_err(|e| Error::broker("cannot reject a delivery", e))?;
+                    dead_letters.send(channel, delivery, &reason)?;
                 }
             }
         }
@@ -358,41 +380,83 @@ impl<H: Handler> Worker<H> {
                 Ok(())
             }
             Err(ApplyError::Db(e)) => Err(e),
+            Err(ApplyError::Handler(failure)) if valid.len() == 1 => {
+                let Some((delivery, message)) = valid.pop() else {
+                    return Ok(());
+                };
+                self.settle(
+                    channel,
+                    dead_letters,
+                    delivery,
+                    message.message_id,
+                    Err(ApplyError::Handler(failure)),
+                )
+            }
             Err(ApplyError::Handler(_)) => {
                 // Some handler failed: the batch rolled back. Apply one by one to isolate it.
                 for (delivery, message) in valid {
-                    self.settle_alone(channel, delivery, &message)?;
+                    self.settle_alone(channel, dead_letters, delivery, &message)?;
                 }
                 Ok(())
             }
         }
     }
 
-    fn settle_alone(&mut self, channel: &Channel, delivery: Delivery, message: &Message) -> Result<()> {
+    fn settle_alone(
+        &mut self,
+        channel: &Channel,
+        dead_letters: &mut DeadLetters,
+        delivery: Delivery,
+        message: &Message,
+    ) -> Result<()> {
+        let outcome = self.apply(&[message]);
+        self.settle(channel, dead_letters, delivery, message.message_id, outcome)
+    }
+
+    /// Acks, requeues or dead-letters one delivery according to how applying it went.
+    fn settle(
+        &mut self,
+        channel: &Channel,
+        dead_letters: &mut DeadLetters,
+        delivery: Delivery,
+        id: Uuid,
+        outcome: Result<(u64, u64), ApplyError>,
+    ) -> Result<()> {
         let broker_error = |e| Error::broker("cannot settle a delivery", e);
-        match self.apply(&[message]) {
+        match outcome {
             Ok((applied, duplicates)) => {
                 self.stats.applied.fetch_add(applied, Ordering::Relaxed);
                 self.stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+                self.attempts.remove(&id);
                 delivery.ack(channel).map_err(broker_error)
             }
             Err(ApplyError::Db(e)) => Err(e),
             Err(ApplyError::Handler(failure)) if failure.permanent => {
-                log::warn!(
-                    "consumer: message_id={} failed permanently, dead-lettering: {failure}",
-                    message.message_id
-                );
+                log::warn!("consumer: message_id={id} failed permanently, dead-lettering: {failure}");
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                delivery.reject(channel, false).map_err(broker_error)
+                self.attempts.remove(&id);
+                dead_letters.send(channel, delivery, &format!("permanent failure: {failure}"))
             }
             Err(ApplyError::Handler(failure)) => {
-                log::warn!(
-                    "consumer: message_id={} failed, requeueing: {failure}",
-                    message.message_id
-                );
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                if self.attempts.len() > MAX_TRACKED_FAILURES {
+                    self.attempts.clear();
+                }
+                let attempts = self.attempts.entry(id).or_insert(0);
+                *attempts += 1;
+                if *attempts > self.config.max_retries {
+                    let reason = format!("failed {} times, last: {failure}", *attempts);
+                    log::warn!("consumer: message_id={id} {reason}; dead-lettering");
+                    self.attempts.remove(&id);
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    return dead_letters.send(channel, delivery, &reason);
+                }
+                log::warn!(
+                    "consumer: message_id={id} failed (attempt {}), requeueing: {failure}",
+                    *attempts
+                );
                 // Give a failing dependency a moment before the redelivery.
-                self.wakeup.sleep(Duration::from_millis(200));
+                self.wakeup.sleep(self.config.retry_delay);
                 delivery.nack(channel, true).map_err(broker_error)
             }
         }
@@ -459,4 +523,66 @@ fn parse(delivery: &Delivery) -> Result<Message, String> {
         payload,
         redelivered: delivery.redelivered,
     })
+}
+
+/// Publishes a copy of an unusable delivery to the dead-letter exchange with the reason in its
+/// headers, waits for the broker to confirm the copy, and only then acks the original.
+struct DeadLetters {
+    exchange: String,
+    queue: String,
+    confirms: crossbeam_channel::Receiver<Confirm>,
+    next_tag: u64,
+}
+
+/// How long to wait for the broker to confirm a dead-lettered copy.
+const DEAD_LETTER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl DeadLetters {
+    /// Puts `channel` in confirm mode (it keeps consuming as before).
+    fn enable(channel: &Channel, topology: &Topology) -> Result<DeadLetters> {
+        let confirms = channel
+            .listen_for_publisher_confirms()
+            .map_err(|e| Error::broker("cannot listen for publisher confirms", e))?;
+        channel
+            .enable_publisher_confirms()
+            .map_err(|e| Error::broker("cannot enable publisher confirms", e))?;
+        Ok(DeadLetters {
+            exchange: topology.dead_letter_exchange(),
+            queue: topology.queue.clone(),
+            confirms,
+            next_tag: 1,
+        })
+    }
+
+    fn send(&mut self, channel: &Channel, delivery: Delivery, reason: &str) -> Result<()> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-txoutbox-reason".into(),
+            AmqpValue::LongString(reason.to_string()),
+        );
+        headers.insert(
+            "x-txoutbox-queue".into(),
+            AmqpValue::LongString(self.queue.clone()),
+        );
+        let properties = delivery.properties.clone().with_headers(headers);
+        let copy = Publish::with_properties(&delivery.body, delivery.routing_key.clone(), properties);
+        channel
+            .basic_publish(self.exchange.as_str(), copy)
+            .map_err(|e| Error::broker("cannot dead-letter a delivery", e))?;
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        loop {
+            match self.confirms.recv_timeout(DEAD_LETTER_CONFIRM_TIMEOUT) {
+                Ok(Confirm::Ack(p)) if p.delivery_tag >= tag => break,
+                Ok(Confirm::Nack(p)) if p.delivery_tag >= tag => {
+                    return Err(Error::Other("RabbitMQ refused a dead-lettered copy".into()));
+                }
+                Ok(_) => continue,
+                Err(_) => return Err(Error::Other("no confirm for a dead-lettered copy".into())),
+            }
+        }
+        delivery
+            .ack(channel)
+            .map_err(|e| Error::broker("cannot ack a dead-lettered delivery", e))
+    }
 }

@@ -18,8 +18,10 @@ fn config() -> ConsumerConfig {
     ConsumerConfig {
         prefetch: 20,
         batch_size: 10,
+        retry_delay: Duration::from_millis(20),
         min_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(500),
+        ..ConsumerConfig::default()
     }
 }
 
@@ -231,4 +233,84 @@ fn a_permanent_handler_failure_is_dead_lettered() {
     handle.stop();
     assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 0);
     assert_eq!(broker.ready_main(), 0);
+}
+
+fn dead_letter_reasons(broker: &TestBroker) -> Vec<String> {
+    let (connection, channel) = txoutbox::broker::connect(&broker.url).unwrap();
+    let mut reasons = Vec::new();
+    while let Some(got) = channel
+        .basic_get(broker.topology.dead_letter_queue(), true)
+        .unwrap()
+    {
+        let headers = got.delivery.properties.headers().clone().unwrap_or_default();
+        match headers.get("x-txoutbox-reason") {
+            Some(amiquip::AmqpValue::LongString(reason)) => reasons.push(reason.clone()),
+            other => panic!("dead letter without a reason header: {other:?}"),
+        }
+    }
+    let _ = channel.close();
+    let _ = connection.close();
+    reasons
+}
+
+#[test]
+fn dead_letters_carry_their_reason() {
+    let t = TestDb::new();
+    with_effects_table(&t);
+    let broker = TestBroker::new();
+    broker.publish_raw(None, "TestHappened", &body(1));
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", b"{not json");
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        record_effect,
+    )
+    .unwrap();
+    let dlq = broker.topology.dead_letter_queue();
+    wait_until("both reach the dead-letter queue", WAIT, || {
+        broker.ready(&dlq) == 2
+    });
+    handle.stop();
+    let mut reasons = dead_letter_reasons(&broker);
+    reasons.sort();
+    assert!(reasons[0].contains("body is not JSON"), "{reasons:?}");
+    assert!(reasons[1].contains("no message_id"), "{reasons:?}");
+}
+
+#[test]
+fn a_message_that_keeps_failing_is_dead_lettered_after_its_retries() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(1));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let handler = move |_: &mut Transaction<'_>, _: &Message| -> Result<(), HandlerError> {
+        counted.fetch_add(1, Ordering::SeqCst);
+        Err(HandlerError::transient("downstream keeps failing (test)"))
+    };
+    let config = ConsumerConfig {
+        max_retries: 3,
+        ..config()
+    };
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config,
+        handler,
+    )
+    .unwrap();
+    let dlq = broker.topology.dead_letter_queue();
+    wait_until("the message is dead-lettered", WAIT, || broker.ready(&dlq) == 1);
+    handle.stop();
+    assert_eq!(calls.load(Ordering::SeqCst), 4, "one delivery and three retries");
+    assert_eq!(broker.ready_main(), 0);
+    assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 0);
+    let reasons = dead_letter_reasons(&broker);
+    assert!(
+        reasons[0].contains("failed 4 times") && reasons[0].contains("keeps failing"),
+        "{reasons:?}"
+    );
 }

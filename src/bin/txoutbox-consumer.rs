@@ -39,6 +39,11 @@ const SETTINGS: &[Setting] = &[
         help: "deliveries applied per transaction and acked together",
     },
     Setting {
+        name: "CONSUMER_MAX_RETRIES",
+        default: "5",
+        help: "redeliveries after a transient handler failure before dead-lettering",
+    },
+    Setting {
         name: "DB_POOL_SIZE",
         default: "2",
         help: "Postgres connections in the pool",
@@ -68,6 +73,7 @@ fn try_main() -> Result<(), String> {
     let config = ConsumerConfig {
         prefetch: env_parse("CONSUMER_PREFETCH", 256)?,
         batch_size: env_parse("CONSUMER_BATCH", 100)?,
+        max_retries: env_parse("CONSUMER_MAX_RETRIES", 5)?,
         ..ConsumerConfig::default()
     };
     let pool = PoolOptions {
