@@ -130,6 +130,9 @@ pub struct HttpConfig {
     pub threads: usize,
     /// Largest accepted request body in bytes (default 64 KiB); larger gets 413.
     pub max_body_bytes: usize,
+    /// When set, `POST` requests need `Authorization: Bearer <token>` (`API_TOKEN`, default
+    /// unset: no authentication).
+    pub api_token: Option<Secret>,
 }
 
 impl Default for HttpConfig {
@@ -138,6 +141,7 @@ impl Default for HttpConfig {
             addr: "127.0.0.1:8080".into(),
             threads: 16,
             max_body_bytes: 64 * 1024,
+            api_token: None,
         }
     }
 }
@@ -152,6 +156,28 @@ impl HttpConfig {
             )));
         }
         Ok(())
+    }
+}
+
+/// A secret value (a token): printed as `***` by `Debug`, so it cannot slip into a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that must compare it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
     }
 }
 

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
 use uuid::Uuid;
 
-use crate::config::HttpConfig;
+use crate::config::{HttpConfig, Secret};
 use crate::db::Database;
 use crate::orders::{self, Announce};
 use crate::{Error, Result};
@@ -80,6 +80,7 @@ pub fn serve(config: &HttpConfig, db: Database, announce: Announce) -> Result<Ht
     let api = Arc::new(Api {
         db,
         announce,
+        api_token: config.api_token.clone(),
         max_body_bytes: config.max_body_bytes,
     });
     let mut threads = Vec::with_capacity(config.threads);
@@ -146,7 +147,8 @@ fn start_connection_kicker(addr: SocketAddr) -> Result<(Arc<AtomicBool>, JoinHan
 struct Reply {
     status: u16,
     body: Value,
-    allow: Option<&'static str>,
+    /// Extra header, e.g. `Allow` on a 405 or `WWW-Authenticate` on a 401.
+    header: Option<(&'static str, &'static str)>,
 }
 
 impl Reply {
@@ -154,7 +156,7 @@ impl Reply {
         Reply {
             status,
             body,
-            allow: None,
+            header: None,
         }
     }
 
@@ -164,7 +166,7 @@ impl Reply {
 
     fn method_not_allowed(allow: &'static str) -> Self {
         Reply {
-            allow: Some(allow),
+            header: Some(("Allow", allow)),
             ..Reply::error(405, format!("method not allowed; use {allow}"))
         }
     }
@@ -172,6 +174,7 @@ impl Reply {
 
 struct Api {
     db: Database,
+    api_token: Option<Secret>,
     announce: Announce,
     max_body_bytes: usize,
 }
@@ -183,8 +186,8 @@ impl Api {
         let mut response = Response::from_data(body)
             .with_status_code(StatusCode(reply.status))
             .with_header(header("Content-Type", "application/json"));
-        if let Some(allow) = reply.allow {
-            response.add_header(header("Allow", allow));
+        if let Some((name, value)) = reply.header {
+            response.add_header(header(name, value));
         }
         if let Err(e) = request.respond(response) {
             log::debug!("http: cannot send the response: {e}");
@@ -204,6 +207,17 @@ impl Api {
     }
 
     fn create_order(&self, request: &mut Request) -> Reply {
+        if let Some(token) = &self.api_token {
+            if !has_bearer_token(request, token.expose()) {
+                return Reply {
+                    header: Some(("WWW-Authenticate", "Bearer")),
+                    ..Reply::error(
+                        401,
+                        "missing or wrong bearer token (Authorization: Bearer <API_TOKEN>)",
+                    )
+                };
+            }
+        }
         if !has_json_content_type(request) {
             return Reply::error(415, "Content-Type must be application/json");
         }
@@ -254,6 +268,26 @@ fn failure(what: &str, error: &Error) -> Reply {
     }
 }
 
+/// True when the request carries `Authorization: Bearer <token>`, compared in constant time.
+fn has_bearer_token(request: &Request, token: &str) -> bool {
+    request
+        .headers()
+        .iter()
+        .filter(|h| h.field.equiv("Authorization"))
+        .filter_map(|h| h.value.as_str().strip_prefix("Bearer "))
+        .any(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+}
+
+/// Compares without an early exit, so the time taken does not reveal how much matched.
+fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    let mut difference = given.len() ^ expected.len();
+    for (index, byte) in expected.iter().enumerate() {
+        let other = given.get(index).copied().unwrap_or(!byte);
+        difference |= usize::from(other ^ byte);
+    }
+    difference == 0
+}
+
 fn has_json_content_type(request: &Request) -> bool {
     request.headers().iter().any(|h| {
         h.field.equiv("Content-Type")
@@ -287,4 +321,18 @@ fn read_body(request: &mut Request, max: usize) -> Result<Vec<u8>, Reply> {
 fn header(name: &str, value: &str) -> Header {
     // Both are static ASCII here, which tiny_http always accepts.
     Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap_or_else(|()| unreachable!("ASCII header"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn tokens_match_only_exactly() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cre", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cretX", b"s3cret"));
+        assert!(!constant_time_eq(b"", b"s3cret"));
+        assert!(!constant_time_eq(b"S3cret", b"s3cret"));
+    }
 }

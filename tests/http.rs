@@ -212,3 +212,46 @@ fn no_database_connection_gives_503_within_a_bounded_time() {
     );
     assert_eq!(reply.status, 201, "recovers once connections are free");
 }
+
+#[test]
+fn with_an_api_token_a_post_needs_the_bearer_token() {
+    let t = TestDb::new();
+    let config = HttpConfig {
+        addr: "127.0.0.1:0".into(),
+        threads: 2,
+        api_token: Some(txoutbox::config::Secret::new("s3cret-token")),
+        ..HttpConfig::default()
+    };
+    let server = http::serve(&config, t.db.clone(), Announce::Notify).unwrap();
+    let body = format!(r#"{{"user_id":"{USER}","amount":"1.00"}}"#);
+    let post = |auth: &str| {
+        http_raw(
+            server.addr(),
+            &format!(
+                "POST /orders HTTP/1.1\r\nContent-Type: application/json\r\n{auth}Content-Length: {}",
+                body.len()
+            ),
+            body.as_bytes(),
+        )
+    };
+    for (case, auth) in [
+        ("no header", ""),
+        ("wrong token", "Authorization: Bearer s3cret-tokeX\r\n"),
+        ("prefix of the token", "Authorization: Bearer s3cret\r\n"),
+        (
+            "token with a suffix",
+            "Authorization: Bearer s3cret-token-and-more\r\n",
+        ),
+        ("basic auth", "Authorization: Basic czNjcmV0LXRva2Vu\r\n"),
+    ] {
+        let reply = post(auth);
+        assert_eq!(reply.status, 401, "{case}");
+        assert_eq!(reply.header("WWW-Authenticate"), Some("Bearer"), "{case}");
+        assert_nothing_written(&t, case);
+    }
+    let reply = post("Authorization: Bearer s3cret-token\r\n");
+    assert_eq!(reply.status, 201, "{:?}", reply.body);
+    let id = reply.body["id"].as_str().unwrap().to_string();
+    let got = http_raw(server.addr(), &format!("GET /orders/{id} HTTP/1.1"), b"");
+    assert_eq!(got.status, 200, "reads need no token");
+}

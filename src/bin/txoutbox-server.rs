@@ -3,7 +3,7 @@
 mod common;
 
 use common::{env_or, env_parse, Setting};
-use txoutbox::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
+use txoutbox::config::{Secret, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
 use txoutbox::{http, orders, relay, Database, HttpConfig, PoolOptions, RelayConfig, Topology};
 
 const SETTINGS: &[Setting] = &[
@@ -26,6 +26,11 @@ const SETTINGS: &[Setting] = &[
         name: "HTTP_THREADS",
         default: "16",
         help: "request handler threads",
+    },
+    Setting {
+        name: "API_TOKEN",
+        default: "unset (no authentication)",
+        help: "when set, POST needs Authorization: Bearer <API_TOKEN> (401 otherwise)",
     },
     Setting {
         name: "DB_POOL_SIZE",
@@ -82,6 +87,10 @@ fn try_main() -> Result<(), String> {
     let http_config = HttpConfig {
         addr: env_or("HTTP_ADDR", "127.0.0.1:8080"),
         threads: env_parse("HTTP_THREADS", 16)?,
+        api_token: std::env::var("API_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(Secret::new),
         ..HttpConfig::default()
     };
     let relay_config = RelayConfig {
