@@ -2,8 +2,9 @@
 //! the mapping from errors to status codes.
 
 use std::io::Read;
+use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -189,7 +190,12 @@ impl Api {
         if let Some((name, value)) = reply.header {
             response.add_header(header(name, value));
         }
-        if let Err(e) = request.respond(response) {
+        if request
+            .body_length()
+            .is_some_and(|len| len > UNDRAINABLE_BODY_BYTES)
+        {
+            answer_without_draining(request, response);
+        } else if let Err(e) = request.respond(response) {
             log::debug!("http: cannot send the response: {e}");
         }
     }
@@ -255,6 +261,33 @@ impl Api {
             Err(e) => failure("cannot read the order", &e),
         }
     }
+}
+
+/// Declared bodies above this are never drained (see [`answer_without_draining`]).
+const UNDRAINABLE_BODY_BYTES: usize = 1 << 30;
+
+/// Requests answered without draining their body so far (each holds one connection thread).
+static UNDRAINED: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers a request whose declared body is absurdly large, without letting tiny_http drain it.
+///
+/// Dropping a tiny_http 0.12 request allocates a buffer as large as the unread part of the
+/// declared body to drain it, and an allocation of, say, 2^50 bytes aborts the whole process.
+/// The only way around that in its public API is to take the connection's streams out of the
+/// request (`upgrade`) and never drop them. That keeps one connection thread and socket
+/// parked for good per such request: a bounded cost an attacker pays per request, instead of
+/// the process. A reverse proxy with a body limit in front avoids even that (see README).
+fn answer_without_draining(request: Request, response: Response<std::io::Cursor<Vec<u8>>>) {
+    let count = UNDRAINED.fetch_add(1, Ordering::Relaxed) + 1;
+    log::warn!(
+        "http: request from {:?} declares a {} byte body; answered 413 without draining \
+         (connection parked, {count} so far)",
+        request.remote_addr(),
+        request.body_length().unwrap_or(0)
+    );
+    let mut stream = request.upgrade("close", response);
+    let _ = stream.flush();
+    std::mem::forget(stream);
 }
 
 /// 503 when the database is away (the client may retry), 500 otherwise.

@@ -79,3 +79,43 @@ fn a_burst_of_keep_alive_connections_is_served_in_full() {
         }
     }
 }
+
+#[test]
+fn a_content_length_that_lies_gets_413_and_the_server_lives_on() {
+    let t = TestDb::new();
+    let config = HttpConfig {
+        addr: "127.0.0.1:0".into(),
+        threads: 2,
+        ..HttpConfig::default()
+    };
+    let server = http::serve(&config, t.db.clone(), Announce::Notify).unwrap();
+    let addr = server.addr();
+    for declared in ["1125899906842624", "18446744073709551615", "70000"] {
+        // The body promised is never sent: only the headers arrive.
+        let head = format!(
+            "POST /orders HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+        );
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).unwrap();
+        assert!(
+            status_line.contains(" 413 "),
+            "Content-Length {declared}: {status_line:?}"
+        );
+        drop(reader);
+        let mut fresh = BufReader::new(TcpStream::connect(addr).expect("the server is still up"));
+        fresh
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(
+            get_keep_alive(addr, &mut fresh),
+            Some(404),
+            "after Content-Length {declared}"
+        );
+    }
+    assert_eq!(t.count("SELECT count(*) FROM orders"), 0);
+}
