@@ -201,6 +201,9 @@ impl Api {
     }
 
     fn route(&self, request: &mut Request) -> Reply {
+        if request.headers().len() > MAX_HEADERS {
+            return Reply::error(431, format!("more than {MAX_HEADERS} header fields"));
+        }
         let path = request.url().split('?').next().unwrap_or("").to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (segments.as_slice(), request.method()) {
@@ -262,6 +265,9 @@ impl Api {
         }
     }
 }
+
+/// Requests with more header fields than this get 431 (tiny_http itself has no limit).
+const MAX_HEADERS: usize = 100;
 
 /// Declared bodies above this are never drained (see [`answer_without_draining`]).
 const UNDRAINABLE_BODY_BYTES: usize = 1 << 30;

@@ -88,3 +88,71 @@ fn every_binary_documents_its_settings() {
         );
     }
 }
+
+#[test]
+fn passwords_never_reach_the_logs_or_error_messages() {
+    let t = TestDb::new();
+    let secret_db = "DbPassw0rdNeverLogged";
+    let secret_amqp = "AmqpPassw0rdNeverLogged";
+    let unreachable_db = format!("postgres://postgres:{secret_db}@127.0.0.1:1/nowhere");
+    let output = Command::new(env!("CARGO_BIN_EXE_txoutbox-server"))
+        .env("DATABASE_URL", &unreachable_db)
+        .env("RUST_LOG", "debug")
+        .output()
+        .expect("runs");
+    assert!(
+        !output.status.success(),
+        "an unreachable database must fail the start"
+    );
+    let text = String::from_utf8_lossy(&output.stderr).to_string() + &String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("127.0.0.1:1"),
+        "the error should say where it tried: {text}"
+    );
+    assert!(!text.contains(secret_db), "password in the output: {text}");
+
+    // A reachable database (trust auth ignores the password) and an unreachable broker: the
+    // relay logs its reconnect attempts.
+    let db_url = t.url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{secret_db}@"),
+        1,
+    );
+    let mut server = Command::new(env!("CARGO_BIN_EXE_txoutbox-server"))
+        .env("DATABASE_URL", &db_url)
+        .env("AMQP_URL", format!("amqp://guest:{secret_amqp}@127.0.0.1:1/%2f"))
+        .env("HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let stderr = server.stderr.take().expect("piped");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let collected = seen.clone();
+    let reader = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader};
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut all = collected.lock().unwrap();
+            all.push_str(&line);
+            all.push('\n');
+        }
+    });
+    wait_until(
+        "the relay reports the broker failure",
+        Duration::from_secs(30),
+        || seen.lock().unwrap().contains("relay[4]"),
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = reader.join();
+    let text = seen.lock().unwrap().clone();
+    assert!(
+        text.contains("RabbitMQ"),
+        "the relay should report the broker failure: {text}"
+    );
+    assert!(
+        !text.contains(secret_amqp) && !text.contains(secret_db),
+        "password in the logs: {text}"
+    );
+}

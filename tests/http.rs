@@ -6,6 +6,35 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{http_raw, post_order, TestDb};
+
+/// POSTs `body` a few bytes at a time with pauses, like a slow client.
+fn slow_post(addr: std::net::SocketAddr, body: &[u8]) -> common::HttpReply {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    for chunk in body.chunks(8) {
+        std::thread::sleep(Duration::from_millis(50));
+        stream.write_all(chunk).unwrap();
+    }
+    let mut raw = String::new();
+    let _ = stream.read_to_string(&mut raw);
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let json = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    common::HttpReply {
+        status,
+        headers: Vec::new(),
+        body: serde_json::from_str(json).unwrap_or_default(),
+    }
+}
 use txoutbox::orders::Announce;
 use txoutbox::{http, HttpConfig, PoolOptions};
 
@@ -168,6 +197,41 @@ fn each_bad_input_gets_its_status_and_writes_nothing() {
         &big,
     );
     assert_eq!(reply.status, 413, "body over 64 KiB");
+
+    let json_head = |length: usize| {
+        format!("POST /orders HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {length}")
+    };
+    let not_utf8 = b"{\"user_id\":\"\xff\xfe\",\"amount\":\"1.00\"}";
+    let reply = http_raw(addr, &json_head(not_utf8.len()), not_utf8);
+    assert_eq!(reply.status, 400, "non-UTF-8 bytes");
+
+    let ten_megabytes = vec![b'1'; 10 * 1024 * 1024];
+    let reply = http_raw(addr, &json_head(ten_megabytes.len()), &ten_megabytes);
+    assert_eq!(reply.status, 413, "10 MB body");
+
+    let flood: String = (0..200)
+        .map(|n| format!("X-Flood-{n}: {}\r\n", "y".repeat(50)))
+        .collect();
+    let reply = http_raw(
+        addr,
+        &format!("{flood}{}", json_head(valid.len())),
+        valid.as_bytes(),
+    );
+    assert_eq!(reply.status, 400, "garbage before the request line");
+    let flood_head = format!("{}\r\n{}", json_head(valid.len()), flood.trim_end());
+    let reply = http_raw(addr, &flood_head, valid.as_bytes());
+    assert_eq!(reply.status, 431, "header flood");
+
+    let reply = http_raw(
+        addr,
+        "POST /orders HTTP/1.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked",
+        b"10\r\n{\"user_id\":\"x\",\"\r\n0\r\n\r\n",
+    );
+    assert_eq!(reply.status, 400, "chunked invalid body");
+
+    let reply = slow_post(addr, br#"{"user_id":"nope","amount":"1.00"}"#);
+    assert_eq!(reply.status, 400, "slow body, invalid once complete");
+    assert_eq!(reply.body["field"], "user_id");
 
     let reply = http_raw(addr, "GET /orders HTTP/1.1", b"");
     assert_eq!((reply.status, reply.header("Allow")), (405, Some("POST")));
