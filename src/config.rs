@@ -201,9 +201,48 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Returns `text` with the password of every URL in it replaced by `***`: for messages of
+/// other crates that print the URL they were given (amiquip does).
+pub fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(found) = rest.find("://") {
+        let start = found + 3;
+        out.push_str(&rest[..start]);
+        let after = &rest[start..];
+        let end = after
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace())
+            .unwrap_or(after.len());
+        let authority = &after[..end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(at), Some(colon)) if colon < at => {
+                out.push_str(&authority[..colon]);
+                out.push_str(":***");
+                out.push_str(&authority[at..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{redact_url, redact_urls_in};
+
+    #[test]
+    fn redacts_urls_inside_messages() {
+        assert_eq!(
+            redact_urls_in(
+                "failed to connect to amqp://guest:s3cret@h:5672/%2f: refused; again amqp://u:p@x"
+            ),
+            "failed to connect to amqp://guest:***@h:5672/%2f: refused; again amqp://u:***@x"
+        );
+        assert_eq!(redact_urls_in("no url here: a:b@c"), "no url here: a:b@c");
+        assert_eq!(redact_urls_in("http://h:80/x"), "http://h:80/x");
+    }
 
     #[test]
     fn redacts_the_password_only() {

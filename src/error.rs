@@ -93,15 +93,17 @@ pub fn is_transient_db_error(err: &postgres::Error) -> bool {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
+        let text = match self {
             Error::Db { context, source } => match source.as_db_error() {
-                Some(db) => write!(f, "{context}: {} ({})", db.message(), db.code().code()),
-                None => write!(f, "{context}: {source}"),
+                Some(db) => format!("{context}: {} ({})", db.message(), db.code().code()),
+                None => format!("{context}: {source}"),
             },
-            Error::Pool { context, source } => write!(f, "{context}: {source}"),
-            Error::Broker { context, source } => write!(f, "{context}: {source}"),
-            Error::Config(msg) | Error::Other(msg) => f.write_str(msg),
-        }
+            Error::Pool { context, source } => format!("{context}: {source}"),
+            Error::Broker { context, source } => format!("{context}: {source}"),
+            Error::Config(msg) | Error::Other(msg) => msg.clone(),
+        };
+        // Some sources print the URL they were given, password included.
+        f.write_str(&crate::config::redact_urls_in(&text))
     }
 }
 

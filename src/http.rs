@@ -2,34 +2,30 @@
 //! the mapping from errors to status codes.
 
 use std::io::Read;
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use serde_json::{json, Value};
-use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
+use tiny_http::{Header, Method, Request, Response, StatusCode};
 use uuid::Uuid;
 
 use crate::config::{HttpConfig, Secret};
 use crate::db::Database;
+use crate::front::{self, Front};
 use crate::orders::{self, Announce};
 use crate::{Error, Result};
 
 /// A running HTTP server. Dropping it stops the server like [`stop`](Self::stop).
 pub struct HttpHandle {
-    server: Arc<Server>,
+    front: Arc<Front>,
     threads: Vec<JoinHandle<()>>,
-    addr: SocketAddr,
-    kicker: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
 impl HttpHandle {
     /// The address the server listens on (useful with port 0).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.front.addr()
     }
 
     /// Stops taking requests, lets handlers finish the ones in hand, joins every thread.
@@ -37,22 +33,8 @@ impl HttpHandle {
         self.shutdown();
     }
 
-    /// Blocks until the server stops.
-    pub fn join(mut self) {
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
-    }
-
     fn shutdown(&mut self) {
-        if let Some((stop, thread)) = self.kicker.take() {
-            stop.store(true, Ordering::Relaxed);
-            let _ = thread.join();
-        }
-        // Each unblock() releases exactly one thread waiting in recv().
-        for _ in 0..self.threads.len() {
-            self.server.unblock();
-        }
+        self.front.stop(self.threads.len());
         for thread in self.threads.drain(..) {
             if thread.join().is_err() {
                 log::error!("http: a handler thread panicked");
@@ -71,13 +53,7 @@ impl Drop for HttpHandle {
 /// `announce` says how a new order's event reaches the relay.
 pub fn serve(config: &HttpConfig, db: Database, announce: Announce) -> Result<HttpHandle> {
     config.validate()?;
-    let server = Server::http(&config.addr)
-        .map_err(|e| Error::Config(format!("cannot listen on HTTP_ADDR {}: {e}", config.addr)))?;
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| Error::Config(format!("HTTP_ADDR {} is not an IP address", config.addr)))?;
-    let server = Arc::new(server);
+    let front = Arc::new(Front::bind(&config.addr)?);
     let api = Arc::new(Api {
         db,
         announce,
@@ -86,62 +62,20 @@ pub fn serve(config: &HttpConfig, db: Database, announce: Announce) -> Result<Ht
     });
     let mut threads = Vec::with_capacity(config.threads);
     for index in 0..config.threads {
-        let server = server.clone();
+        let front = front.clone();
         let api = api.clone();
         let thread = std::thread::Builder::new()
             .name(format!("http-{index}"))
             .spawn(move || {
-                // recv() fails only when unblocked (shutdown) or when the listener is gone.
-                while let Ok(request) = server.recv() {
+                while let Some(request) = front.next_request() {
                     api.respond(request);
                 }
             })
             .map_err(|e| Error::Other(format!("cannot start an HTTP thread: {e}")))?;
         threads.push(thread);
     }
-    let kicker = start_connection_kicker(addr)?;
-    log::info!("http: listening on {addr} threads={}", config.threads);
-    Ok(HttpHandle {
-        server,
-        threads,
-        addr,
-        kicker: Some(kicker),
-    })
-}
-
-/// How often the kicker opens and closes a connection to the server.
-const KICK_INTERVAL: Duration = Duration::from_millis(25);
-
-/// Works around a race in tiny_http 0.12's connection thread pool.
-///
-/// tiny_http serves each connection on a pooled thread for as long as the connection lives.
-/// During a burst of new connections its pool can count a thread as idle while that thread is
-/// already taking another connection, and so queue a new connection without starting a thread
-/// for it; the queued connection then waits until some other connection closes, which
-/// keep-alive clients may never do. A connection that closes at once ends its task and lets
-/// the pool pick up whatever is queued, so this thread makes one every [`KICK_INTERVAL`].
-fn start_connection_kicker(addr: SocketAddr) -> Result<(Arc<AtomicBool>, JoinHandle<()>)> {
-    let target = match addr {
-        SocketAddr::V4(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
-        SocketAddr::V6(a) if a.ip().is_unspecified() => {
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
-        }
-        other => other,
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopping = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("http-kicker".into())
-        .spawn(move || {
-            while !stopping.load(Ordering::Relaxed) {
-                if let Ok(stream) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
-                    drop(stream);
-                }
-                std::thread::sleep(KICK_INTERVAL);
-            }
-        })
-        .map_err(|e| Error::Other(format!("cannot start an HTTP thread: {e}")))?;
-    Ok((stop, thread))
+    log::info!("http: listening on {} threads={}", front.addr(), config.threads);
+    Ok(HttpHandle { front, threads })
 }
 
 /// A response before it is encoded.
@@ -190,11 +124,8 @@ impl Api {
         if let Some((name, value)) = reply.header {
             response.add_header(header(name, value));
         }
-        if request
-            .body_length()
-            .is_some_and(|len| len > UNDRAINABLE_BODY_BYTES)
-        {
-            answer_without_draining(request, response);
+        if front::is_undrainable(&request) {
+            front::answer_without_draining(request, response);
         } else if let Err(e) = request.respond(response) {
             log::debug!("http: cannot send the response: {e}");
         }
@@ -268,33 +199,6 @@ impl Api {
 
 /// Requests with more header fields than this get 431 (tiny_http itself has no limit).
 const MAX_HEADERS: usize = 100;
-
-/// Declared bodies above this are never drained (see [`answer_without_draining`]).
-const UNDRAINABLE_BODY_BYTES: usize = 1 << 30;
-
-/// Requests answered without draining their body so far (each holds one connection thread).
-static UNDRAINED: AtomicUsize = AtomicUsize::new(0);
-
-/// Answers a request whose declared body is absurdly large, without letting tiny_http drain it.
-///
-/// Dropping a tiny_http 0.12 request allocates a buffer as large as the unread part of the
-/// declared body to drain it, and an allocation of, say, 2^50 bytes aborts the whole process.
-/// The only way around that in its public API is to take the connection's streams out of the
-/// request (`upgrade`) and never drop them. That keeps one connection thread and socket
-/// parked for good per such request: a bounded cost an attacker pays per request, instead of
-/// the process. A reverse proxy with a body limit in front avoids even that (see README).
-fn answer_without_draining(request: Request, response: Response<std::io::Cursor<Vec<u8>>>) {
-    let count = UNDRAINED.fetch_add(1, Ordering::Relaxed) + 1;
-    log::warn!(
-        "http: request from {:?} declares a {} byte body; answered 413 without draining \
-         (connection parked, {count} so far)",
-        request.remote_addr(),
-        request.body_length().unwrap_or(0)
-    );
-    let mut stream = request.upgrade("close", response);
-    let _ = stream.flush();
-    std::mem::forget(stream);
-}
 
 /// 503 when the database is away (the client may retry), 500 otherwise.
 fn failure(what: &str, error: &Error) -> Reply {

@@ -40,6 +40,7 @@ pub mod config;
 pub mod consumer;
 pub mod db;
 mod error;
+mod front;
 pub mod http;
 pub mod metrics;
 pub mod orders;

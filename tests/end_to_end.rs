@@ -120,7 +120,11 @@ fn passwords_never_reach_the_logs_or_error_messages() {
     );
     let mut server = Command::new(env!("CARGO_BIN_EXE_txoutbox-server"))
         .env("DATABASE_URL", &db_url)
-        .env("AMQP_URL", format!("amqp://guest:{secret_amqp}@127.0.0.1:1/%2f"))
+        // An unresolvable host: amiquip's error then prints the whole URL it was given.
+        .env(
+            "AMQP_URL",
+            format!("amqp://guest:{secret_amqp}@no-such-host.invalid:5672/%2f"),
+        )
         .env("HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
         .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
@@ -155,4 +159,55 @@ fn passwords_never_reach_the_logs_or_error_messages() {
         !text.contains(secret_amqp) && !text.contains(secret_db),
         "password in the logs: {text}"
     );
+}
+
+#[test]
+fn the_server_accepts_again_after_running_out_of_file_descriptors() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new("prlimit")
+        .arg("--nofile=200")
+        .arg(env!("CARGO_BIN_EXE_txoutbox-server"))
+        .env("DATABASE_URL", &t.url)
+        .env("AMQP_URL", amqp_url())
+        .env("AMQP_EXCHANGE", &broker.topology.exchange)
+        .env("AMQP_QUEUE", &broker.topology.queue)
+        .env("HTTP_ADDR", &addr)
+        .env("HTTP_THREADS", "2")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prlimit runs the server");
+    let _server = Process(child);
+    let answers = |addr: &str| {
+        use std::io::{Read, Write};
+        let Ok(addr) = addr.parse() else { return false };
+        let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let request =
+            "GET /orders/00000000-0000-0000-0000-000000000000 HTTP/1.1\r\nConnection: close\r\n\r\n";
+        let mut reply = String::new();
+        stream.write_all(request.as_bytes()).is_ok()
+            && stream.read_to_string(&mut reply).is_ok()
+            && reply.starts_with("HTTP/1.1 404")
+    };
+    wait_until("the server answers", Duration::from_secs(30), || answers(&addr));
+
+    // Idle connections until the server has no descriptor left to accept with.
+    let target: std::net::SocketAddr = addr.parse().unwrap();
+    let hoard: Vec<_> = (0..300)
+        .map_while(|_| std::net::TcpStream::connect_timeout(&target, Duration::from_millis(500)).ok())
+        .collect();
+    assert!(
+        !answers(&addr),
+        "with every descriptor taken the server should not answer"
+    );
+    drop(hoard);
+    wait_until("the server answers again", Duration::from_secs(30), || {
+        answers(&addr)
+    });
 }
