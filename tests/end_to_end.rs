@@ -211,3 +211,80 @@ fn the_server_accepts_again_after_running_out_of_file_descriptors() {
         answers(&addr)
     });
 }
+
+/// Sends `signal` to the child and returns how long it took to exit, and whether it exited 0.
+fn signal_and_wait(process: &mut Process, signal: &str) -> (Duration, bool) {
+    let started = std::time::Instant::now();
+    let pid = process.0.id().to_string();
+    let sent = Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    loop {
+        if let Some(status) = process.0.try_wait().expect("wait") {
+            return (started.elapsed(), status.success());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no exit 30 s after {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_under_load_stops_both_binaries_cleanly_and_loses_nothing() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut server = spawn(env!("CARGO_BIN_EXE_txoutbox-server"), &t, &broker, &addr);
+    let mut consumer = spawn(env!("CARGO_BIN_EXE_txoutbox-consumer"), &t, &broker, "unused");
+    wait_until("the server answers", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+
+    let url = format!("http://{addr}");
+    let database_url = t.url.clone();
+    let load = std::thread::spawn(move || {
+        stress::run(&StressOptions {
+            url,
+            orders: 3000,
+            concurrency: 8,
+            timeout: Duration::from_secs(5),
+            database_url,
+            progress: false,
+        })
+    });
+    wait_until("orders are flowing", Duration::from_secs(30), || {
+        t.count("SELECT count(*) FROM orders WHERE status = 'COMPLETED'") > 100
+    });
+    let (took, clean) = signal_and_wait(&mut consumer, "-TERM");
+    assert!(
+        clean && took < Duration::from_secs(10),
+        "consumer: exit 0 within 10 s, took {took:?}"
+    );
+    let (took, clean) = signal_and_wait(&mut server, "-TERM");
+    assert!(
+        clean && took < Duration::from_secs(10),
+        "server: exit 0 within 10 s, took {took:?}"
+    );
+    let _ = load.join();
+
+    // Everything answered 201 before the stop is still delivered once the binaries are back.
+    let accepted = t.count("SELECT count(*) FROM orders");
+    assert!(accepted > 100);
+    let _server = spawn(env!("CARGO_BIN_EXE_txoutbox-server"), &t, &broker, &addr);
+    let _consumer = spawn(env!("CARGO_BIN_EXE_txoutbox-consumer"), &t, &broker, "unused");
+    wait_until("every order is completed", Duration::from_secs(60), || {
+        t.count("SELECT count(*) FROM orders WHERE status = 'COMPLETED'") == accepted
+    });
+    assert_eq!(
+        t.count("SELECT count(*) FROM processed_messages"),
+        accepted,
+        "one processed row per order"
+    );
+    wait_until("the outbox is empty", Duration::from_secs(60), || {
+        t.count("SELECT count(*) FROM outbox") == 0
+    });
+}
