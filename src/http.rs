@@ -14,6 +14,7 @@ use crate::config::{HttpConfig, Secret};
 use crate::db::Database;
 use crate::front::{self, Front};
 use crate::orders::{self, Announce};
+use crate::relay::RelayHealth;
 use crate::{Error, Result};
 
 /// A running HTTP server. Dropping it stops the server like [`stop`](Self::stop).
@@ -52,10 +53,21 @@ impl Drop for HttpHandle {
 /// Binds `config.addr` and serves the orders API on `config.threads` handler threads.
 /// `announce` says how a new order's event reaches the relay.
 pub fn serve(config: &HttpConfig, db: Database, announce: Announce) -> Result<HttpHandle> {
+    serve_with_relay(config, db, announce, None)
+}
+
+/// Like [`serve`], with a relay running in this process whose health `GET /readyz` reports.
+pub fn serve_with_relay(
+    config: &HttpConfig,
+    db: Database,
+    announce: Announce,
+    relay: Option<RelayHealth>,
+) -> Result<HttpHandle> {
     config.validate()?;
     let front = Arc::new(Front::bind(&config.addr)?);
     let api = Arc::new(Api {
         db,
+        relay,
         announce,
         api_token: config.api_token.clone(),
         max_body_bytes: config.max_body_bytes,
@@ -109,6 +121,7 @@ impl Reply {
 
 struct Api {
     db: Database,
+    relay: Option<RelayHealth>,
     api_token: Option<Secret>,
     announce: Announce,
     max_body_bytes: usize,
@@ -138,11 +151,38 @@ impl Api {
         let path = request.url().split('?').next().unwrap_or("").to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (segments.as_slice(), request.method()) {
+            (["healthz"], Method::Get) => Reply::json(200, json!({ "status": "ok" })),
+            (["healthz"], _) => Reply::method_not_allowed("GET"),
+            (["readyz"], Method::Get) => self.readiness(),
+            (["readyz"], _) => Reply::method_not_allowed("GET"),
             (["orders"], Method::Post) => self.create_order(request),
             (["orders"], _) => Reply::method_not_allowed("POST"),
             (["orders", id], Method::Get) => self.get_order(id),
             (["orders", _], _) => Reply::method_not_allowed("GET"),
             _ => Reply::error(404, format!("no route for {path}")),
+        }
+    }
+
+    /// 200 when the database answers and the relay (if any) is connected; 503 with reasons.
+    fn readiness(&self) -> Reply {
+        let mut problems = Vec::new();
+        let database = self.db.get().and_then(|mut conn| {
+            conn.simple_query("SELECT 1")
+                .map_err(|e| Error::db("database check failed", e))
+        });
+        if let Err(e) = database {
+            problems.push(format!("database: {e}"));
+        }
+        if let Some(Err(e)) = self.relay.as_ref().map(RelayHealth::check) {
+            problems.push(e);
+        }
+        if problems.is_empty() {
+            Reply::json(200, json!({ "status": "ready" }))
+        } else {
+            Reply::json(
+                503,
+                json!({ "status": "not ready", "error": problems.join("; "), "reasons": problems }),
+            )
         }
     }
 

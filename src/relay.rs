@@ -101,7 +101,35 @@ impl Waker {
     }
 }
 
+/// A cheap view of a running relay for health checks.
+#[derive(Clone, Debug)]
+pub struct RelayHealth {
+    stats: Arc<RelayStats>,
+    workers: usize,
+}
+
+impl RelayHealth {
+    /// `Ok` when at least one worker is connected to the broker, else why not.
+    pub fn check(&self) -> Result<(), String> {
+        match self.stats.connected_workers() {
+            0 => Err(format!(
+                "relay: none of its {} workers is connected to RabbitMQ",
+                self.workers
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl RelayHandle {
+    /// A health view of this relay, for readiness checks.
+    pub fn health(&self) -> RelayHealth {
+        RelayHealth {
+            stats: self.stats.clone(),
+            workers: self.threads.len().saturating_sub(1),
+        }
+    }
+
     /// A [`Waker`] for producers in this process.
     pub fn waker(&self) -> Waker {
         Waker(self.wakeup.clone())

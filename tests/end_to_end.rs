@@ -118,6 +118,7 @@ fn passwords_never_reach_the_logs_or_error_messages() {
         &format!("postgres://postgres:{secret_db}@"),
         1,
     );
+    let http_addr = format!("127.0.0.1:{}", free_port());
     let mut server = Command::new(env!("CARGO_BIN_EXE_txoutbox-server"))
         .env("DATABASE_URL", &db_url)
         // An unresolvable host: amiquip's error then prints the whole URL it was given.
@@ -125,7 +126,7 @@ fn passwords_never_reach_the_logs_or_error_messages() {
             "AMQP_URL",
             format!("amqp://guest:{secret_amqp}@no-such-host.invalid:5672/%2f"),
         )
-        .env("HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("HTTP_ADDR", &http_addr)
         .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -146,6 +147,19 @@ fn passwords_never_reach_the_logs_or_error_messages() {
         "the relay reports the broker failure",
         Duration::from_secs(30),
         || seen.lock().unwrap().contains("relay[4]"),
+    );
+    // With the broker away the server is alive but not ready, and says why.
+    wait_until("the API answers", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&http_addr).is_ok()
+    });
+    let ready = common::http_raw(http_addr.parse().unwrap(), "GET /readyz HTTP/1.1", b"");
+    assert_eq!(ready.status, 503, "{:?}", ready.body);
+    assert!(
+        ready.body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("RabbitMQ")),
+        "{:?}",
+        ready.body
     );
     let _ = server.kill();
     let _ = server.wait();

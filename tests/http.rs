@@ -319,3 +319,34 @@ fn with_an_api_token_a_post_needs_the_bearer_token() {
     let got = http_raw(server.addr(), &format!("GET /orders/{id} HTTP/1.1"), b"");
     assert_eq!(got.status, 200, "reads need no token");
 }
+
+#[test]
+fn health_and_readiness() {
+    let t = TestDb::with_pool(PoolOptions {
+        max_size: 1,
+        checkout_timeout: Duration::from_millis(300),
+        ..PoolOptions::default()
+    });
+    let server = serve(&t);
+    let reply = http_raw(server.addr(), "GET /healthz HTTP/1.1", b"");
+    assert_eq!((reply.status, reply.body["status"].as_str()), (200, Some("ok")));
+    let reply = http_raw(server.addr(), "GET /readyz HTTP/1.1", b"");
+    assert_eq!(
+        (reply.status, reply.body["status"].as_str()),
+        (200, Some("ready"))
+    );
+    // No database connection to be had: not ready, and it says why.
+    let held = t.db.get().unwrap();
+    let reply = http_raw(server.addr(), "GET /readyz HTTP/1.1", b"");
+    assert_eq!(reply.status, 503);
+    assert!(
+        reply.body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("database")),
+        "{:?}",
+        reply.body
+    );
+    drop(held);
+    let reply = http_raw(server.addr(), "POST /healthz HTTP/1.1", b"");
+    assert_eq!(reply.status, 405);
+}

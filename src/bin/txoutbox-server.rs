@@ -117,7 +117,8 @@ fn try_main() -> Result<(), String> {
     let db = Database::connect(&database_url, &pool).map_err(|e| e.to_string())?;
     let relay = relay::start(db.clone(), &amqp_url, topology, relay_config).map_err(|e| e.to_string())?;
     let announce = orders::Announce::Wake(relay.waker());
-    let server = http::serve(&http_config, db, announce).map_err(|e| e.to_string())?;
+    let server = http::serve_with_relay(&http_config, db, announce, Some(relay.health()))
+        .map_err(|e| e.to_string())?;
     println!("txoutbox-server listening on http://{}", server.addr());
     common::wait_for_shutdown_signal()?;
     // Stop taking requests and answer those in flight, then let the relay finish its batches.
