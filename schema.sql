@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS outbox (
                                                        -- until re-queued (set back to NULL)
 );
 
+-- Databases created by an earlier version of this file gain the columns added since.
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS failed_at timestamptz;
+
 -- The relay claims available rows in id order through the primary key; rows waiting for a
 -- retry (available_at in the future) or failed are rare and filtered on the way.
 CREATE INDEX IF NOT EXISTS outbox_failed_idx ON outbox (id) WHERE failed_at IS NOT NULL;

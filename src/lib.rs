@@ -35,6 +35,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod broker;
 pub mod config;
 pub mod consumer;

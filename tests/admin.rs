@@ -1,0 +1,87 @@
+//! Operator tasks against the real Postgres and RabbitMQ.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestBroker, TestDb};
+use serde_json::json;
+use txoutbox::{admin, enqueue, NewEvent};
+use uuid::Uuid;
+
+#[test]
+fn status_reports_backlog_failed_and_queue_depths() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let mut client = t.client();
+    let mut tx = client.transaction().unwrap();
+    for n in 0..3 {
+        enqueue(
+            &mut tx,
+            &NewEvent::new("test", n.to_string(), "TestHappened", json!({})),
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    client
+        .batch_execute("UPDATE outbox SET failed_at = now() WHERE aggregate_id = '0'")
+        .unwrap();
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", b"{}");
+    common::wait_until("the message is in the queue", Duration::from_secs(10), || {
+        broker.ready_main() == 1
+    });
+
+    let status = admin::status(&mut client, &broker.url, &broker.topology).unwrap();
+    assert_eq!((status.backlog, status.failed), (2, 1));
+    assert!(status.oldest_age_secs >= 0.0);
+    assert_eq!((status.queue_depth, status.dlq_depth), (Some(1), Some(0)));
+}
+
+#[test]
+fn dead_letters_are_replayed_onto_the_main_queue_once() {
+    let broker = TestBroker::new();
+    let (connection, channel) = txoutbox::broker::connect(&broker.url).unwrap();
+    for n in 0..5 {
+        let body = format!("{{\"n\":{n}}}");
+        channel
+            .basic_publish(
+                broker.topology.dead_letter_exchange(),
+                amiquip::Publish::new(body.as_bytes(), "TestHappened"),
+            )
+            .unwrap();
+    }
+    let dlq = broker.topology.dead_letter_queue();
+    common::wait_until("five dead letters", Duration::from_secs(10), || {
+        broker.ready(&dlq) == 5
+    });
+    assert_eq!(
+        admin::replay_dead_letters(&broker.url, &broker.topology).unwrap(),
+        5
+    );
+    assert_eq!(broker.ready(&dlq), 0);
+    assert_eq!(broker.ready_main(), 5);
+    assert_eq!(
+        admin::replay_dead_letters(&broker.url, &broker.topology).unwrap(),
+        0,
+        "nothing left to move"
+    );
+    let _ = channel.close();
+    let _ = connection.close();
+}
+
+#[test]
+fn purging_processed_messages_keeps_the_recent_ones() {
+    let t = TestDb::new();
+    let mut client = t.client();
+    client
+        .batch_execute(
+            "INSERT INTO processed_messages (message_id, processed_at)
+             SELECT gen_random_uuid(), now() - interval '8 days' FROM generate_series(1, 2500);
+             INSERT INTO processed_messages (message_id)
+             SELECT gen_random_uuid() FROM generate_series(1, 10);",
+        )
+        .unwrap();
+    let deleted = admin::purge_processed(&mut client, Duration::from_secs(7 * 86_400), 1000).unwrap();
+    assert_eq!(deleted, 2500);
+    assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 10);
+}
