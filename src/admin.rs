@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use amiquip::{Confirm, Publish};
+use amiquip::Publish;
 use postgres::GenericClient;
 
 use crate::broker::{self, Topology};
@@ -77,12 +77,7 @@ pub fn replay_dead_letters(amqp_url: &str, topology: &Topology) -> Result<u32> {
         .map_err(|e| Error::broker("cannot read the dead-letter queue", e))?
         .declared_message_count()
         .unwrap_or(0);
-    let confirms = channel
-        .listen_for_publisher_confirms()
-        .map_err(|e| Error::broker("cannot listen for confirms", e))?;
-    channel
-        .enable_publisher_confirms()
-        .map_err(|e| Error::broker("cannot enable confirms", e))?;
+    let confirms = broker::enable_confirms(&channel)?;
     let mut moved = 0;
     while moved < waiting {
         let Some(got) = channel
@@ -106,23 +101,8 @@ pub fn replay_dead_letters(amqp_url: &str, topology: &Topology) -> Result<u32> {
                 Publish::with_properties(&delivery.body, topology.queue.as_str(), properties),
             )
             .map_err(|e| Error::broker("cannot republish a dead letter", e))?;
-        let tag = u64::from(moved) + 1;
-        loop {
-            match confirms.recv_timeout(Duration::from_secs(10)) {
-                Ok(Confirm::Ack(p)) if p.delivery_tag >= tag => break,
-                Ok(Confirm::Nack(p)) if p.delivery_tag >= tag => {
-                    return Err(Error::Other(format!(
-                        "RabbitMQ refused a replayed message after {moved} moved"
-                    )))
-                }
-                Ok(_) => continue,
-                Err(_) => {
-                    return Err(Error::Other(format!(
-                        "no confirm for a replayed message after {moved} moved"
-                    )))
-                }
-            }
-        }
+        broker::wait_for_confirm(&confirms, u64::from(moved) + 1, Duration::from_secs(10))
+            .map_err(|e| Error::Other(format!("replay stopped after {moved} moved: {e}")))?;
         delivery
             .ack(&channel)
             .map_err(|e| Error::broker("cannot remove a replayed dead letter", e))?;

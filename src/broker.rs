@@ -148,6 +148,43 @@ pub fn connect(url: &str) -> Result<(Connection, Channel)> {
     Ok((connection, channel))
 }
 
+/// Puts `channel` in confirm mode and returns its confirms. The listener is registered first:
+/// registered after, it could miss the earliest confirms.
+pub fn enable_confirms(channel: &Channel) -> Result<Receiver<Confirm>> {
+    let confirms = channel
+        .listen_for_publisher_confirms()
+        .map_err(|e| Error::broker("cannot listen for publisher confirms", e))?;
+    channel
+        .enable_publisher_confirms()
+        .map_err(|e| Error::broker("cannot enable publisher confirms", e))?;
+    Ok(confirms)
+}
+
+/// Waits until the broker has confirmed the publish with delivery tag `tag` (and so all before
+/// it, which the caller has already waited for). `Err` on a nack, a timeout or a lost channel.
+pub fn wait_for_confirm(confirms: &Receiver<Confirm>, tag: u64, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match confirms.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Confirm::Ack(p)) if p.delivery_tag >= tag => return Ok(()),
+            Ok(Confirm::Nack(p)) if p.delivery_tag >= tag => {
+                return Err(Error::Other("RabbitMQ refused the message (nack)".into()))
+            }
+            Ok(_) => continue,
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(Error::Other(format!(
+                    "RabbitMQ did not confirm within {timeout:?}"
+                )))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(Error::Other(
+                    "RabbitMQ connection lost while waiting for a confirm".into(),
+                ))
+            }
+        }
+    }
+}
+
 /// One event as it goes onto the wire.
 #[derive(Clone, Debug)]
 pub struct OutgoingEvent {
@@ -190,16 +227,10 @@ impl Publisher {
     pub fn connect(url: &str, topology: &Topology) -> Result<Self> {
         let (connection, channel) = connect(url)?;
         topology.declare(&channel)?;
-        // The listeners must exist before confirm mode starts, or early confirms are lost.
-        let confirms = channel
-            .listen_for_publisher_confirms()
-            .map_err(|e| Error::broker("cannot listen for publisher confirms", e))?;
         let returns = channel
             .listen_for_returns()
             .map_err(|e| Error::broker("cannot listen for returns", e))?;
-        channel
-            .enable_publisher_confirms()
-            .map_err(|e| Error::broker("cannot enable publisher confirms", e))?;
+        let confirms = enable_confirms(&channel)?;
         Ok(Publisher {
             channel,
             connection,

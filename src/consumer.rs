@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::broker::{self, Topology};
 use crate::config::ConsumerConfig;
 use crate::db::Database;
-use crate::wakeup::{Backoff, Wakeup};
+use crate::wakeup::{Backoff, FailureLog, Wakeup};
 use crate::{Error, Result};
 
 /// Records a batch of message ids in one statement; returns those not recorded before.
@@ -241,20 +241,17 @@ enum SessionEnd {
 impl<H: Handler> Worker<H> {
     fn run(&mut self) {
         let mut backoff = Backoff::new(self.config.min_backoff, self.config.max_backoff);
-        let mut failing = false;
+        let mut failures = FailureLog::new("consumer");
         log::info!(
             "consumer: started queue={} prefetch={}",
             self.topology.queue,
             self.config.prefetch
         );
         while !self.wakeup.is_stopping() {
-            match self.session(&mut backoff, &mut failing) {
+            match self.session(&mut backoff, &mut failures) {
                 SessionEnd::Stopped => break,
                 SessionEnd::Failed(e) => {
-                    if !failing {
-                        log::warn!("consumer: {e}; reconnecting with backoff");
-                        failing = true;
-                    }
+                    failures.failed(e);
                     self.wakeup.sleep(backoff.next_delay());
                 }
             }
@@ -263,18 +260,18 @@ impl<H: Handler> Worker<H> {
     }
 
     /// One broker connection: consume until stopped or until something fails.
-    fn session(&mut self, backoff: &mut Backoff, failing: &mut bool) -> SessionEnd {
+    fn session(&mut self, backoff: &mut Backoff, failures: &mut FailureLog) -> SessionEnd {
         let (connection, channel) = match broker::connect(&self.amqp_url) {
             Ok(pair) => pair,
             Err(e) => return SessionEnd::Failed(e),
         };
-        let end = self.consume(&channel, backoff, failing);
+        let end = self.consume(&channel, backoff, failures);
         let _ = channel.close();
         let _ = connection.close();
         end
     }
 
-    fn consume(&mut self, channel: &Channel, backoff: &mut Backoff, failing: &mut bool) -> SessionEnd {
+    fn consume(&mut self, channel: &Channel, backoff: &mut Backoff, failures: &mut FailureLog) -> SessionEnd {
         if let Err(e) = self.topology.declare(channel) {
             return SessionEnd::Failed(e);
         }
@@ -295,10 +292,7 @@ impl<H: Handler> Worker<H> {
             Ok(c) => c,
             Err(e) => return SessionEnd::Failed(Error::broker("cannot start consuming", e)),
         };
-        if *failing {
-            log::info!("consumer: connected again");
-            *failing = false;
-        }
+        failures.recovered();
         backoff.reset();
         let receiver = consumer.receiver();
         loop {
@@ -540,12 +534,7 @@ const DEAD_LETTER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 impl DeadLetters {
     /// Puts `channel` in confirm mode (it keeps consuming as before).
     fn enable(channel: &Channel, topology: &Topology) -> Result<DeadLetters> {
-        let confirms = channel
-            .listen_for_publisher_confirms()
-            .map_err(|e| Error::broker("cannot listen for publisher confirms", e))?;
-        channel
-            .enable_publisher_confirms()
-            .map_err(|e| Error::broker("cannot enable publisher confirms", e))?;
+        let confirms = broker::enable_confirms(channel)?;
         Ok(DeadLetters {
             exchange: topology.dead_letter_exchange(),
             queue: topology.queue.clone(),
@@ -571,16 +560,7 @@ impl DeadLetters {
             .map_err(|e| Error::broker("cannot dead-letter a delivery", e))?;
         let tag = self.next_tag;
         self.next_tag += 1;
-        loop {
-            match self.confirms.recv_timeout(DEAD_LETTER_CONFIRM_TIMEOUT) {
-                Ok(Confirm::Ack(p)) if p.delivery_tag >= tag => break,
-                Ok(Confirm::Nack(p)) if p.delivery_tag >= tag => {
-                    return Err(Error::Other("RabbitMQ refused a dead-lettered copy".into()));
-                }
-                Ok(_) => continue,
-                Err(_) => return Err(Error::Other("no confirm for a dead-lettered copy".into())),
-            }
-        }
+        broker::wait_for_confirm(&self.confirms, tag, DEAD_LETTER_CONFIRM_TIMEOUT)?;
         delivery
             .ack(channel)
             .map_err(|e| Error::broker("cannot ack a dead-lettered delivery", e))

@@ -13,7 +13,7 @@ use crate::config::RelayConfig;
 use crate::db::Database;
 use crate::metrics::LatencyHistogram;
 use crate::outbox::NOTIFY_CHANNEL;
-use crate::wakeup::{Backoff, Wakeup};
+use crate::wakeup::{Backoff, FailureLog, Wakeup};
 use crate::{Error, Result};
 use postgres::Statement;
 
@@ -222,16 +222,13 @@ pub fn start(db: Database, amqp_url: &str, topology: Topology, config: RelayConf
 /// Holds a dedicated connection in LISTEN and turns each notification into a wake-up.
 fn listen_loop(shared: &Shared) {
     let mut backoff = Backoff::new(shared.config.min_backoff, shared.config.max_backoff);
-    let mut healthy = true;
+    let mut failures = FailureLog::new("relay-listen");
     while !shared.wakeup.is_stopping() {
         let result = shared.db.dedicated().and_then(|mut client| {
             client
                 .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
                 .map_err(|e| Error::db("cannot LISTEN for outbox notifications", e))?;
-            if !healthy {
-                log::info!("relay-listen: listening again");
-                healthy = true;
-            }
+            failures.recovered();
             backoff.reset();
             // Rows committed while we were not listening: look now.
             shared.wakeup.notify();
@@ -257,10 +254,7 @@ fn listen_loop(shared: &Shared) {
             Ok(())
         });
         if let Err(e) = result {
-            if healthy {
-                log::warn!("relay-listen: {e}; falling back to polling while reconnecting");
-                healthy = false;
-            }
+            failures.failed(format!("{e}; workers poll meanwhile"));
             shared.wakeup.sleep(backoff.next_delay());
         }
     }
@@ -270,18 +264,15 @@ fn listen_loop(shared: &Shared) {
 fn worker_loop(worker: usize, shared: &Shared) {
     let config = &shared.config;
     let mut backoff = Backoff::new(config.min_backoff, config.max_backoff);
+    let mut failures = FailureLog::new(format!("relay[{worker}]"));
     let mut publisher: Option<Publisher> = None;
     let mut db: Option<RelayDb> = None;
-    let mut failing = false;
     while !shared.wakeup.is_stopping() {
         if db.is_none() {
             match RelayDb::connect(&shared.db) {
                 Ok(connected) => db = Some(connected),
                 Err(e) => {
-                    if !failing {
-                        log::warn!("relay[{worker}]: {e}; retrying with backoff");
-                        failing = true;
-                    }
+                    failures.failed(e);
                     shared.wakeup.sleep(backoff.next_delay());
                     continue;
                 }
@@ -294,10 +285,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
                     publisher = Some(p);
                 }
                 Err(e) => {
-                    if !failing {
-                        log::warn!("relay[{worker}]: {e}; retrying with backoff");
-                        failing = true;
-                    }
+                    failures.failed(e);
                     shared.wakeup.sleep(backoff.next_delay());
                     continue;
                 }
@@ -309,10 +297,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
         let seen = shared.wakeup.start_looking();
         match run_round(shared, connection, active) {
             Ok(claimed) => {
-                if failing {
-                    log::info!("relay[{worker}]: recovered");
-                    failing = false;
-                }
+                failures.recovered();
                 backoff.reset();
                 if claimed < config.batch_size as usize {
                     shared.wakeup.wait(seen, config.poll_interval);
@@ -322,10 +307,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
                 }
             }
             Err(RoundError::Broker(e)) => {
-                if !failing {
-                    log::warn!("relay[{worker}]: {e}; reconnecting to RabbitMQ, rows stay in the outbox");
-                    failing = true;
-                }
+                failures.failed(format!("{e}; rows stay in the outbox"));
                 if let Some(broken) = publisher.take() {
                     shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
                     broken.close();
@@ -333,10 +315,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
                 shared.wakeup.sleep(backoff.next_delay());
             }
             Err(RoundError::Db(e)) => {
-                if !failing {
-                    log::warn!("relay[{worker}]: {e}; retrying with backoff");
-                    failing = true;
-                }
+                failures.failed(e);
                 if connection.client.is_closed() {
                     db = None;
                 }

@@ -87,6 +87,40 @@ impl Wakeup {
     }
 }
 
+/// Logs a component's failures once per change of state (first failure, recovery), not once
+/// per retry, so an outage leaves two lines in the log rather than thousands.
+#[derive(Debug)]
+pub struct FailureLog {
+    name: String,
+    failing: bool,
+}
+
+impl FailureLog {
+    /// A log for the component `name` (the prefix of its lines, e.g. `relay[2]`).
+    pub fn new(name: impl Into<String>) -> Self {
+        FailureLog {
+            name: name.into(),
+            failing: false,
+        }
+    }
+
+    /// Warns about `what` if this is the first failure since the last success.
+    pub fn failed(&mut self, what: impl std::fmt::Display) {
+        if !self.failing {
+            log::warn!("{}: {what}; retrying with backoff", self.name);
+            self.failing = true;
+        }
+    }
+
+    /// Notes a success, logging the recovery if the component was failing.
+    pub fn recovered(&mut self) {
+        if self.failing {
+            log::info!("{}: recovered", self.name);
+            self.failing = false;
+        }
+    }
+}
+
 /// Capped exponential backoff with jitter, for reconnect loops.
 #[derive(Debug, Clone)]
 pub struct Backoff {
