@@ -5,29 +5,9 @@ mod common;
 
 use common::{env_or, env_parse, Setting};
 use txoutbox::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
-use txoutbox::{consumer, orders, ConsumerConfig, Database, PoolOptions, Topology};
+use txoutbox::{consumer, orders, ConsumerConfig, Database, PoolOptions};
 
 const SETTINGS: &[Setting] = &[
-    Setting {
-        name: "DATABASE_URL",
-        default: DEFAULT_DATABASE_URL,
-        help: "Postgres URL; the database is created if missing",
-    },
-    Setting {
-        name: "AMQP_URL",
-        default: DEFAULT_AMQP_URL,
-        help: "RabbitMQ URL (heartbeat=10, connection_timeout=5000 added unless set)",
-    },
-    Setting {
-        name: "AMQP_EXCHANGE",
-        default: "txoutbox.events",
-        help: "topic exchange the queue is bound to",
-    },
-    Setting {
-        name: "AMQP_QUEUE",
-        default: "order_events",
-        help: "queue consumed",
-    },
     Setting {
         name: "CONSUMER_PREFETCH",
         default: "256",
@@ -48,11 +28,6 @@ const SETTINGS: &[Setting] = &[
         default: "2",
         help: "Postgres connections in the pool",
     },
-    Setting {
-        name: "RUST_LOG",
-        default: "info",
-        help: "log filter (error, warn, info, debug, trace)",
-    },
 ];
 
 fn main() {
@@ -61,7 +36,7 @@ fn main() {
             "txoutbox-consumer",
             "consumes order events from RabbitMQ and marks orders COMPLETED, once per message id",
             "txoutbox-consumer [--help]",
-            SETTINGS,
+            &[common::SERVICE_SETTINGS, SETTINGS].concat(),
         );
         return;
     }
@@ -80,10 +55,7 @@ fn try_main() -> Result<(), String> {
         max_size: env_parse("DB_POOL_SIZE", 2)?,
         ..PoolOptions::default()
     };
-    let topology = Topology::new(
-        env_or("AMQP_EXCHANGE", "txoutbox.events"),
-        env_or("AMQP_QUEUE", "order_events"),
-    );
+    let topology = common::topology_from_env();
     let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
     let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
 

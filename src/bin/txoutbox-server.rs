@@ -4,19 +4,9 @@ mod common;
 
 use common::{env_or, env_parse, Setting};
 use txoutbox::config::{Secret, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
-use txoutbox::{http, orders, relay, Database, HttpConfig, PoolOptions, RelayConfig, Topology};
+use txoutbox::{http, orders, relay, Database, HttpConfig, PoolOptions, RelayConfig};
 
 const SETTINGS: &[Setting] = &[
-    Setting {
-        name: "DATABASE_URL",
-        default: DEFAULT_DATABASE_URL,
-        help: "Postgres URL; the database is created if missing",
-    },
-    Setting {
-        name: "AMQP_URL",
-        default: DEFAULT_AMQP_URL,
-        help: "RabbitMQ URL (heartbeat=10, connection_timeout=5000 added unless set)",
-    },
     Setting {
         name: "HTTP_ADDR",
         default: "127.0.0.1:8080",
@@ -52,21 +42,6 @@ const SETTINGS: &[Setting] = &[
         default: "10",
         help: "broker refusals (nack, unroutable) before an event is marked failed",
     },
-    Setting {
-        name: "AMQP_EXCHANGE",
-        default: "txoutbox.events",
-        help: "topic exchange events are published to",
-    },
-    Setting {
-        name: "AMQP_QUEUE",
-        default: "order_events",
-        help: "queue bound to the exchange (declared here too)",
-    },
-    Setting {
-        name: "RUST_LOG",
-        default: "info",
-        help: "log filter (error, warn, info, debug, trace)",
-    },
 ];
 
 fn main() {
@@ -75,7 +50,7 @@ fn main() {
             "txoutbox-server",
             "HTTP API for orders (POST /orders, GET /orders/{id}) plus the outbox relay to RabbitMQ",
             "txoutbox-server [--help]",
-            SETTINGS,
+            &[common::SERVICE_SETTINGS, SETTINGS].concat(),
         );
         return;
     }
@@ -104,10 +79,7 @@ fn try_main() -> Result<(), String> {
         max_size: env_parse("DB_POOL_SIZE", pool_size as u32)?,
         ..PoolOptions::default()
     };
-    let topology = Topology::new(
-        env_or("AMQP_EXCHANGE", "txoutbox.events"),
-        env_or("AMQP_QUEUE", "order_events"),
-    );
+    let topology = common::topology_from_env();
     let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
     let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{env_or, Setting};
 use txoutbox::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
-use txoutbox::{admin, outbox, Database, PoolOptions, Topology};
+use txoutbox::{admin, outbox, Database, PoolOptions};
 
 const USAGE: &str = "txoutbox <command>
 
@@ -20,37 +20,17 @@ Commands:
   purge-processed --older-than A  delete dedupe rows older than A (e.g. 7d, 12h), in small batches
   migrate                         create the database if needed and apply schema.sql";
 
-const SETTINGS: &[Setting] = &[
-    Setting {
-        name: "DATABASE_URL",
-        default: DEFAULT_DATABASE_URL,
-        help: "Postgres URL",
-    },
-    Setting {
-        name: "AMQP_URL",
-        default: DEFAULT_AMQP_URL,
-        help: "RabbitMQ URL (status, dlq replay)",
-    },
-    Setting {
-        name: "AMQP_EXCHANGE",
-        default: "txoutbox.events",
-        help: "topic exchange",
-    },
-    Setting {
-        name: "AMQP_QUEUE",
-        default: "order_events",
-        help: "main queue; its DLQ is <queue>.dlq",
-    },
-    Setting {
-        name: "RUST_LOG",
-        default: "info",
-        help: "log filter",
-    },
-];
+/// Everything it needs is in [`common::SERVICE_SETTINGS`].
+const SETTINGS: &[Setting] = &[];
 
 fn main() {
     if common::wants_help() || std::env::args().len() < 2 {
-        common::print_help("txoutbox", "operate a txoutbox deployment", USAGE, SETTINGS);
+        common::print_help(
+            "txoutbox",
+            "operate a txoutbox deployment",
+            USAGE,
+            &[common::SERVICE_SETTINGS, SETTINGS].concat(),
+        );
         return;
     }
     common::init_logging();
@@ -62,10 +42,7 @@ fn try_main() -> Result<(), String> {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
     let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
-    let topology = Topology::new(
-        env_or("AMQP_EXCHANGE", "txoutbox.events"),
-        env_or("AMQP_QUEUE", "order_events"),
-    );
+    let topology = common::topology_from_env();
     let connect = || {
         Database::connect(
             &database_url,

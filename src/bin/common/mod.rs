@@ -4,10 +4,49 @@ use std::fmt::Display;
 use std::str::FromStr;
 
 /// One documented setting: its environment variable, default and meaning.
+#[derive(Clone, Copy)]
 pub struct Setting {
     pub name: &'static str,
     pub default: &'static str,
     pub help: &'static str,
+}
+
+/// Where the services are: the settings every binary shares.
+pub const SERVICE_SETTINGS: &[Setting] = &[
+    Setting {
+        name: "DATABASE_URL",
+        default: txoutbox::config::DEFAULT_DATABASE_URL,
+        help: "Postgres URL; the database is created if missing",
+    },
+    Setting {
+        name: "AMQP_URL",
+        default: txoutbox::config::DEFAULT_AMQP_URL,
+        help: "RabbitMQ URL (heartbeat=10, connection_timeout=5000 added unless set)",
+    },
+    Setting {
+        name: "AMQP_EXCHANGE",
+        default: "txoutbox.events",
+        help: "topic exchange events are published to",
+    },
+    Setting {
+        name: "AMQP_QUEUE",
+        default: "order_events",
+        help: "queue bound to the exchange; dead letters go to <queue>.dlx -> <queue>.dlq",
+    },
+    Setting {
+        name: "RUST_LOG",
+        default: "info",
+        help: "log filter (error, warn, info, debug, trace)",
+    },
+];
+
+/// The exchange and queue named by `AMQP_EXCHANGE` and `AMQP_QUEUE`.
+pub fn topology_from_env() -> txoutbox::Topology {
+    let defaults = txoutbox::Topology::default();
+    txoutbox::Topology::new(
+        env_or("AMQP_EXCHANGE", &defaults.exchange),
+        env_or("AMQP_QUEUE", &defaults.queue),
+    )
 }
 
 /// Prints `--help` for a binary: what it does, then each setting with its default.
