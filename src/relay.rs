@@ -146,12 +146,24 @@ impl RelayHandle {
     }
 
     fn shutdown(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
         self.wakeup.stop();
         for thread in self.threads.drain(..) {
             if thread.join().is_err() {
                 log::error!("relay: a worker thread panicked");
             }
         }
+        let stats = &self.stats;
+        log::info!(
+            "relay: stopped published={} batches={} refused={} failed={} confirm_p99_ms={:.1}",
+            stats.published(),
+            stats.batches(),
+            stats.refused(),
+            stats.failed(),
+            stats.confirm_latency().percentile(99.0).as_secs_f64() * 1000.0
+        );
     }
 }
 
