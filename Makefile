@@ -13,6 +13,8 @@ COMPOSE     ?= docker compose
 ORDERS      ?= 10000
 CONCURRENCY ?= 32
 STRESS_URL  ?= http://127.0.0.1:8080
+BENCH_ARGS  ?=
+CHAOS_ARGS  ?=
 
 # `make up` writes this file and `make down` removes it. While it exists, every target runs
 # with the accounts of docker-compose.yml (unless AMQP_URL / DATABASE_URL are already set):
@@ -24,17 +26,19 @@ COMPOSE_AMQP_URL := amqp://txoutbox:txoutbox@127.0.0.1:5672/%2f
 COMPOSE_DATABASE_URL := postgres://postgres:postgres@127.0.0.1:5432/txoutbox
 -include $(COMPOSE_ENV)
 
-.PHONY: help up down build server consumer stress demo test fmt lint
+.PHONY: help up down build server consumer stress demo bench bench-quick chaos chaos-quick test fmt lint
 
 help: ## list the targets (the default)
 	@echo "txoutbox: transactional outbox for Postgres and RabbitMQ"
 	@echo
 	@echo "On a fresh machine: make demo (the whole flow under load), make test (every test)."
 	@echo
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-10s %s\n", $$1, $$2}' \
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' \
 		$(firstword $(MAKEFILE_LIST))
 	@echo
 	@echo "Variables: ORDERS=$(ORDERS) CONCURRENCY=$(CONCURRENCY) STRESS_URL=$(STRESS_URL) (stress, demo)"
+	@echo "           BENCH_ARGS='$(BENCH_ARGS)' (bench: --quick --concurrency C --out DIR --backlog N)"
+	@echo "           CHAOS_ARGS='$(CHAOS_ARGS)' (chaos: --quick --only CASE,... --out DIR)"
 
 up: ## start Postgres 15 and RabbitMQ 3 in Docker, wait until healthy
 	$(COMPOSE) up -d --wait
@@ -65,6 +69,25 @@ stress: ## load the running server and verify every order: make stress ORDERS=10
 
 demo: ## services (Docker if absent), server, consumer, stress, verification: one command
 	ORDERS=$(ORDERS) CONCURRENCY=$(CONCURRENCY) bash scripts/demo.sh
+
+# The benchmark runs the release binaries next to it, so everything is built first. GNU make
+# cannot take `make bench --quick`: use `make bench-quick` or `make bench BENCH_ARGS=--quick`.
+bench: ## ceilings and txoutbox in one run, verified, ratios (~5 min): make bench BENCH_ARGS="--concurrency 64"
+	$(CARGO) build --release --bins
+	"$${CARGO_TARGET_DIR:-target}/release/txoutbox-bench" $(BENCH_ARGS)
+
+bench-quick: ## the benchmark's one-minute smoke run (make bench BENCH_ARGS=--quick)
+	$(MAKE) --no-print-directory bench BENCH_ARGS="--quick $(BENCH_ARGS)"
+
+# Failure testing. It stops and starts this machine's RabbitMQ (rabbitmqctl stop_app/start_app)
+# and Postgres (pg_ctlcluster stop/start), and starts them again however it ends; like the
+# benchmark it runs the release binaries next to it.
+chaos: ## failures under load, each verified: RabbitMQ down, Postgres restart, kill -9 server/consumer (~3 min)
+	$(CARGO) build --release --bins
+	"$${CARGO_TARGET_DIR:-target}/release/txoutbox-chaos" $(CHAOS_ARGS)
+
+chaos-quick: ## the short form of every chaos case (~1 min), as CI runs it
+	$(MAKE) --no-print-directory chaos CHAOS_ARGS="--quick $(CHAOS_ARGS)"
 
 # nextest runs each test in its own process but no doctests, so those follow; plain
 # `cargo test` runs them itself. Everything runs even after a failure; the status says if any.

@@ -602,10 +602,24 @@ impl OrderClient {
         self.stream = connection.stream;
         created_order(outcome)
     }
+
+    /// POSTs one order like [`post_order`](Self::post_order) but returns the answer as it came:
+    /// its status and body, or why there was none (connection refused, reset, or no progress
+    /// within 10 s). For load generators that tell failures apart (`txoutbox-chaos` counts the
+    /// 503s of a database outage); [`order_id`] reads the id out of a 201 body.
+    pub fn post_order_raw(&mut self) -> Result<(u16, Vec<u8>), String> {
+        let mut connection = Connection {
+            target: &self.target,
+            stream: self.stream.take(),
+        };
+        let outcome = connection.post_json(&self.target.path, random_order_body().as_bytes());
+        self.stream = connection.stream;
+        outcome.map(|response| (response.status, response.body))
+    }
 }
 
-/// The `id` of the order in a 201 body.
-fn order_id(body: &[u8]) -> Option<Uuid> {
+/// The `id` of the order in a 201 body of `POST /orders`, if it holds one.
+pub fn order_id(body: &[u8]) -> Option<Uuid> {
     let value: Value = serde_json::from_slice(body).ok()?;
     Uuid::parse_str(value.get("id")?.as_str()?).ok()
 }

@@ -8,13 +8,16 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use txoutbox::broker::{OutgoingEvent, Publisher};
+use txoutbox::metrics::LatencyHistogram;
 use txoutbox::orders::{self, Amount, NewOrder};
 use txoutbox::{Error, RelayConfig, Result};
 use uuid::Uuid;
 
+use crate::cpu::{CpuUsage, Snapshot};
 use crate::infra::Infra;
 use crate::load::per_second;
 use crate::options::Plan;
+use crate::quantiles::Quantiles;
 use crate::sampler::{Line, Sampler};
 use crate::server::Stack;
 use crate::verify::{self, Checks};
@@ -35,6 +38,8 @@ pub struct Throughput {
     pub rate: f64,
     /// The rate over time.
     pub lines: Vec<Line>,
+    /// CPU used during the window.
+    pub cpu: CpuUsage,
 }
 
 impl Throughput {
@@ -45,8 +50,23 @@ impl Throughput {
             elapsed,
             rate: per_second(count, elapsed),
             lines,
+            cpu: CpuUsage::default(),
         }
     }
+
+    /// The same, with the CPU used during the window.
+    pub fn with_cpu(self, cpu: CpuUsage) -> Self {
+        Throughput { cpu, ..self }
+    }
+}
+
+/// What (2) measured.
+#[derive(Clone, Debug, Default)]
+pub struct BrokerCeiling {
+    /// Confirmed messages per second, publishing as the relay does.
+    pub throughput: Throughput,
+    /// Publish -> confirm of one message at a time, nothing else in flight.
+    pub lone_confirm: Quantiles,
 }
 
 /// A real `OrderCreated` event as the relay reads it from the outbox: the broker ceiling
@@ -88,7 +108,12 @@ pub fn random_order() -> Result<NewOrder> {
 /// (1) `orders::create` on `plan.concurrency` threads, each holding one pooled connection, for
 /// `plan.db_ceiling`: the server's transaction (order insert, outbox insert, commit) and
 /// nothing else. Returns the rate and a sample event for (2).
-pub fn database(infra: &Infra, plan: &Plan, stop: &AtomicBool, checks: &mut Checks) -> Result<(Throughput, SampleEvent)> {
+pub fn database(
+    infra: &Infra,
+    plan: &Plan,
+    stop: &AtomicBool,
+    checks: &mut Checks,
+) -> Result<(Throughput, SampleEvent)> {
     let connections = plan.concurrency;
     let fresh = infra.fresh_db("dbceiling", connections as u32)?;
     let broker = infra.fresh_broker("dbceiling")?;
@@ -107,7 +132,7 @@ pub fn database(infra: &Infra, plan: &Plan, stop: &AtomicBool, checks: &mut Chec
         Ok(vec![counted.load(Ordering::Relaxed)])
     })?;
     let barrier = Barrier::new(connections + 1);
-    let (errors, elapsed) = thread::scope(|scope| -> Result<(Vec<String>, Duration)> {
+    let (errors, elapsed, cpu) = thread::scope(|scope| -> Result<(Vec<String>, Duration, CpuUsage)> {
         let mut threads = Vec::with_capacity(connections);
         for (index, mut client) in clients.into_iter().enumerate() {
             let (barrier, commits, announce) = (&barrier, &commits, &announce);
@@ -117,7 +142,8 @@ pub fn database(infra: &Infra, plan: &Plan, stop: &AtomicBool, checks: &mut Chec
                     barrier.wait();
                     let deadline = Instant::now() + plan.db_ceiling;
                     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-                        let created = random_order().and_then(|order| orders::create(&mut client, &order, announce));
+                        let created =
+                            random_order().and_then(|order| orders::create(&mut client, &order, announce));
                         match created {
                             Ok(_) => commits.fetch_add(1, Ordering::Relaxed),
                             Err(e) => return Some(e.to_string()),
@@ -130,6 +156,7 @@ pub fn database(infra: &Infra, plan: &Plan, stop: &AtomicBool, checks: &mut Chec
         }
         barrier.wait();
         let start = Instant::now();
+        let before = Snapshot::take();
         let mut errors = Vec::new();
         for thread in threads {
             match thread.join() {
@@ -138,7 +165,8 @@ pub fn database(infra: &Infra, plan: &Plan, stop: &AtomicBool, checks: &mut Chec
                 Err(_) => errors.push("a database thread panicked".into()),
             }
         }
-        Ok((errors, start.elapsed()))
+        let elapsed = start.elapsed();
+        Ok((errors, elapsed, before.until(&Snapshot::take())))
     })?;
     let lines = sampler.finish();
     let committed = commits.load(Ordering::Relaxed);
@@ -154,8 +182,18 @@ pub fn database(infra: &Infra, plan: &Plan, stop: &AtomicBool, checks: &mut Chec
             format!("{} threads failed: {}", errors.len(), errors[0])
         },
     );
-    checks.equal(DB_PHASE, "orders in Postgres", committed + warm_up, verify::order_rows(&mut client)?);
-    checks.equal(DB_PHASE, "outbox rows in Postgres", committed + warm_up, verify::outbox_rows(&mut client)?);
+    checks.equal(
+        DB_PHASE,
+        "orders in Postgres",
+        committed + warm_up,
+        verify::order_rows(&mut client)?,
+    );
+    checks.equal(
+        DB_PHASE,
+        "outbox rows in Postgres",
+        committed + warm_up,
+        verify::outbox_rows(&mut client)?,
+    );
     let row = client
         .query_one(
             "SELECT aggregate_type, event_type, payload::text FROM outbox ORDER BY id LIMIT 1",
@@ -167,7 +205,7 @@ pub fn database(infra: &Infra, plan: &Plan, stop: &AtomicBool, checks: &mut Chec
         event_type: row.get(1),
         body: row.get::<_, String>(2).into_bytes(),
     };
-    Ok((Throughput::new(committed, elapsed, lines), sample))
+    Ok((Throughput::new(committed, elapsed, lines).with_cpu(cpu), sample))
 }
 
 /// (2) Confirmed publishing of `sample`-sized events with txoutbox's [`Publisher`]: as many
@@ -179,7 +217,7 @@ pub fn broker(
     sample: &SampleEvent,
     stop: &AtomicBool,
     checks: &mut Checks,
-) -> Result<Throughput> {
+) -> Result<BrokerCeiling> {
     let config = RelayConfig::default();
     let batch_size = usize::try_from(config.batch_size)
         .map_err(|_| Error::Other(format!("relay batch size {} is not usable", config.batch_size)))?;
@@ -193,6 +231,17 @@ pub fn broker(
         warm_up += outcome.confirmed.len() as u64;
         publishers.push(publisher);
     }
+    // The floor under any commit -> confirm latency: one message, nothing else in flight.
+    let lone = LatencyHistogram::default();
+    if let Some(publisher) = publishers.first_mut() {
+        for _ in 0..plan.lone_confirms {
+            let event = sample.batch(1);
+            let sent = Instant::now();
+            let outcome = publisher.publish_batch(&event, config.confirm_timeout)?;
+            lone.record(sent.elapsed());
+            warm_up += outcome.confirmed.len() as u64;
+        }
+    }
     let confirmed = Arc::new(AtomicU64::new(0));
     let refused = AtomicU64::new(0);
     let counted = confirmed.clone();
@@ -200,7 +249,7 @@ pub fn broker(
         Ok(vec![counted.load(Ordering::Relaxed)])
     })?;
     let barrier = Barrier::new(config.workers + 1);
-    let (errors, elapsed) = thread::scope(|scope| -> Result<(Vec<String>, Duration)> {
+    let (errors, elapsed, cpu) = thread::scope(|scope| -> Result<(Vec<String>, Duration, CpuUsage)> {
         let mut threads = Vec::with_capacity(config.workers);
         for (index, mut publisher) in publishers.into_iter().enumerate() {
             let (barrier, confirmed, refused, config) = (&barrier, &confirmed, &refused, &config);
@@ -231,6 +280,7 @@ pub fn broker(
         }
         barrier.wait();
         let start = Instant::now();
+        let before = Snapshot::take();
         let mut errors = Vec::new();
         for thread in threads {
             match thread.join() {
@@ -239,7 +289,8 @@ pub fn broker(
                 Err(_) => errors.push("a publisher thread panicked".into()),
             }
         }
-        Ok((errors, start.elapsed()))
+        let elapsed = start.elapsed();
+        Ok((errors, elapsed, before.until(&Snapshot::take())))
     })?;
     let lines = sampler.finish();
     let confirmed = confirmed.load(Ordering::Relaxed);
@@ -262,5 +313,8 @@ pub fn broker(
         confirmed + warm_up,
         fresh.depth()?.ready,
     );
-    Ok(Throughput::new(confirmed, elapsed, lines))
+    Ok(BrokerCeiling {
+        throughput: Throughput::new(confirmed, elapsed, lines).with_cpu(cpu),
+        lone_confirm: Quantiles::of_histogram(&lone),
+    })
 }

@@ -9,6 +9,7 @@ use txoutbox::orders::{AGGREGATE_TYPE, ORDER_CREATED};
 use txoutbox::{relay, Error, RelayConfig, Result};
 
 use crate::ceilings::Throughput;
+use crate::cpu::Snapshot;
 use crate::infra::Infra;
 use crate::options::Plan;
 use crate::sampler::Recorder;
@@ -60,10 +61,16 @@ pub fn run(infra: &Infra, plan: &Plan, stop: &AtomicBool, checks: &mut Checks) -
         .batch_execute("ANALYZE outbox")
         .map_err(|e| Error::db("cannot analyze the outbox", e))?;
     let fill = filling.elapsed();
-    checks.equal(DRAIN_PHASE, "events in the backlog", plan.backlog, verify::outbox_rows(&mut client)?);
+    checks.equal(
+        DRAIN_PHASE,
+        "events in the backlog",
+        plan.backlog,
+        verify::outbox_rows(&mut client)?,
+    );
 
     let mut recorder = Recorder::new(&["published"], plan.sample_interval);
     let started = Instant::now();
+    let before = Snapshot::take();
     let relay = relay::start(
         fresh.db.clone(),
         &infra.amqp_url,
@@ -80,17 +87,33 @@ pub fn run(infra: &Infra, plan: &Plan, stop: &AtomicBool, checks: &mut Checks) -
         std::thread::sleep(POLL);
     }
     let elapsed = started.elapsed();
+    let cpu = before.until(&Snapshot::take());
     let published = relay.stats().published();
     let refused = relay.stats().refused();
     relay.stop();
     crate::pipeline::interrupted(stop)?;
 
-    checks.equal(DRAIN_PHASE, "events published and confirmed", plan.backlog, published);
+    checks.equal(
+        DRAIN_PHASE,
+        "events published and confirmed",
+        plan.backlog,
+        published,
+    );
     checks.equal(DRAIN_PHASE, "events refused or unroutable", 0, refused);
-    checks.equal(DRAIN_PHASE, "outbox rows left", 0, verify::outbox_rows(&mut client)?);
-    checks.equal(DRAIN_PHASE, "messages in the queue", plan.backlog, broker.depth()?.ready);
+    checks.equal(
+        DRAIN_PHASE,
+        "outbox rows left",
+        0,
+        verify::outbox_rows(&mut client)?,
+    );
+    checks.equal(
+        DRAIN_PHASE,
+        "messages in the queue",
+        plan.backlog,
+        broker.depth()?.ready,
+    );
     Ok(Drain {
-        throughput: Throughput::new(published, elapsed, recorder.finish()),
+        throughput: Throughput::new(published, elapsed, recorder.finish()).with_cpu(cpu),
         fill,
     })
 }

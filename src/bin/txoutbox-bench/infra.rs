@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::net::TcpListener;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use amiquip::{Channel, Connection};
+use amiquip::{AmqpValue, Channel, Connection};
 use postgres::{Client, NoTls};
 use txoutbox::db::{parse_url, quote_identifier};
 use txoutbox::{Database, Error, PoolOptions, Result, Topology};
@@ -17,12 +17,27 @@ const STALE_AFTER: Duration = Duration::from_secs(3600);
 /// Statement timeout of the bench's own connections (the fill of a backlog is one statement).
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Versions and the settings that bound the results.
+#[derive(Clone, Debug, Default)]
+pub struct Servers {
+    /// `SHOW server_version`.
+    pub postgres_version: String,
+    /// `SHOW synchronous_commit`: `on` means one WAL flush per commit (or per group).
+    pub synchronous_commit: String,
+    /// `SHOW fsync`.
+    pub fsync: String,
+    /// The broker's `version` server property.
+    pub rabbitmq_version: String,
+}
+
 /// Where Postgres and RabbitMQ are, and a counter that makes every scenario's names unique.
 pub struct Infra {
     /// Postgres URL naming any database; scenarios create theirs beside it.
     pub base_url: String,
     /// RabbitMQ URL.
     pub amqp_url: String,
+    /// What the servers are, for the record.
+    pub servers: Servers,
     /// Unix seconds when this run started; part of every name.
     run_id: u64,
     next: Cell<usize>,
@@ -31,16 +46,29 @@ pub struct Infra {
 impl Infra {
     /// Checks that both servers answer and drops databases that interrupted runs left behind.
     pub fn connect(base_url: &str, amqp_url: &str) -> Result<Infra> {
-        let infra = Infra {
+        let mut infra = Infra {
             base_url: base_url.to_string(),
             amqp_url: amqp_url.to_string(),
+            servers: Servers::default(),
             run_id: unix_now(),
             next: Cell::new(0),
         };
         let mut admin = infra.admin()?;
         sweep_stale_databases(&mut admin, infra.run_id)?;
+        let mut show = |setting: &str| -> Result<String> {
+            admin
+                .query_one(&format!("SHOW {setting}"), &[])
+                .map(|row| row.get(0))
+                .map_err(|e| Error::db(format!("cannot read the Postgres setting {setting}"), e))
+        };
+        infra.servers.postgres_version = show("server_version")?;
+        infra.servers.synchronous_commit = show("synchronous_commit")?;
+        infra.servers.fsync = show("fsync")?;
         let _ = admin.close();
         let (connection, channel) = txoutbox::broker::connect(amqp_url)?;
+        if let Some(AmqpValue::LongString(version)) = connection.server_properties().get("version") {
+            infra.servers.rabbitmq_version = version.clone();
+        }
         let _ = channel.close();
         let _ = connection.close();
         Ok(infra)
@@ -113,7 +141,10 @@ impl FreshDb {
 
 impl Drop for FreshDb {
     fn drop(&mut self) {
-        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_identifier(&self.name));
+        let drop = format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_identifier(&self.name)
+        );
         match connect(&self.admin_url).and_then(|mut admin| {
             admin
                 .batch_execute(&drop)

@@ -4,18 +4,19 @@
 //! order's scheduled instant.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use postgres::Client;
-use txoutbox::metrics::LatencyHistogram;
 use txoutbox::{Error, Result};
 
+use crate::cpu::{CpuUsage, Snapshot};
 use crate::infra::Infra;
-use crate::load::{open_loop, LATE_AFTER};
+use crate::load::{open_loop, per_second, Schedule, LATE_AFTER};
 use crate::options::Plan;
 use crate::pipeline::{interrupted, order_sampler};
 use crate::process::{wait_consuming, Kind, Launcher};
+use crate::quantiles::Quantiles;
 use crate::sampler::Line;
 use crate::server::{server_pool_size, Stack};
 use crate::verify::{self, Checks};
@@ -28,66 +29,27 @@ pub const LATENCY_PHASE: &str = "latency at half load";
 /// due instant.
 pub const OPEN_LOOP_SENDERS: usize = 64;
 
-/// Percentiles of "time from the order's transaction to ..." (and commit, COMPLETED).
+/// Percentiles of order transaction -> `COMPLETED` of the orders created from `$1` on.
 const COMPLETION_QUANTILES: &str = "\
     SELECT percentile_cont(ARRAY[0.5, 0.9, 0.99, 0.999])
                WITHIN GROUP (ORDER BY extract(epoch FROM updated_at - created_at)::float8),
            extract(epoch FROM max(updated_at - created_at))::float8
-    FROM orders WHERE status = 'COMPLETED'";
-
-/// Latency percentiles.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Quantiles {
-    /// Median.
-    pub p50: Duration,
-    /// 90th percentile.
-    pub p90: Duration,
-    /// 99th percentile.
-    pub p99: Duration,
-    /// 99.9th percentile.
-    pub p999: Duration,
-    /// Largest.
-    pub max: Duration,
-}
-
-impl Quantiles {
-    /// From a histogram (each percentile is its bucket's upper bound, within ~9%).
-    pub fn of_histogram(histogram: &LatencyHistogram) -> Quantiles {
-        Quantiles {
-            p50: histogram.percentile(50.0),
-            p90: histogram.percentile(90.0),
-            p99: histogram.percentile(99.0),
-            p999: histogram.percentile(99.9),
-            max: histogram.max(),
-        }
-    }
-
-    /// As (label, value) pairs, in order.
-    pub fn labelled(&self) -> [(&'static str, Duration); 5] {
-        [
-            ("p50", self.p50),
-            ("p90", self.p90),
-            ("p99", self.p99),
-            ("p99.9", self.p999),
-            ("max", self.max),
-        ]
-    }
-}
+    FROM orders WHERE status = 'COMPLETED' AND created_at >= $1";
 
 /// What (6) measured.
 #[derive(Clone, Debug, Default)]
 pub struct Latency {
     /// Orders per second offered (half the database ceiling).
     pub offered_rate: f64,
-    /// Orders per second accepted over the run.
+    /// Orders per second accepted over the measured part.
     pub achieved_rate: f64,
-    /// Orders the schedule had.
+    /// Orders the schedule had in the measured part.
     pub scheduled: usize,
-    /// Orders accepted.
+    /// Orders of the measured part accepted.
     pub accepted: usize,
-    /// Orders sent more than 1 ms after their due instant.
+    /// Orders of the measured part sent more than 1 ms after their due instant.
     pub late: usize,
-    /// Order transaction -> broker confirm (relay histogram).
+    /// Order transaction -> broker confirm (relay histogram, reset when measuring starts).
     pub confirm: Quantiles,
     /// Order transaction -> `COMPLETED` (Postgres timestamps).
     pub completed: Quantiles,
@@ -95,9 +57,12 @@ pub struct Latency {
     pub http: Quantiles,
     /// Accepted and completed orders per second.
     pub lines: Vec<Line>,
+    /// CPU used while the orders were sent (warm-up included).
+    pub cpu: CpuUsage,
 }
 
-/// Offers `rate` orders per second to an in-process API and relay, with a consumer process.
+/// Offers `rate` orders per second to an in-process API and relay, with a consumer process;
+/// measures after `plan.latency_warm_up` at the same rate.
 pub fn run(
     infra: &Infra,
     launcher: &Launcher,
@@ -114,18 +79,64 @@ pub fn run(
 
     let accepted = Arc::new(AtomicU64::new(0));
     let sampler = order_sampler(&fresh, accepted.clone(), plan.sample_interval)?;
-    let outcome = open_loop(&stack.url(), rate, plan.latency, OPEN_LOOP_SENDERS, &accepted, stop)?;
+    let schedule = Schedule {
+        rate,
+        warm_up: plan.latency_warm_up,
+        duration: plan.latency,
+    };
+    let measured_from = Mutex::new(None);
+    let confirms = stack.relay().stats().confirm_latency();
+    let start_measuring = || {
+        confirms.reset();
+        *measured_from.lock().unwrap_or_else(|p| p.into_inner()) = Some(SystemTime::now());
+    };
+    let before = Snapshot::take();
+    let outcome = open_loop(
+        &stack.url(),
+        schedule,
+        OPEN_LOOP_SENDERS,
+        &accepted,
+        stop,
+        &start_measuring,
+    )?;
+    let cpu = before.until(&Snapshot::take());
     let mut client = fresh.client()?;
-    verify::wait_until_completed(&mut client, outcome.load.ids.len() as u64, plan.completion_timeout, stop)?;
+    verify::wait_until_completed(
+        &mut client,
+        outcome.load.ids.len() as u64,
+        plan.completion_timeout,
+        stop,
+    )?;
     let lines = sampler.finish();
     consumer.check_alive()?;
     interrupted(stop)?;
+    let measured_from = measured_from
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .ok_or_else(|| Error::Other("the open loop never reached its measured part".into()))?;
 
     let load = &outcome.load;
-    verify::orders_done_once(LATENCY_PHASE, &mut client, &broker, &load.ids, load.errors, &load.error_samples, checks)?;
-    let confirms = stack.relay().stats().confirm_latency();
-    checks.equal(LATENCY_PHASE, "events confirmed (relay histogram)", load.ids.len() as u64, confirms.count());
-    checks.equal(LATENCY_PHASE, "orders sent on schedule", outcome.scheduled as u64, (load.ids.len() + load.errors) as u64);
+    verify::orders_done_once(
+        LATENCY_PHASE,
+        &mut client,
+        &broker,
+        &load.ids,
+        load.errors,
+        &load.error_samples,
+        checks,
+    )?;
+    checks.equal(
+        LATENCY_PHASE,
+        "events published by the relay",
+        load.ids.len() as u64,
+        stack.relay().stats().published(),
+    );
+    checks.equal(
+        LATENCY_PHASE,
+        "orders sent on the schedule (warm-up included)",
+        (outcome.warm_up_orders + outcome.scheduled) as u64,
+        (load.ids.len() + load.errors) as u64,
+    );
     if outcome.late > 0 {
         log::info!(
             "bench: {} of {} orders went out more than {} ms late",
@@ -136,21 +147,22 @@ pub fn run(
     }
     Ok(Latency {
         offered_rate: rate,
-        achieved_rate: load.rate(),
+        achieved_rate: per_second(outcome.measured_accepted as u64, outcome.measured_elapsed),
         scheduled: outcome.scheduled,
-        accepted: load.ids.len(),
+        accepted: outcome.measured_accepted,
         late: outcome.late,
         confirm: Quantiles::of_histogram(confirms),
-        completed: completion_quantiles(&mut client)?,
+        completed: completion_quantiles(&mut client, measured_from)?,
         http: Quantiles::of_histogram(&outcome.latency),
         lines,
+        cpu,
     })
 }
 
-/// Percentiles of `updated_at - created_at` of the completed orders.
-fn completion_quantiles(client: &mut Client) -> Result<Quantiles> {
+/// Percentiles of `updated_at - created_at` of the orders created from `since` on.
+fn completion_quantiles(client: &mut Client, since: SystemTime) -> Result<Quantiles> {
     let row = client
-        .query_one(COMPLETION_QUANTILES, &[])
+        .query_one(COMPLETION_QUANTILES, &[&since])
         .map_err(|e| Error::db("cannot compute the completion latencies", e))?;
     let percentiles: Option<Vec<Option<f64>>> = row.get(0);
     let max: Option<f64> = row.get(1);

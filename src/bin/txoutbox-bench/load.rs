@@ -37,11 +37,6 @@ pub struct LoadOutcome {
 }
 
 impl LoadOutcome {
-    /// Accepted orders per second over [`elapsed`](Self::elapsed).
-    pub fn rate(&self) -> f64 {
-        per_second(self.ids.len() as u64, self.elapsed)
-    }
-
     fn merge(&mut self, target: usize, part: ThreadResult) {
         if self.per_target.len() <= target {
             self.per_target.resize(target + 1, 0);
@@ -62,11 +57,17 @@ impl LoadOutcome {
 pub struct OpenLoopOutcome {
     /// The orders, as for a closed loop.
     pub load: LoadOutcome,
-    /// Orders the schedule had in the window.
+    /// Orders the schedule had in the measured window (after the warm-up).
     pub scheduled: usize,
-    /// From each order's due instant to its answer: waiting for a free sender counts.
+    /// Orders sent before the measured window, at the same rate.
+    pub warm_up_orders: usize,
+    /// Orders of the measured window answered 201.
+    pub measured_accepted: usize,
+    /// From the first measured order's due instant to the last answer.
+    pub measured_elapsed: Duration,
+    /// From each measured order's due instant to its answer: waiting for a free sender counts.
     pub latency: LatencyHistogram,
-    /// Orders sent more than [`LATE_AFTER`] after their due instant.
+    /// Measured orders sent more than [`LATE_AFTER`] after their due instant.
     pub late: usize,
 }
 
@@ -177,22 +178,37 @@ pub fn closed_loop(
     Ok(outcome)
 }
 
-/// Sends orders to `url` on a fixed schedule: order `n` is due `n / rate` seconds after the
-/// start, for `duration`. `senders` threads take the orders in turn, each sleeping until its
-/// order is due; when all are busy the next order goes out late, and its latency still counts
-/// from the instant it was due (no coordinated omission).
+/// The schedule of an open loop: order `n` is due `n / rate` seconds after the start; the
+/// first `warm_up` of them are sent but not measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Schedule {
+    /// Orders per second.
+    pub rate: f64,
+    /// Sent at the same rate before measuring starts (pool connections opened, caches warm).
+    pub warm_up: Duration,
+    /// Measured part.
+    pub duration: Duration,
+}
+
+/// Sends orders to `url` on `schedule`. `senders` threads take the orders in turn, each
+/// sleeping until its order is due; when all are busy the next order goes out late, and its
+/// latency still counts from the instant it was due (no coordinated omission).
+/// `measuring` runs once, at the due instant of the first measured order.
 pub fn open_loop(
     url: &str,
-    rate: f64,
-    duration: Duration,
+    schedule: Schedule,
     senders: usize,
     accepted: &AtomicU64,
     stop: &AtomicBool,
+    measuring: &(dyn Fn() + Sync),
 ) -> Result<OpenLoopOutcome> {
+    let rate = schedule.rate;
     if !(rate.is_finite() && rate > 0.0) {
         return Err(Error::Other(format!("cannot offer {rate} orders/s")));
     }
-    let scheduled = (rate * duration.as_secs_f64()).round().max(1.0) as usize;
+    let first_measured = (rate * schedule.warm_up.as_secs_f64()).round() as usize;
+    let scheduled = (rate * schedule.duration.as_secs_f64()).round().max(1.0) as usize;
+    let total = first_measured + scheduled;
     let clients = clients(&[url.to_string()], senders)?;
     let shared = Shared {
         accepted,
@@ -202,18 +218,21 @@ pub fn open_loop(
     };
     let next = AtomicUsize::new(0);
     let late = AtomicUsize::new(0);
+    let measured_accepted = AtomicUsize::new(0);
     let latency = LatencyHistogram::default();
     let barrier = Barrier::new(senders + 1);
     let start = Instant::now() + Duration::from_millis(100);
     let due = |n: usize| start + Duration::from_secs_f64(n as f64 / rate);
     let mut outcome = OpenLoopOutcome {
         scheduled,
+        warm_up_orders: first_measured,
         ..OpenLoopOutcome::default()
     };
     thread::scope(|scope| -> Result<()> {
         let mut threads = Vec::with_capacity(senders);
         for (index, (_, mut client)) in clients.into_iter().enumerate() {
-            let (shared, barrier, next, late, latency) = (&shared, &barrier, &next, &late, &latency);
+            let (shared, barrier, next, late, latency, measured_accepted) =
+                (&shared, &barrier, &next, &late, &latency, &measured_accepted);
             let thread = thread::Builder::new()
                 .name(format!("bench-open-{index}"))
                 .spawn_scoped(scope, move || {
@@ -221,20 +240,24 @@ pub fn open_loop(
                     let mut result = ThreadResult::default();
                     loop {
                         let n = next.fetch_add(1, Ordering::Relaxed);
-                        if n >= scheduled || shared.stopping() {
+                        if n >= total || shared.stopping() {
                             return result;
                         }
+                        let measured = n >= first_measured;
                         let due_at = due(n);
                         let now = Instant::now();
                         if due_at > now {
                             thread::sleep(due_at - now);
-                        } else if now - due_at > LATE_AFTER {
+                        } else if measured && now - due_at > LATE_AFTER {
                             late.fetch_add(1, Ordering::Relaxed);
                         }
+                        if n == first_measured {
+                            measuring();
+                        }
                         let outcome = client.post_order();
-                        let ok = outcome.is_ok();
-                        if ok {
+                        if measured && outcome.is_ok() {
                             latency.record(due_at.elapsed());
+                            measured_accepted.fetch_add(1, Ordering::Relaxed);
                         }
                         if !result.record(outcome, shared) {
                             shared.give_up.store(true, Ordering::Relaxed);
@@ -258,13 +281,17 @@ pub fn open_loop(
     })?;
     outcome.late = late.into_inner();
     outcome.latency = latency;
+    outcome.measured_accepted = measured_accepted.into_inner();
+    outcome.measured_elapsed = outcome.load.elapsed.saturating_sub(schedule.warm_up);
     Ok(outcome)
 }
 
 /// `connections` clients, the `i`th for `urls[i % len]`, with the index of its URL.
 fn clients(urls: &[String], connections: usize) -> Result<Vec<(usize, OrderClient)>> {
     if urls.is_empty() || connections == 0 {
-        return Err(Error::Other("a load needs at least one URL and one connection".into()));
+        return Err(Error::Other(
+            "a load needs at least one URL and one connection".into(),
+        ));
     }
     (0..connections)
         .map(|i| {

@@ -120,14 +120,18 @@ pub struct Plan {
     pub db_ceiling: Duration,
     /// (2) broker ceiling.
     pub broker_ceiling: Duration,
+    /// (2) messages published one at a time first, for the confirm round trip.
+    pub lone_confirms: usize,
     /// (3) HTTP at C connections, also (5).
     pub http: Duration,
     /// (7) the run at 64 connections after which peak RSS is read.
     pub memory: Duration,
     /// (4) events in the backlog.
     pub backlog: u64,
-    /// (6) the open-loop run at half the database ceiling.
+    /// (6) the open-loop run at half the database ceiling, measured part.
     pub latency: Duration,
+    /// (6) the same load before measuring starts.
+    pub latency_warm_up: Duration,
     /// (8) two servers and two consumers.
     pub scale_out: Duration,
     /// How often throughput is sampled for the chart.
@@ -146,10 +150,12 @@ impl Plan {
                 concurrency: options.concurrency,
                 db_ceiling: secs(5),
                 broker_ceiling: secs(4),
+                lone_confirms: 100,
                 http: secs(8),
                 memory: secs(3),
                 backlog: options.backlog.unwrap_or(QUICK_BACKLOG),
                 latency: secs(5),
+                latency_warm_up: secs(1),
                 scale_out: secs(5),
                 sample_interval: Duration::from_millis(500),
                 completion_timeout: secs(60),
@@ -158,13 +164,15 @@ impl Plan {
             Plan {
                 quick: false,
                 concurrency: options.concurrency,
-                db_ceiling: secs(40),
-                broker_ceiling: secs(25),
-                http: secs(50),
+                db_ceiling: secs(45),
+                broker_ceiling: secs(30),
+                lone_confirms: 500,
+                http: secs(60),
                 memory: secs(15),
                 backlog: options.backlog.unwrap_or(FULL_BACKLOG),
-                latency: secs(30),
-                scale_out: secs(30),
+                latency: secs(40),
+                latency_warm_up: secs(3),
+                scale_out: secs(40),
                 sample_interval: secs(1),
                 completion_timeout: secs(180),
             }
@@ -188,7 +196,12 @@ mod tests {
         assert_eq!(options.out, Some(PathBuf::from("/tmp/x")));
         assert_eq!(parse(&[]).expect("valid").concurrency, DEFAULT_CONCURRENCY);
         assert_eq!(parse(&["--backlog", "500"]).expect("valid").backlog, Some(500));
-        for bad in [&["--concurrency"][..], &["--concurrency", "0"], &["--nope"], &["--quick=1"]] {
+        for bad in [
+            &["--concurrency"][..],
+            &["--concurrency", "0"],
+            &["--nope"],
+            &["--quick=1"],
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
     }

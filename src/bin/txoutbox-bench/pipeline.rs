@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use txoutbox::{Error, Result};
 
 use crate::ceilings::Throughput;
-use crate::infra::{free_port, FreshBroker, FreshDb, Infra};
+use crate::cpu::Snapshot;
+use crate::infra::{free_port, FreshDb, Infra};
 use crate::load::{closed_loop, LoadOutcome};
 use crate::options::{Plan, MEMORY_CONNECTIONS};
 use crate::process::{wait_consuming, Kind, Launcher, Service};
@@ -109,7 +110,15 @@ pub fn single(
         consumer_peak_rss: consumer.peak_rss_bytes()?,
     };
     let mut client = fresh.client()?;
-    verify::orders_done_once(HTTP_PHASE, &mut client, &broker, &ids, errors, &error_samples, checks)?;
+    verify::orders_done_once(
+        HTTP_PHASE,
+        &mut client,
+        &broker,
+        &ids,
+        errors,
+        &error_samples,
+        checks,
+    )?;
     Ok(Pipeline {
         http: measured.http,
         e2e: measured.e2e,
@@ -132,13 +141,25 @@ pub fn scale_out(
     let mut urls = Vec::new();
     for n in 1..=2 {
         let addr = local_addr()?;
-        let mut server = launcher.spawn(Kind::Server, &format!("scaleout-server-{n}"), &fresh, &broker, Some(addr))?;
+        let mut server = launcher.spawn(
+            Kind::Server,
+            &format!("scaleout-server-{n}"),
+            &fresh,
+            &broker,
+            Some(addr),
+        )?;
         server.wait_listening(addr)?;
         services.push(server);
         urls.push(format!("http://{addr}"));
     }
     for n in 1..=2 {
-        services.push(launcher.spawn(Kind::Consumer, &format!("scaleout-consumer-{n}"), &fresh, &broker, None)?);
+        services.push(launcher.spawn(
+            Kind::Consumer,
+            &format!("scaleout-consumer-{n}"),
+            &fresh,
+            &broker,
+            None,
+        )?);
     }
     wait_consuming(&broker, 2, &mut services.iter_mut().collect::<Vec<_>>())?;
 
@@ -149,7 +170,15 @@ pub fn scale_out(
     }
     let load = &measured.load;
     let mut client = fresh.client()?;
-    verify::orders_done_once(SCALE_PHASE, &mut client, &broker, &load.ids, load.errors, &load.error_samples, checks)?;
+    verify::orders_done_once(
+        SCALE_PHASE,
+        &mut client,
+        &broker,
+        &load.ids,
+        load.errors,
+        &load.error_samples,
+        checks,
+    )?;
     checks.add(
         SCALE_PHASE,
         "both servers took orders",
@@ -176,7 +205,9 @@ fn measure(
     let accepted = Arc::new(AtomicU64::new(0));
     let sampler = order_sampler(fresh, accepted.clone(), plan.sample_interval)?;
     let started = Instant::now();
+    let before = Snapshot::take();
     let load = closed_loop(urls, connections, duration, &accepted, stop)?;
+    let cpu = before.until(&Snapshot::take());
     let mut client = fresh.client()?;
     verify::wait_until_completed(&mut client, load.ids.len() as u64, plan.completion_timeout, stop)?;
     let observed = started.elapsed();
@@ -184,7 +215,7 @@ fn measure(
     interrupted(stop)?;
     let last = verify::last_completed_epoch(&mut client, &load.ids)?;
     let e2e_elapsed = end_to_end(&load, last, observed);
-    let http = Throughput::new(load.ids.len() as u64, load.elapsed, lines);
+    let http = Throughput::new(load.ids.len() as u64, load.elapsed, lines).with_cpu(cpu);
     let e2e = Throughput::new(load.ids.len() as u64, e2e_elapsed, Vec::new());
     Ok(Measured { load, http, e2e })
 }

@@ -90,6 +90,8 @@ impl Launcher {
             .env("AMQP_EXCHANGE", &broker.topology.exchange)
             .env("AMQP_QUEUE", &broker.topology.queue)
             .env("RUST_LOG", "info")
+            // The bench's client sends no bearer token.
+            .env_remove("API_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));

@@ -64,7 +64,8 @@ impl Recorder {
             let seconds = now - then;
             if seconds > 0.0 {
                 for (line, (after, before)) in self.lines.iter_mut().zip(values.iter().zip(before)) {
-                    line.points.push((now, after.saturating_sub(*before) as f64 / seconds));
+                    line.points
+                        .push((now, after.saturating_sub(*before) as f64 / seconds));
                 }
             }
         }

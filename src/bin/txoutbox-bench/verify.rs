@@ -98,7 +98,11 @@ impl Checks {
 }
 
 /// Runs a counting query that returns one row of `bigint`s.
-pub fn counts(client: &mut Client, sql: &str, params: &[&(dyn postgres::types::ToSql + Sync)]) -> Result<Vec<u64>> {
+pub fn counts(
+    client: &mut Client,
+    sql: &str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+) -> Result<Vec<u64>> {
     let row = client
         .query_one(sql, params)
         .map_err(|e| Error::db("cannot count rows for the verification", e))?;
@@ -109,7 +113,12 @@ pub fn counts(client: &mut Client, sql: &str, params: &[&(dyn postgres::types::T
 
 /// Waits until `expected` orders are `COMPLETED` and the outbox is empty; false when
 /// `timeout` passes or `stop` is set first.
-pub fn wait_until_completed(client: &mut Client, expected: u64, timeout: Duration, stop: &AtomicBool) -> Result<bool> {
+pub fn wait_until_completed(
+    client: &mut Client,
+    expected: u64,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<bool> {
     let deadline = Instant::now() + timeout;
     loop {
         let progress = counts(client, PROGRESS, &[])?;
@@ -178,8 +187,18 @@ pub fn orders_done_once(
     checks.equal(phase, "orders in Postgres (none extra)", accepted, orders[0]);
     checks.equal(phase, "orders COMPLETED", accepted, orders[1]);
     let processed = counts(client, COUNT_PROCESSED, &[&ORDER_CREATED])?;
-    checks.equal(phase, "OrderCreated rows in processed_messages", accepted, processed[0]);
-    checks.equal(phase, "orders with a processed OrderCreated", accepted, processed[1]);
+    checks.equal(
+        phase,
+        "OrderCreated rows in processed_messages",
+        accepted,
+        processed[0],
+    );
+    checks.equal(
+        phase,
+        "orders with a processed OrderCreated",
+        accepted,
+        processed[1],
+    );
     let twice = counts(client, COUNT_TWICE_PROCESSED, &[&ORDER_CREATED])?[0];
     checks.equal(phase, "orders processed more than once", 0, twice);
     let matched = counts(client, COUNT_PROCESSED_ORDERS, &[&ORDER_CREATED])?[0];
