@@ -140,8 +140,8 @@ pub fn with_safe_defaults(url: &str) -> String {
 
 /// Opens a connection (with [`with_safe_defaults`]) and one channel on it.
 pub fn connect(url: &str) -> Result<(Connection, Channel)> {
-    let mut connection = Connection::insecure_open(&with_safe_defaults(url))
-        .map_err(|e| Error::broker(format!("cannot connect to RabbitMQ at {}", redact_url(url)), e))?;
+    let mut connection = crate::amqp_url::open(&with_safe_defaults(url))
+        .map_err(|e| Error::Other(format!("cannot connect to RabbitMQ at {}: {e}", redact_url(url))))?;
     let channel = connection
         .open_channel(None)
         .map_err(|e| Error::broker("cannot open a RabbitMQ channel", e))?;

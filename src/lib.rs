@@ -36,6 +36,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+mod amqp_url;
 pub mod broker;
 pub mod config;
 pub mod consumer;
