@@ -292,8 +292,9 @@ impl<H: Handler> Worker<H> {
             Ok(c) => c,
             Err(e) => return SessionEnd::Failed(Error::broker("cannot start consuming", e)),
         };
-        failures.recovered();
-        backoff.reset();
+        // Recovered only once a batch went through or there was nothing to do: a broker
+        // session alone is not enough while the database is away, or every reconnect would
+        // log the failure again and reset the backoff.
         let receiver = consumer.receiver();
         loop {
             if self.wakeup.is_stopping() {
@@ -302,7 +303,11 @@ impl<H: Handler> Worker<H> {
             }
             let first = match receiver.recv_timeout(Duration::from_millis(200)) {
                 Ok(message) => message,
-                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    failures.recovered();
+                    backoff.reset();
+                    continue;
+                }
                 Err(RecvTimeoutError::Disconnected) => {
                     return SessionEnd::Failed(Error::Other("RabbitMQ consumer channel closed".into()))
                 }
@@ -328,6 +333,8 @@ impl<H: Handler> Worker<H> {
                 if let Err(e) = self.process(channel, &mut dead_letters, batch) {
                     return SessionEnd::Failed(e);
                 }
+                failures.recovered();
+                backoff.reset();
             }
             if let Some(end) = end {
                 return end;

@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use postgres::{Client, NoTls, Statement};
@@ -78,6 +80,40 @@ impl r2d2::ManageConnection for Manager {
     }
 }
 
+/// Logs the pool's failures (a connection it cannot open, a pooled one found broken) once per
+/// outage: r2d2's default logs each at error level, several a second while Postgres is down.
+/// The flag is true while failing; a newly opened connection clears it.
+#[derive(Debug)]
+struct PoolErrors(Arc<AtomicBool>);
+
+impl r2d2::HandleError<postgres::Error> for PoolErrors {
+    fn handle_error(&self, error: postgres::Error) {
+        // The driver's Display of an I/O or connect error leaves out its cause.
+        let cause = match (error.as_db_error(), std::error::Error::source(&error)) {
+            (None, Some(cause)) => format!(" ({cause})"),
+            _ => String::new(),
+        };
+        let error = Error::db("a pooled database connection failed", error);
+        if !self.0.swap(true, Ordering::Relaxed) {
+            log::warn!("db: {error}{cause}; the pool keeps retrying (logged again only after it recovered)");
+        } else {
+            log::debug!("db: still failing: {error}{cause}");
+        }
+    }
+}
+
+/// Clears the [`PoolErrors`] flag when the pool opens a connection again.
+#[derive(Debug)]
+struct PoolEvents(Arc<AtomicBool>);
+
+impl r2d2::HandleEvent for PoolEvents {
+    fn handle_acquire(&self, _: r2d2::event::AcquireEvent) {
+        if self.0.swap(false, Ordering::Relaxed) {
+            log::info!("db: the pool opens connections again");
+        }
+    }
+}
+
 /// Where the database is and how to reach it: the pool for short transactions, and the parsed
 /// config for dedicated connections (LISTEN).
 #[derive(Clone)]
@@ -149,11 +185,14 @@ impl Database {
         install_schema(&mut client)?;
         let _ = client.close();
         let manager = Manager(PostgresConnectionManager::new(config.clone(), NoTls));
+        let health = Arc::new(AtomicBool::new(false));
         let pool = r2d2::Pool::builder()
             .max_size(options.max_size)
             .min_idle(Some(options.max_size.min(4)))
             .connection_timeout(options.checkout_timeout)
             .test_on_check_out(true)
+            .error_handler(Box::new(PoolErrors(health.clone())))
+            .event_handler(Box::new(PoolEvents(health)))
             .build(manager)
             .map_err(|e| Error::pool(format!("cannot open a connection pool to {}", redact_url(url)), e))?;
         Ok(Database {
