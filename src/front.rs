@@ -1,12 +1,13 @@
 //! The tiny_http front: the listening socket and what it takes to keep tiny_http 0.12 serving
 //! under hostile or unlucky conditions its own code does not handle (see ../shared/stack.md):
-//! an accept loop that dies on its first error, a connection pool that can strand a new
-//! connection, and a request drop that aborts the process on an absurd `Content-Length`.
+//! an accept loop that dies on its first error or panics when a descriptor runs out, a
+//! connection pool that can strand a new connection, and a request drop that aborts the
+//! process on an absurd `Content-Length`.
 
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, Once, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,13 +27,19 @@ const UNDRAINABLE_BODY_BYTES: usize = 1 << 30;
 /// Requests answered without draining their body so far (each parks one connection thread).
 static UNDRAINED: AtomicUsize = AtomicUsize::new(0);
 
+/// Panics raised inside tiny_http's code so far (see [`watch_tiny_http_panics`]).
+static TINY_HTTP_PANICS: AtomicUsize = AtomicUsize::new(0);
+
+/// The server currently accepting, shared by the request threads and the kicker.
+type CurrentServer = Arc<RwLock<Arc<Server>>>;
+
 /// The listening socket and the tiny_http server currently accepting on it.
 pub(crate) struct Front {
     /// Our own handle on the socket: it outlives a tiny_http accept loop that died, so a new
     /// server can take over the same port with no gap in which it is closed.
     listener: TcpListener,
     addr: SocketAddr,
-    current: RwLock<Arc<Server>>,
+    current: CurrentServer,
     stopping: AtomicBool,
     kicker_stop: Arc<AtomicBool>,
     kicker: Mutex<Option<JoinHandle<()>>>,
@@ -46,13 +53,14 @@ impl Front {
         let local = listener
             .local_addr()
             .map_err(|e| Error::Config(format!("cannot read the address of HTTP_ADDR {addr}: {e}")))?;
-        let server = new_server(&listener)?;
+        watch_tiny_http_panics();
+        let current = Arc::new(RwLock::new(Arc::new(new_server(&listener)?)));
         let kicker_stop = Arc::new(AtomicBool::new(false));
-        let kicker = start_kicker(local, kicker_stop.clone())?;
+        let kicker = start_kicker(local, current.clone(), kicker_stop.clone())?;
         Ok(Front {
             listener,
             addr: local,
-            current: RwLock::new(Arc::new(server)),
+            current,
             stopping: AtomicBool::new(false),
             kicker_stop,
             kicker: Mutex::new(Some(kicker)),
@@ -93,7 +101,7 @@ impl Front {
     }
 
     fn server(&self) -> Arc<Server> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        current_server(&self.current)
     }
 
     /// tiny_http's accept loop ends for good on its first accept error (ECONNABORTED, EMFILE):
@@ -135,7 +143,11 @@ impl Front {
 /// for it; the queued connection then waits until some other connection closes, which
 /// keep-alive clients may never do. A connection that closes at once ends its task and lets
 /// the pool pick up whatever is queued, so a thread makes one every [`KICK_INTERVAL`].
-fn start_kicker(addr: SocketAddr, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
+///
+/// The same thread notices a panic in tiny_http's code (its accept thread dies that way when
+/// a descriptor runs out between `accept` and cloning the socket, and then says nothing) and
+/// wakes a request thread, which sees the error and starts a new server on the same socket.
+fn start_kicker(addr: SocketAddr, current: CurrentServer, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
     let target = match addr {
         SocketAddr::V4(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
         SocketAddr::V6(a) if a.ip().is_unspecified() => {
@@ -146,7 +158,14 @@ fn start_kicker(addr: SocketAddr, stop: Arc<AtomicBool>) -> Result<JoinHandle<()
     std::thread::Builder::new()
         .name("http-kicker".into())
         .spawn(move || {
+            let mut panics_seen = TINY_HTTP_PANICS.load(Ordering::SeqCst);
             while !stop.load(Ordering::Relaxed) {
+                let panics = TINY_HTTP_PANICS.load(Ordering::SeqCst);
+                if panics != panics_seen {
+                    panics_seen = panics;
+                    log::error!("http: tiny_http panicked; restarting its accept loop in case it died");
+                    current_server(&current).unblock();
+                }
                 if let Ok(stream) = TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
                     drop(stream);
                 }
@@ -154,6 +173,27 @@ fn start_kicker(addr: SocketAddr, stop: Arc<AtomicBool>) -> Result<JoinHandle<()
             }
         })
         .map_err(|e| Error::Other(format!("cannot start an HTTP thread: {e}")))
+}
+
+fn current_server(current: &CurrentServer) -> Arc<Server> {
+    current.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Counts panics raised in tiny_http's own source files, then lets the previous hook report
+/// them as usual. tiny_http 0.12's accept thread unwraps a socket clone that fails when the
+/// process is out of descriptors: the thread dies and the server never accepts again, with no
+/// error reaching [`Server::recv`]. The count is how the kicker learns of it.
+fn watch_tiny_http_panics() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.location().is_some_and(|l| l.file().contains("tiny_http")) {
+                TINY_HTTP_PANICS.fetch_add(1, Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+    });
 }
 
 fn new_server(listener: &TcpListener) -> Result<Server> {
