@@ -30,6 +30,40 @@ pub struct Topology {
     pub exchange: String,
     /// Durable queue bound to the exchange with `#` (every event). Default `order_events`.
     pub queue: String,
+    /// Kind of the queue and its dead-letter queue. Default [`QueueType::Classic`].
+    pub queue_type: QueueType,
+}
+
+/// The kind of RabbitMQ queue to declare.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// A classic queue: one node holds it. Fine for a single RabbitMQ node.
+    #[default]
+    Classic,
+    /// A quorum queue, replicated with Raft across a cluster's nodes: what a clustered
+    /// RabbitMQ should use for messages that must not be lost with one node.
+    Quorum,
+}
+
+impl QueueType {
+    /// Parses `classic` or `quorum` (the values of `AMQP_QUEUE_TYPE`).
+    pub fn parse(text: &str) -> Result<QueueType> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            other => Err(Error::Config(format!(
+                "AMQP_QUEUE_TYPE must be `classic` or `quorum`, not `{other}`"
+            ))),
+        }
+    }
+
+    /// The value of the `x-queue-type` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
 }
 
 impl Default for Topology {
@@ -37,17 +71,24 @@ impl Default for Topology {
         Topology {
             exchange: "txoutbox.events".into(),
             queue: "order_events".into(),
+            queue_type: QueueType::Classic,
         }
     }
 }
 
 impl Topology {
-    /// Topology with the given exchange and queue names.
+    /// Topology with the given exchange and queue names and classic queues.
     pub fn new(exchange: impl Into<String>, queue: impl Into<String>) -> Self {
         Topology {
             exchange: exchange.into(),
             queue: queue.into(),
+            queue_type: QueueType::Classic,
         }
+    }
+
+    /// The same topology with queues of the given type.
+    pub fn with_queue_type(self, queue_type: QueueType) -> Self {
+        Topology { queue_type, ..self }
     }
 
     /// Fanout exchange that receives what the queue dead-letters: `<queue>.dlx`.
@@ -61,17 +102,37 @@ impl Topology {
     }
 
     /// Declares the exchange, the queue and its dead-letter exchange and queue. Idempotent.
+    ///
+    /// Fails when a queue of the same name exists with other arguments, e.g. a classic queue
+    /// where [`QueueType::Quorum`] is asked for: RabbitMQ cannot convert a queue in place.
     pub fn declare(&self, channel: &Channel) -> Result<()> {
         let durable_exchange = || ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
         };
-        let durable_queue = |arguments| QueueDeclareOptions {
-            durable: true,
-            arguments,
-            ..Default::default()
+        let durable_queue = |mut arguments: FieldTable| {
+            // Classic stays implicit so queues declared before the setting existed still match.
+            if self.queue_type == QueueType::Quorum {
+                arguments.insert(
+                    "x-queue-type".into(),
+                    AmqpValue::LongString(self.queue_type.as_str().into()),
+                );
+            }
+            QueueDeclareOptions {
+                durable: true,
+                arguments,
+                ..Default::default()
+            }
         };
         let context = |what: &str| format!("cannot declare {what} on RabbitMQ");
+        let queue_context = |name: &str| {
+            format!(
+                "cannot declare queue {name} on RabbitMQ as a {} queue (if it exists with other \
+                 arguments, e.g. of another AMQP_QUEUE_TYPE, delete it once it is drained or \
+                 choose another AMQP_QUEUE)",
+                self.queue_type.as_str()
+            )
+        };
 
         let dlx = channel
             .exchange_declare(
@@ -82,7 +143,7 @@ impl Topology {
             .map_err(|e| Error::broker(context("the dead-letter exchange"), e))?;
         let dlq = channel
             .queue_declare(self.dead_letter_queue(), durable_queue(FieldTable::default()))
-            .map_err(|e| Error::broker(context("the dead-letter queue"), e))?;
+            .map_err(|e| Error::broker(queue_context(&self.dead_letter_queue()), e))?;
         dlq.bind(&dlx, "", FieldTable::default())
             .map_err(|e| Error::broker(context("the dead-letter binding"), e))?;
 
@@ -96,7 +157,7 @@ impl Topology {
         );
         let queue = channel
             .queue_declare(self.queue.as_str(), durable_queue(arguments))
-            .map_err(|e| Error::broker(context(&format!("queue {}", self.queue)), e))?;
+            .map_err(|e| Error::broker(queue_context(&self.queue), e))?;
         queue
             .bind(&exchange, "#", FieldTable::default())
             .map_err(|e| Error::broker(context(&format!("binding of queue {}", self.queue)), e))?;

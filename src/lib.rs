@@ -51,7 +51,7 @@ pub mod relay;
 pub mod stress;
 pub mod wakeup;
 
-pub use broker::Topology;
+pub use broker::{QueueType, Topology};
 pub use config::{ConsumerConfig, HttpConfig, RelayConfig};
 pub use consumer::{Handler, HandlerError, Message};
 pub use db::{Database, PoolOptions};

@@ -55,7 +55,7 @@ fn try_main() -> Result<(), String> {
         max_size: env_parse("DB_POOL_SIZE", 2)?,
         ..PoolOptions::default()
     };
-    let topology = common::topology_from_env();
+    let topology = common::topology_from_env()?;
     let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
     let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
 

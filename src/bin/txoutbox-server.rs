@@ -79,7 +79,7 @@ fn try_main() -> Result<(), String> {
         max_size: env_parse("DB_POOL_SIZE", pool_size as u32)?,
         ..PoolOptions::default()
     };
-    let topology = common::topology_from_env();
+    let topology = common::topology_from_env()?;
     let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
     let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
 

@@ -42,7 +42,7 @@ fn try_main() -> Result<(), String> {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
     let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
-    let topology = common::topology_from_env();
+    let topology = common::topology_from_env()?;
     let connect = || {
         Database::connect(
             &database_url,

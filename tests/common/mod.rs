@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amiquip::{AmqpProperties, Channel, Connection, Publish};
 use postgres::{Client, NoTls};
-use txoutbox::{Database, PoolOptions, Topology};
+use txoutbox::{Database, PoolOptions, QueueType, Topology};
 use uuid::Uuid;
 
 /// Admin URL: any database on the test server; tests create their own databases beside it.
@@ -135,11 +135,17 @@ pub struct Received {
 
 impl TestBroker {
     pub fn new() -> TestBroker {
+        TestBroker::with_queue_type(QueueType::Classic)
+    }
+
+    /// A fresh topology whose queues are of `queue_type`.
+    pub fn with_queue_type(queue_type: QueueType) -> TestBroker {
         let suffix = unique_suffix();
         let topology = Topology::new(
             format!("txo_test.{suffix}.events"),
             format!("txo_test.{suffix}.q"),
-        );
+        )
+        .with_queue_type(queue_type);
         let url = amqp_url();
         let (connection, channel) = txoutbox::broker::connect(&url).expect("tests need RabbitMQ");
         topology

@@ -34,19 +34,27 @@ pub const SERVICE_SETTINGS: &[Setting] = &[
         help: "queue bound to the exchange; dead letters go to <queue>.dlx -> <queue>.dlq",
     },
     Setting {
+        name: "AMQP_QUEUE_TYPE",
+        default: "classic",
+        help: "classic, or quorum (replicated; for a clustered RabbitMQ)",
+    },
+    Setting {
         name: "RUST_LOG",
         default: "info",
         help: "log filter (error, warn, info, debug, trace)",
     },
 ];
 
-/// The exchange and queue named by `AMQP_EXCHANGE` and `AMQP_QUEUE`.
-pub fn topology_from_env() -> txoutbox::Topology {
+/// The exchange and queues named by `AMQP_EXCHANGE` and `AMQP_QUEUE`, of `AMQP_QUEUE_TYPE`.
+pub fn topology_from_env() -> Result<txoutbox::Topology, String> {
     let defaults = txoutbox::Topology::default();
-    txoutbox::Topology::new(
+    let queue_type =
+        txoutbox::QueueType::parse(&env_or("AMQP_QUEUE_TYPE", "classic")).map_err(|e| e.to_string())?;
+    Ok(txoutbox::Topology::new(
         env_or("AMQP_EXCHANGE", &defaults.exchange),
         env_or("AMQP_QUEUE", &defaults.queue),
     )
+    .with_queue_type(queue_type))
 }
 
 /// Prints `--help` for a binary: what it does, then each setting with its default.
