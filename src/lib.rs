@@ -48,6 +48,7 @@ pub mod metrics;
 pub mod orders;
 pub mod outbox;
 pub mod relay;
+pub mod retention;
 pub mod stress;
 pub mod wakeup;
 

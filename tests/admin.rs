@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use common::{TestBroker, TestDb};
 use serde_json::json;
+use txoutbox::retention::{self, RetentionConfig};
 use txoutbox::{admin, enqueue, NewEvent};
 use uuid::Uuid;
 
@@ -84,4 +85,65 @@ fn purging_processed_messages_keeps_the_recent_ones() {
     let deleted = admin::purge_processed(&mut client, Duration::from_secs(7 * 86_400), 1000).unwrap();
     assert_eq!(deleted, 2500);
     assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 10);
+}
+
+#[test]
+fn retention_purges_old_dedupe_rows_in_batches_and_keeps_recent_ones() {
+    let t = TestDb::new();
+    t.client()
+        .batch_execute(
+            "INSERT INTO processed_messages (message_id, event_type, aggregate_id, processed_at)
+             SELECT gen_random_uuid(), 'TestHappened', n::text, now() - interval '8 days'
+             FROM generate_series(1, 2500) n;
+             INSERT INTO processed_messages (message_id, event_type, aggregate_id, processed_at)
+             SELECT gen_random_uuid(), 'TestHappened', n::text, now() - interval '6 days'
+             FROM generate_series(1, 10) n;
+             CREATE TABLE delete_statements (at timestamptz DEFAULT now());
+             CREATE FUNCTION count_delete() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO delete_statements DEFAULT VALUES; RETURN NULL; END $$;
+             CREATE TRIGGER count_delete AFTER DELETE ON processed_messages
+               FOR EACH STATEMENT EXECUTE FUNCTION count_delete();",
+        )
+        .unwrap();
+    let handle = retention::start(
+        t.db.clone(),
+        RetentionConfig {
+            keep: Duration::from_secs(7 * 86_400),
+            interval: Duration::from_millis(100),
+            batch: 300,
+        },
+    )
+    .unwrap();
+    common::wait_until("old rows are purged", Duration::from_secs(30), || {
+        t.count("SELECT count(*) FROM processed_messages WHERE processed_at < now() - interval '7 days'") == 0
+    });
+    // 2,500 rows in batches of 300: at least 9 statements, none holding every row's lock.
+    assert!(t.count("SELECT count(*) FROM delete_statements") >= 9);
+    // Rows that age past the window later are purged by a later run.
+    t.client()
+        .batch_execute(
+            "UPDATE processed_messages SET processed_at = now() - interval '9 days'
+             WHERE aggregate_id IN ('1', '2')",
+        )
+        .unwrap();
+    common::wait_until(
+        "a later run purges newly aged rows",
+        Duration::from_secs(30),
+        || t.count("SELECT count(*) FROM processed_messages") == 8,
+    );
+    handle.stop();
+    assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 8);
+}
+
+#[test]
+fn retention_refuses_an_empty_batch() {
+    let t = TestDb::new();
+    let config = RetentionConfig {
+        batch: 0,
+        ..RetentionConfig::default()
+    };
+    let error = retention::start(t.db.clone(), config)
+        .err()
+        .expect("a batch of 0 is refused");
+    assert!(error.to_string().contains("batch"), "{error}");
 }

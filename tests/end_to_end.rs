@@ -28,7 +28,19 @@ fn free_port() -> u16 {
 }
 
 fn spawn(binary: &str, t: &TestDb, broker: &TestBroker, http_addr: &str) -> Process {
+    spawn_with(binary, t, broker, http_addr, &[])
+}
+
+/// [`spawn`] with `extra` settings on top.
+fn spawn_with(
+    binary: &str,
+    t: &TestDb,
+    broker: &TestBroker,
+    http_addr: &str,
+    extra: &[(&str, &str)],
+) -> Process {
     let child = Command::new(binary)
+        .envs(extra.iter().copied())
         .env("DATABASE_URL", &t.url)
         .env("AMQP_URL", amqp_url())
         .env("AMQP_EXCHANGE", &broker.topology.exchange)
@@ -70,6 +82,44 @@ fn orders_over_http_are_all_completed_exactly_once_by_the_real_binaries() {
     );
     assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 1000);
     assert_eq!(t.count("SELECT count(*) FROM outbox"), 0);
+}
+
+#[test]
+fn the_consumer_purges_dedupe_rows_older_than_its_retention() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    t.client()
+        .batch_execute(
+            "INSERT INTO processed_messages (message_id, event_type, aggregate_id, processed_at)
+             SELECT gen_random_uuid(), 'OrderCreated', n::text, now() - n * interval '1 day'
+             FROM generate_series(1, 5) n",
+        )
+        .unwrap();
+    let _consumer = spawn_with(
+        env!("CARGO_BIN_EXE_txoutbox-consumer"),
+        &t,
+        &broker,
+        "unused",
+        &[("PROCESSED_RETENTION", "3d"), ("RETENTION_INTERVAL", "1s")],
+    );
+    wait_until(
+        "rows older than 3 days are purged",
+        Duration::from_secs(30),
+        || t.count("SELECT count(*) FROM processed_messages") == 2,
+    );
+    assert_eq!(
+        t.count("SELECT count(*) FROM processed_messages WHERE processed_at > now() - interval '3 days'"),
+        2
+    );
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_txoutbox-consumer"))
+        .env("DATABASE_URL", &t.url)
+        .env("PROCESSED_RETENTION", "a week")
+        .output()
+        .expect("the consumer runs");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("PROCESSED_RETENTION"), "{stderr}");
 }
 
 #[test]

@@ -5,7 +5,8 @@ mod common;
 
 use common::{env_or, env_parse, Setting};
 use txoutbox::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
-use txoutbox::{consumer, orders, ConsumerConfig, Database, PoolOptions};
+use txoutbox::retention::{self, RetentionConfig};
+use txoutbox::{admin, consumer, orders, ConsumerConfig, Database, PoolOptions};
 
 const SETTINGS: &[Setting] = &[
     Setting {
@@ -22,6 +23,16 @@ const SETTINGS: &[Setting] = &[
         name: "CONSUMER_MAX_RETRIES",
         default: "5",
         help: "redeliveries after a transient handler failure before dead-lettering",
+    },
+    Setting {
+        name: "PROCESSED_RETENTION",
+        default: "7d",
+        help: "age after which processed_messages rows are purged (d, h, m, s; `off` keeps them)",
+    },
+    Setting {
+        name: "RETENTION_INTERVAL",
+        default: "1h",
+        help: "pause between two purges of processed_messages (batches of 1000 rows)",
     },
     Setting {
         name: "DB_POOL_SIZE",
@@ -59,13 +70,41 @@ fn try_main() -> Result<(), String> {
     let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
     let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
 
+    let retention = retention_from_env()?;
+
     let db = Database::connect(&database_url, &pool).map_err(|e| e.to_string())?;
+    let purge = match retention {
+        Some(config) => Some(retention::start(db.clone(), config).map_err(|e| e.to_string())?),
+        None => None,
+    };
     let handle =
         consumer::start(db, &amqp_url, topology, config, orders::OrderEvents).map_err(|e| e.to_string())?;
     println!("txoutbox-consumer consuming");
     common::wait_for_shutdown_signal()?;
     // Commit and ack the batch in hand, then close the connection.
     handle.stop();
+    if let Some(purge) = purge {
+        purge.stop();
+    }
     log::info!("shutdown: done");
     Ok(())
+}
+
+/// `PROCESSED_RETENTION` and `RETENTION_INTERVAL`; `None` when retention is `off`.
+fn retention_from_env() -> Result<Option<RetentionConfig>, String> {
+    let keep = env_or("PROCESSED_RETENTION", "7d");
+    if keep.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let age = |name: &str, text: &str| admin::parse_age(text).map_err(|e| format!("{name}: {e}"));
+    let keep = age("PROCESSED_RETENTION", &keep)?;
+    let interval = age("RETENTION_INTERVAL", &env_or("RETENTION_INTERVAL", "1h"))?;
+    if interval.is_zero() {
+        return Err("RETENTION_INTERVAL must be more than 0 s".into());
+    }
+    Ok(Some(RetentionConfig {
+        keep,
+        interval,
+        ..RetentionConfig::default()
+    }))
 }
