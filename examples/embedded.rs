@@ -8,6 +8,8 @@
 //! cargo run --example embedded            # uses the local Postgres and RabbitMQ
 //! DATABASE_URL=... AMQP_URL=... cargo run --example embedded
 //! ```
+//!
+//! `AMQP_EXCHANGE` and `AMQP_QUEUE` override its names (`billing.events`, `invoice_events`).
 
 use std::time::{Duration, Instant};
 
@@ -76,7 +78,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     db.get()?
         .batch_execute(INVOICES)
         .map_err(|e| Error::db("create invoices", e))?;
-    let topology = Topology::new("billing.events", "invoice_events");
+    let setting = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    let topology = Topology::new(
+        setting("AMQP_EXCHANGE", "billing.events"),
+        setting("AMQP_QUEUE", "invoice_events"),
+    );
 
     let relay = relay::start(db.clone(), &amqp_url, topology.clone(), RelayConfig::default())?;
     let consumer = consumer::start(
