@@ -133,6 +133,12 @@ pub struct HttpConfig {
     /// When set, `POST` requests need `Authorization: Bearer <token>` (`API_TOKEN`, default
     /// unset: no authentication).
     pub api_token: Option<Secret>,
+    /// How long a connection may stay silent, mid-request or between keep-alive requests,
+    /// before it is closed (default 10 s). A request whose body stalls that long gets 408, so a
+    /// slow or stalled client cannot hold a handler thread.
+    pub idle_timeout: Duration,
+    /// How long a shutdown waits for requests in hand before leaving them (default 8 s).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for HttpConfig {
@@ -142,6 +148,8 @@ impl Default for HttpConfig {
             threads: 16,
             max_body_bytes: 64 * 1024,
             api_token: None,
+            idle_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(8),
         }
     }
 }
@@ -154,6 +162,9 @@ impl HttpConfig {
                 "HTTP_THREADS must be 1..=1024, got {}",
                 self.threads
             )));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(Error::Config("the HTTP idle timeout must be more than 0".into()));
         }
         Ok(())
     }

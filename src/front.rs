@@ -46,10 +46,12 @@ pub(crate) struct Front {
 }
 
 impl Front {
-    /// Binds `addr` and starts accepting.
-    pub(crate) fn bind(addr: &str) -> Result<Front> {
+    /// Binds `addr` and starts accepting. A connection silent for `idle_timeout` while the
+    /// server reads from it (or that takes no data for as long while it writes) fails its I/O.
+    pub(crate) fn bind(addr: &str, idle_timeout: Duration) -> Result<Front> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::Config(format!("cannot listen on HTTP_ADDR {addr}: {e}")))?;
+        set_connection_timeouts(&listener, idle_timeout)?;
         let local = listener
             .local_addr()
             .map_err(|e| Error::Config(format!("cannot read the address of HTTP_ADDR {addr}: {e}")))?;
@@ -173,6 +175,17 @@ fn start_kicker(addr: SocketAddr, current: CurrentServer, stop: Arc<AtomicBool>)
             }
         })
         .map_err(|e| Error::Other(format!("cannot start an HTTP thread: {e}")))
+}
+
+/// Sets the read and write timeouts on the listening socket, from which Linux copies them to
+/// every accepted connection: tiny_http gives no access to a connection's socket, and without
+/// a timeout a client that stops sending mid-body holds a handler thread for good.
+fn set_connection_timeouts(listener: &TcpListener, timeout: Duration) -> Result<()> {
+    let socket = socket2::SockRef::from(listener);
+    socket
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| socket.set_write_timeout(Some(timeout)))
+        .map_err(|e| Error::Other(format!("cannot set timeouts on the HTTP socket: {e}")))
 }
 
 fn current_server(current: &CurrentServer) -> Arc<Server> {

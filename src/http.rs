@@ -1,10 +1,11 @@
 //! The HTTP API on tiny_http: a fixed pool of handler threads, routing, JSON in and out, and
 //! the mapping from errors to status codes.
 
-use std::io::Read;
+use std::io::{ErrorKind, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, StatusCode};
@@ -21,6 +22,7 @@ use crate::{Error, Result};
 pub struct HttpHandle {
     front: Arc<Front>,
     threads: Vec<JoinHandle<()>>,
+    shutdown_grace: Duration,
 }
 
 impl HttpHandle {
@@ -29,17 +31,30 @@ impl HttpHandle {
         self.front.addr()
     }
 
-    /// Stops taking requests, lets handlers finish the ones in hand, joins every thread.
+    /// Stops taking requests and lets handlers finish the ones in hand, waiting at most the
+    /// configured shutdown grace; handlers still busy then are left to the process's exit.
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
         self.front.stop(self.threads.len());
-        for thread in self.threads.drain(..) {
+        let deadline = Instant::now() + self.shutdown_grace;
+        while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (finished, busy): (Vec<_>, Vec<_>) = self.threads.drain(..).partition(|t| t.is_finished());
+        for thread in finished {
             if thread.join().is_err() {
                 log::error!("http: a handler thread panicked");
             }
+        }
+        if !busy.is_empty() {
+            log::warn!(
+                "http: {} request(s) still in hand after {:?}; leaving them",
+                busy.len(),
+                self.shutdown_grace
+            );
         }
     }
 }
@@ -64,7 +79,7 @@ pub fn serve_with_relay(
     relay: Option<RelayHealth>,
 ) -> Result<HttpHandle> {
     config.validate()?;
-    let front = Arc::new(Front::bind(&config.addr)?);
+    let front = Arc::new(Front::bind(&config.addr, config.idle_timeout)?);
     let api = Arc::new(Api {
         db,
         relay,
@@ -87,7 +102,11 @@ pub fn serve_with_relay(
         threads.push(thread);
     }
     log::info!("http: listening on {} threads={}", front.addr(), config.threads);
-    Ok(HttpHandle { front, threads })
+    Ok(HttpHandle {
+        front,
+        threads,
+        shutdown_grace: config.shutdown_grace,
+    })
 }
 
 /// A response before it is encoded.
@@ -294,7 +313,12 @@ fn read_body(request: &mut Request, max: usize) -> Result<Vec<u8>, Reply> {
         .as_reader()
         .take(max as u64 + 1)
         .read_to_end(&mut body)
-        .map_err(|e| Reply::error(400, format!("cannot read the body: {e}")))?;
+        .map_err(|e| match e.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+                Reply::error(408, "the request body stopped arriving; send it without pauses")
+            }
+            _ => Reply::error(400, format!("cannot read the body: {e}")),
+        })?;
     if body.len() > max {
         return Err(too_large());
     }

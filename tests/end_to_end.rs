@@ -300,6 +300,65 @@ fn the_server_accepts_again_after_running_out_of_file_descriptors() {
     });
 }
 
+/// Sends the headers of a POST whose body never comes, and keeps the connection open.
+fn stall_a_body(addr: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).expect("the server listens");
+    stream
+        .write_all(
+            b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 20000\r\n\r\n{",
+        )
+        .expect("the headers are sent");
+    stream
+}
+
+#[test]
+fn a_request_stalled_mid_body_does_not_hold_up_a_sigterm() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut server = spawn(env!("CARGO_BIN_EXE_txoutbox-server"), &t, &broker, &addr);
+    wait_until("the server answers", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    let _stalled = stall_a_body(&addr);
+    let (took, clean) = signal_and_wait(&mut server, "-TERM");
+    assert!(
+        clean && took < Duration::from_secs(10),
+        "exit 0 within 10 s despite the stalled request, took {took:?}"
+    );
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut server = spawn(env!("CARGO_BIN_EXE_txoutbox-server"), &t, &broker, &addr);
+    wait_until("the server answers", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    // A request in hand keeps the first shutdown waiting (up to its grace of 8 s).
+    let _stalled = stall_a_body(&addr);
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        server.0.try_wait().expect("wait").is_none(),
+        "the first signal should wait for the request in hand"
+    );
+    let (took, clean) = signal_and_wait(&mut server, "-INT");
+    assert!(
+        !clean && took < Duration::from_secs(2),
+        "the second signal should end the process at once with a failure status, took {took:?}"
+    );
+}
+
 /// Sends `signal` to the child and returns how long it took to exit, and whether it exited 0.
 fn signal_and_wait(process: &mut Process, signal: &str) -> (Duration, bool) {
     let started = std::time::Instant::now();

@@ -119,3 +119,71 @@ fn a_content_length_that_lies_gets_413_and_the_server_lives_on() {
     }
     assert_eq!(t.count("SELECT count(*) FROM orders"), 0);
 }
+
+/// Sends the headers of a POST whose body never comes (1 of 20,000 bytes), and keeps it open.
+fn stall_a_body(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(
+            b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 20000\r\n\r\n{",
+        )
+        .unwrap();
+    stream
+}
+
+#[test]
+fn a_stalled_body_gets_408_and_frees_its_handler_thread() {
+    let t = TestDb::new();
+    let config = HttpConfig {
+        addr: "127.0.0.1:0".into(),
+        threads: 1,
+        idle_timeout: Duration::from_millis(500),
+        ..HttpConfig::default()
+    };
+    let server = http::serve(&config, t.db.clone(), Announce::Notify).unwrap();
+    let addr = server.addr();
+
+    let mut stalled = stall_a_body(addr);
+    stalled.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut reply = String::new();
+    let _ = stalled.read_to_string(&mut reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 408"),
+        "the stalled request: {reply:?}"
+    );
+
+    // The only handler thread is free again: the next client is served.
+    let mut client = BufReader::new(TcpStream::connect(addr).unwrap());
+    client
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(get_keep_alive(addr, &mut client), Some(404));
+    assert_eq!(t.count("SELECT count(*) FROM orders"), 0);
+}
+
+#[test]
+fn a_keep_alive_connection_idle_past_the_timeout_is_closed() {
+    let t = TestDb::new();
+    let config = HttpConfig {
+        addr: "127.0.0.1:0".into(),
+        idle_timeout: Duration::from_millis(300),
+        ..HttpConfig::default()
+    };
+    let server = http::serve(&config, t.db.clone(), Announce::Notify).unwrap();
+    let addr = server.addr();
+    let mut client = BufReader::new(TcpStream::connect(addr).unwrap());
+    client
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(get_keep_alive(addr, &mut client), Some(404));
+    // Silent from here: the server closes its end (EOF), well before the client's 20 s.
+    let mut rest = Vec::new();
+    let read = client.read_to_end(&mut rest);
+    assert!(
+        matches!(read, Ok(0)),
+        "expected the server to close the idle connection: {read:?}"
+    );
+}
