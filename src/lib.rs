@@ -48,6 +48,7 @@ pub mod metrics;
 pub mod orders;
 pub mod outbox;
 pub mod relay;
+mod status;
 pub mod stress;
 pub mod wakeup;
 
