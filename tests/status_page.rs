@@ -178,6 +178,11 @@ fn the_status_page_shows_orders_outbox_and_a_rate_chart_in_a_browser() {
         Duration::from_secs(20),
         || relay.stats().published() >= 6,
     );
+    wait_until(
+        "both relay workers are connected",
+        Duration::from_secs(20),
+        || relay.health().connected_workers() == 2,
+    );
     // A backlog the relay leaves alone: one event waiting for a retry, 90 s old, and one failed.
     client
         .batch_execute(
