@@ -24,7 +24,8 @@ pub struct Status {
     pub dlq_depth: Option<u32>,
 }
 
-const OUTBOX_STATUS: &str = "\
+/// Backlog (not failed), age in seconds of its oldest row, failed rows: one pass over `outbox`.
+pub(crate) const OUTBOX_STATUS: &str = "\
     SELECT count(*) FILTER (WHERE failed_at IS NULL),
            coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE failed_at IS NULL)), 0)::float8,
            count(*) FILTER (WHERE failed_at IS NOT NULL)

@@ -16,13 +16,19 @@ use crate::db::Database;
 use crate::front::{self, Front};
 use crate::orders::{self, Announce};
 use crate::relay::RelayHealth;
+use crate::status::{self, Sampler, StatusPage};
 use crate::{Error, Result};
+
+/// The OpenAPI document of this API, served at `GET /openapi.yaml`.
+pub const OPENAPI: &str = include_str!("../openapi.yaml");
 
 /// A running HTTP server. Dropping it stops the server like [`stop`](Self::stop).
 pub struct HttpHandle {
     front: Arc<Front>,
     threads: Vec<JoinHandle<()>>,
     shutdown_grace: Duration,
+    /// Stopped after the handler threads, when the handle is dropped.
+    _sampler: Option<Sampler>,
 }
 
 impl HttpHandle {
@@ -80,9 +86,11 @@ pub fn serve_with_relay(
 ) -> Result<HttpHandle> {
     config.validate()?;
     let front = Arc::new(Front::bind(&config.addr, config.idle_timeout)?);
+    let (status, sampler) = StatusPage::start(db.clone(), relay.clone())?;
     let api = Arc::new(Api {
         db,
         relay,
+        status,
         announce,
         api_token: config.api_token.clone(),
         max_body_bytes: config.max_body_bytes,
@@ -106,6 +114,7 @@ pub fn serve_with_relay(
         front,
         threads,
         shutdown_grace: config.shutdown_grace,
+        _sampler: sampler,
     })
 }
 
@@ -115,6 +124,8 @@ struct Reply {
     body: Value,
     /// Extra header, e.g. `Allow` on a 405 or `WWW-Authenticate` on a 401.
     header: Option<(&'static str, &'static str)>,
+    /// A body that is not JSON, with its content type; `body` is then ignored.
+    document: Option<(&'static str, &'static str)>,
 }
 
 impl Reply {
@@ -123,6 +134,15 @@ impl Reply {
             status,
             body,
             header: None,
+            document: None,
+        }
+    }
+
+    /// 200 with a static document such as the status page.
+    fn document(content_type: &'static str, text: &'static str) -> Self {
+        Reply {
+            document: Some((content_type, text)),
+            ..Reply::json(200, Value::Null)
         }
     }
 
@@ -141,6 +161,7 @@ impl Reply {
 struct Api {
     db: Database,
     relay: Option<RelayHealth>,
+    status: StatusPage,
     api_token: Option<Secret>,
     announce: Announce,
     max_body_bytes: usize,
@@ -149,10 +170,16 @@ struct Api {
 impl Api {
     fn respond(&self, mut request: Request) {
         let reply = self.route(&mut request);
-        let body = serde_json::to_vec(&reply.body).unwrap_or_default();
+        let (content_type, body) = match reply.document {
+            Some((content_type, text)) => (content_type, text.as_bytes().to_vec()),
+            None => (
+                "application/json",
+                serde_json::to_vec(&reply.body).unwrap_or_default(),
+            ),
+        };
         let mut response = Response::from_data(body)
             .with_status_code(StatusCode(reply.status))
-            .with_header(header("Content-Type", "application/json"));
+            .with_header(header("Content-Type", content_type));
         if let Some((name, value)) = reply.header {
             response.add_header(header(name, value));
         }
@@ -170,6 +197,12 @@ impl Api {
         let path = request.url().split('?').next().unwrap_or("").to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (segments.as_slice(), request.method()) {
+            ([""], Method::Get) => Reply::document("text/html; charset=utf-8", status::PAGE),
+            ([""], _) => Reply::method_not_allowed("GET"),
+            (["status.json"], Method::Get) => Reply::json(200, self.status.snapshot()),
+            (["status.json"], _) => Reply::method_not_allowed("GET"),
+            (["openapi.yaml"], Method::Get) => Reply::document("application/yaml", OPENAPI),
+            (["openapi.yaml"], _) => Reply::method_not_allowed("GET"),
             (["healthz"], Method::Get) => Reply::json(200, json!({ "status": "ok" })),
             (["healthz"], _) => Reply::method_not_allowed("GET"),
             (["readyz"], Method::Get) => self.readiness(),

@@ -49,6 +49,7 @@ pub mod orders;
 pub mod outbox;
 pub mod relay;
 pub mod retention;
+mod status;
 pub mod stress;
 pub mod wakeup;
 

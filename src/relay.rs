@@ -119,6 +119,21 @@ impl RelayHealth {
             _ => Ok(()),
         }
     }
+
+    /// Events the relay has published since it started.
+    pub fn published(&self) -> u64 {
+        self.stats.published()
+    }
+
+    /// Worker threads the relay runs.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Workers currently connected to the broker.
+    pub fn connected_workers(&self) -> u64 {
+        self.stats.connected_workers()
+    }
 }
 
 impl RelayHandle {

@@ -48,7 +48,8 @@ fn main() {
     if common::wants_help() {
         common::print_help(
             "txoutbox-server",
-            "HTTP API for orders (POST /orders, GET /orders/{id}) plus the outbox relay to RabbitMQ",
+            "HTTP API for orders (POST /orders, GET /orders/{id}) plus the outbox relay to RabbitMQ; \
+             status page at /, OpenAPI document at /openapi.yaml",
             "txoutbox-server [--help]",
             &[common::SERVICE_SETTINGS, SETTINGS].concat(),
         );
