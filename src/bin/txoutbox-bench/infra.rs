@@ -2,18 +2,17 @@
 //! removed when dropped, and free ports for the servers it starts.
 
 use std::cell::Cell;
-use std::net::TcpListener;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use amiquip::{AmqpValue, Channel, Connection};
 use postgres::{Client, NoTls};
-use txoutbox::db::{parse_url, quote_identifier};
+use txoutbox::db::parse_url;
 use txoutbox::{Database, Error, PoolOptions, Result, Topology};
+
+use crate::harness::database::{drop_database, sweep_stale_databases, unix_now, url_with_database};
 
 /// Database name prefix; `txo_bench_<unix seconds>_<n>_<label>`.
 const DB_PREFIX: &str = "txo_bench_";
-/// Bench databases older than this are left-overs of an interrupted run and are dropped.
-const STALE_AFTER: Duration = Duration::from_secs(3600);
 /// Statement timeout of the bench's own connections (the fill of a backlog is one statement).
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -54,7 +53,7 @@ impl Infra {
             next: Cell::new(0),
         };
         let mut admin = infra.admin()?;
-        sweep_stale_databases(&mut admin, infra.run_id)?;
+        sweep_stale_databases(&mut admin, DB_PREFIX, "bench", infra.run_id)?;
         let mut show = |setting: &str| -> Result<String> {
             admin
                 .query_one(&format!("SHOW {setting}"), &[])
@@ -141,15 +140,7 @@ impl FreshDb {
 
 impl Drop for FreshDb {
     fn drop(&mut self) {
-        let drop = format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_identifier(&self.name)
-        );
-        match connect(&self.admin_url).and_then(|mut admin| {
-            admin
-                .batch_execute(&drop)
-                .map_err(|e| Error::db(format!("cannot drop database {}", self.name), e))
-        }) {
+        match connect(&self.admin_url).and_then(|mut admin| drop_database(&mut admin, &self.name)) {
             Ok(()) => {}
             Err(e) => log::warn!("bench: {e}; drop it by hand"),
         }
@@ -220,14 +211,6 @@ impl Drop for FreshBroker {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read, released: good until someone else takes it).
-pub fn free_port() -> Result<u16> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(|e| Error::Other(format!("cannot find a free port on 127.0.0.1: {e}")))
-}
-
 /// A plain connection with txoutbox's timeouts.
 pub fn connect(url: &str) -> Result<Client> {
     parse_url(url, STATEMENT_TIMEOUT)?.connect(NoTls).map_err(|e| {
@@ -239,68 +222,4 @@ pub fn connect(url: &str) -> Result<Client> {
             e,
         )
     })
-}
-
-/// `url` with its database name replaced by `name` (query parameters kept).
-pub fn url_with_database(url: &str, name: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((head, query)) => (head, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = head.find("://").map_or(0, |i| i + 3);
-    let host_end = head[scheme_end..]
-        .find('/')
-        .map_or(head.len(), |i| scheme_end + i);
-    format!("{}/{name}{query}", &head[..host_end])
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Drops `txo_bench_<unix>_...` databases created more than [`STALE_AFTER`] before `now`.
-fn sweep_stale_databases(admin: &mut Client, now: u64) -> Result<()> {
-    let rows = admin
-        .query(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'txo\\_bench\\_%'",
-            &[],
-        )
-        .map_err(|e| Error::db("cannot list old bench databases", e))?;
-    let cutoff = now.saturating_sub(STALE_AFTER.as_secs());
-    for row in rows {
-        let name: String = row.get(0);
-        let created = name[DB_PREFIX.len()..]
-            .split('_')
-            .next()
-            .and_then(|t| t.parse::<u64>().ok());
-        if created.is_some_and(|t| t < cutoff) {
-            let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_identifier(&name));
-            match admin.batch_execute(&drop) {
-                Ok(()) => log::info!("bench: dropped stale database {name}"),
-                Err(e) => log::warn!("bench: cannot drop stale database {name}: {e:?}"),
-            }
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::url_with_database;
-
-    #[test]
-    fn database_names_are_replaced() {
-        assert_eq!(
-            url_with_database("postgres://u@h:5432/postgres", "x"),
-            "postgres://u@h:5432/x"
-        );
-        assert_eq!(url_with_database("postgres://h", "x"), "postgres://h/x");
-        assert_eq!(
-            url_with_database("postgres://h/db?sslmode=disable", "x"),
-            "postgres://h/x?sslmode=disable"
-        );
-    }
 }

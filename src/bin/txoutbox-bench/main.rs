@@ -13,6 +13,8 @@ mod ceilings;
 mod common;
 mod cpu;
 mod drain;
+#[path = "../harness/mod.rs"]
+mod harness;
 mod infra;
 mod latency;
 mod load;
@@ -31,31 +33,21 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use txoutbox::config::DEFAULT_AMQP_URL;
 use txoutbox::{Error, Result};
 
+use crate::harness::startup;
+use crate::harness::timestamp::Timestamp;
 use crate::infra::Infra;
 use crate::options::{Options, Plan, HELP, MEMORY_CONNECTIONS};
 use crate::process::Launcher;
-use crate::report::{count, Results, Timestamp};
+use crate::report::{count, Results};
 use crate::verify::Checks;
 
-/// Default `DATABASE_URL`: any database of the local server; scenarios create their own.
-const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
 fn main() {
-    let options = match Options::parse(std::env::args().skip(1)) {
-        Ok(options) => options,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
-    };
-    if options.help {
-        println!("{HELP}");
+    let parsed = Options::parse(std::env::args().skip(1));
+    let Some(options) = startup::start(parsed, HELP, |o: &Options| o.help) else {
         return;
-    }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    };
     common::run(|| try_main(&options).map_err(|e| e.to_string()));
 }
 
@@ -63,15 +55,12 @@ fn try_main(options: &Options) -> Result<()> {
     let plan = Plan::new(options);
     let stop = stop_on_signal()?;
     let timestamp = Timestamp::of(SystemTime::now());
-    let out_dir = match &options.out {
+    let out = match &options.out {
         Some(dir) => dir.clone(),
         None => default_out_dir()?,
-    }
-    .join(&timestamp.compact);
-    std::fs::create_dir_all(&out_dir)
-        .map_err(|e| Error::Other(format!("cannot create {}: {e}", out_dir.display())))?;
-    let database_url = common::env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
-    let amqp_url = common::env_or("AMQP_URL", DEFAULT_AMQP_URL);
+    };
+    let out_dir = startup::run_dir(out, &timestamp)?;
+    let (database_url, amqp_url) = startup::service_urls();
     let infra = Infra::connect(&database_url, &amqp_url)?;
     let launcher = Launcher::new(&out_dir.join("logs"), &amqp_url)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::harness::args;
+
 /// Default `--concurrency`.
 pub const DEFAULT_CONCURRENCY: usize = 32;
 /// Connections of the memory measurement (the RSS target is stated at 64).
@@ -62,50 +64,38 @@ pub struct Options {
 impl Options {
     /// Parses the arguments after the program name.
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
-        let mut options = Options {
-            quick: false,
-            concurrency: DEFAULT_CONCURRENCY,
-            out: None,
-            backlog: None,
-            help: false,
-        };
-        let mut args = args.into_iter();
-        while let Some(arg) = args.next() {
-            let (name, inline) = match arg.split_once('=') {
-                Some((name, value)) if name.starts_with("--") => (name.to_string(), Some(value.to_string())),
-                _ => (arg.clone(), None),
-            };
-            let mut value = |what: &str| -> Result<String, String> {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .ok_or_else(|| format!("{name} needs a value ({what})"))
-            };
-            match name.as_str() {
-                "-h" | "--help" => options.help = true,
-                "--quick" if inline.is_none() => options.quick = true,
+        let mut concurrency = DEFAULT_CONCURRENCY;
+        let mut backlog = None;
+        let common = args::parse(args, |arg, args| {
+            match arg.name.as_str() {
                 "--concurrency" => {
-                    let text = value("a number of connections")?;
-                    options.concurrency = text
+                    let text = args.value(arg, "a number of connections")?;
+                    concurrency = text
                         .parse()
                         .ok()
                         .filter(|c| (1..=512).contains(c))
                         .ok_or_else(|| format!("--concurrency must be 1..=512, got {text:?}"))?;
                 }
-                "--out" => options.out = Some(PathBuf::from(value("a directory")?)),
                 "--backlog" => {
-                    let text = value("a number of events")?;
-                    options.backlog = Some(
+                    let text = args.value(arg, "a number of events")?;
+                    backlog = Some(
                         text.parse()
                             .ok()
                             .filter(|n| (1..=10_000_000).contains(n))
                             .ok_or_else(|| format!("--backlog must be 1..=10000000, got {text:?}"))?,
                     );
                 }
-                other => return Err(format!("unknown argument {other:?}; see --help")),
+                other => return Err(args::unknown(other)),
             }
-        }
-        Ok(options)
+            Ok(())
+        })?;
+        Ok(Options {
+            quick: common.quick,
+            concurrency,
+            out: common.out,
+            backlog,
+            help: common.help,
+        })
     }
 }
 

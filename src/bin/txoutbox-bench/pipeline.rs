@@ -11,10 +11,11 @@ use txoutbox::{Error, Result};
 
 use crate::ceilings::Throughput;
 use crate::cpu::Snapshot;
-use crate::infra::{free_port, FreshDb, Infra};
+use crate::harness::process::free_port;
+use crate::infra::{FreshDb, Infra};
 use crate::load::{closed_loop, LoadOutcome};
 use crate::options::{Plan, MEMORY_CONNECTIONS};
-use crate::process::{wait_consuming, Kind, Launcher, Service};
+use crate::process::{peak_rss_bytes, wait_consuming, Kind, Launcher, Process};
 use crate::sampler::Sampler;
 use crate::verify::{self, Checks};
 use crate::Progress;
@@ -106,8 +107,8 @@ pub fn single(
     interrupted(stop)?;
     let memory = Memory {
         connections: MEMORY_CONNECTIONS,
-        server_peak_rss: server.peak_rss_bytes()?,
-        consumer_peak_rss: consumer.peak_rss_bytes()?,
+        server_peak_rss: peak_rss_bytes(&server)?,
+        consumer_peak_rss: peak_rss_bytes(&consumer)?,
     };
     let mut client = fresh.client()?;
     verify::orders_done_once(
@@ -137,7 +138,7 @@ pub fn scale_out(
 ) -> Result<ScaleOut> {
     let fresh = infra.fresh_db("scaleout", 2)?;
     let broker = infra.fresh_broker("scaleout")?;
-    let mut services: Vec<Service> = Vec::new();
+    let mut services: Vec<Process> = Vec::new();
     let mut urls = Vec::new();
     for n in 1..=2 {
         let addr = local_addr()?;

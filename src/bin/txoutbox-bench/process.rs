@@ -1,40 +1,20 @@
-//! The release binaries as child processes: started with a scenario's settings, logs to files,
-//! waited for, measured (peak RSS), and killed when dropped, whatever path the bench takes.
+//! The release binaries as the bench starts them: on a scenario's database and queue, logging
+//! at `info` to `<log dir>/<name>.log`, measured (peak RSS). The rest is
+//! [`crate::harness::process`].
 
-use std::fs::File;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use txoutbox::{Error, Result};
 
+use crate::harness::process::{Binaries, ChildEnv, READY_TIMEOUT};
+pub use crate::harness::process::{Kind, Process};
 use crate::infra::{FreshBroker, FreshDb};
-
-/// How long a started binary may take to listen or to start consuming.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Which binary.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// `txoutbox-server`: HTTP API and relay.
-    Server,
-    /// `txoutbox-consumer`.
-    Consumer,
-}
-
-impl Kind {
-    fn binary(self) -> &'static str {
-        match self {
-            Kind::Server => "txoutbox-server",
-            Kind::Consumer => "txoutbox-consumer",
-        }
-    }
-}
 
 /// Where the binaries are and where their logs go.
 pub struct Launcher {
-    bin_dir: PathBuf,
+    binaries: Binaries,
     log_dir: PathBuf,
     amqp_url: String,
 }
@@ -42,26 +22,11 @@ pub struct Launcher {
 impl Launcher {
     /// Binaries next to the running bench executable; logs under `log_dir`.
     pub fn new(log_dir: &Path, amqp_url: &str) -> Result<Launcher> {
-        let exe = std::env::current_exe()
-            .map_err(|e| Error::Other(format!("cannot locate the bench executable: {e}")))?;
-        let bin_dir = exe
-            .parent()
-            .ok_or_else(|| Error::Other(format!("{} has no directory", exe.display())))?
-            .to_path_buf();
-        for kind in [Kind::Server, Kind::Consumer] {
-            let path = bin_dir.join(kind.binary());
-            if !path.is_file() {
-                return Err(Error::Config(format!(
-                    "{} not found: build every binary first (cargo build --release --bins, \
-                     which `make bench` does)",
-                    path.display()
-                )));
-            }
-        }
+        let binaries = Binaries::locate("bench")?;
         std::fs::create_dir_all(log_dir)
             .map_err(|e| Error::Other(format!("cannot create {}: {e}", log_dir.display())))?;
         Ok(Launcher {
-            bin_dir,
+            binaries,
             log_dir: log_dir.to_path_buf(),
             amqp_url: amqp_url.to_string(),
         })
@@ -76,98 +41,21 @@ impl Launcher {
         db: &FreshDb,
         broker: &FreshBroker,
         http_addr: Option<SocketAddr>,
-    ) -> Result<Service> {
+    ) -> Result<Process> {
+        let env = ChildEnv {
+            database_url: &db.url,
+            amqp_url: &self.amqp_url,
+            topology: &broker.topology,
+            rust_log: "info",
+            http_addr,
+        };
         let log_path = self.log_dir.join(format!("{name}.log"));
-        let log = File::create(&log_path)
-            .map_err(|e| Error::Other(format!("cannot create {}: {e}", log_path.display())))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| Error::Other(format!("cannot open {}: {e}", log_path.display())))?;
-        let mut command = Command::new(self.bin_dir.join(kind.binary()));
-        command
-            .env("DATABASE_URL", &db.url)
-            .env("AMQP_URL", &self.amqp_url)
-            .env("AMQP_EXCHANGE", &broker.topology.exchange)
-            .env("AMQP_QUEUE", &broker.topology.queue)
-            .env("RUST_LOG", "info")
-            // The bench's client sends no bearer token.
-            .env_remove("API_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err));
-        if let Some(addr) = http_addr {
-            command.env("HTTP_ADDR", addr.to_string());
-        }
-        let child = command
-            .spawn()
-            .map_err(|e| Error::Other(format!("cannot start {}: {e}", kind.binary())))?;
-        Ok(Service {
-            name: name.to_string(),
-            child,
-            log_path,
-        })
-    }
-}
-
-/// A running child process; killed (and reaped) when dropped.
-pub struct Service {
-    name: String,
-    child: Child,
-    log_path: PathBuf,
-}
-
-impl Service {
-    /// An error when the process has exited, naming its log.
-    pub fn check_alive(&mut self) -> Result<()> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(Error::Other(format!(
-                "{} exited ({status}); see {}",
-                self.name,
-                self.log_path.display()
-            ))),
-            Err(e) => Err(Error::Other(format!("cannot check on {}: {e}", self.name))),
-        }
-    }
-
-    /// Waits until `addr` accepts connections (the server is listening).
-    pub fn wait_listening(&mut self, addr: SocketAddr) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            self.check_alive()?;
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Other(format!(
-                    "{} does not listen on {addr} after {} s; see {}",
-                    self.name,
-                    READY_TIMEOUT.as_secs(),
-                    self.log_path.display()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Peak resident set size so far (`VmHWM` in /proc/<pid>/status), in bytes.
-    pub fn peak_rss_bytes(&self) -> Result<u64> {
-        let path = format!("/proc/{}/status", self.child.id());
-        let status = std::fs::read_to_string(&path)
-            .map_err(|e| Error::Other(format!("cannot read {path} of {}: {e}", self.name)))?;
-        parse_vm_hwm(&status).ok_or_else(|| Error::Other(format!("{path} has no VmHWM line")))
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.binaries.spawn(kind, name.to_string(), log_path, &env)
     }
 }
 
 /// Waits until `broker`'s queue has `consumers` consumers, checking that `services` live.
-pub fn wait_consuming(broker: &FreshBroker, consumers: u64, services: &mut [&mut Service]) -> Result<()> {
+pub fn wait_consuming(broker: &FreshBroker, consumers: u64, services: &mut [&mut Process]) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         for service in services.iter_mut() {
@@ -185,6 +73,17 @@ pub fn wait_consuming(broker: &FreshBroker, consumers: u64, services: &mut [&mut
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Peak resident set size of `process` so far (`VmHWM` in /proc/<pid>/status), in bytes.
+pub fn peak_rss_bytes(process: &Process) -> Result<u64> {
+    let pid = process
+        .id()
+        .ok_or_else(|| Error::Other(format!("{} was killed", process.name)))?;
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path)
+        .map_err(|e| Error::Other(format!("cannot read {path} of {}: {e}", process.name)))?;
+    parse_vm_hwm(&status).ok_or_else(|| Error::Other(format!("{path} has no VmHWM line")))
 }
 
 /// The `VmHWM:  1234 kB` line of a /proc status file, in bytes.

@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 
 use txoutbox::{Error, Result};
 
+use crate::harness::process::free_port;
 use crate::load::{accepted_ids, Load, Summary};
 use crate::options::{Case, Plan, MAX_WARNINGS_PER_WORKER, SLOW_ANSWER};
-use crate::procs::{Kind, Launcher, Proc, READY_TIMEOUT};
+use crate::procs::{application_name, Kind, Launcher, Proc, READY_TIMEOUT};
 use crate::report::CaseResult;
 use crate::services::{unacked_deliveries, Services, Which};
 use crate::verify::{outbox_rows, wait_for_drain};
-use crate::world::{free_port, ChaosBroker, ChaosDb, World};
+use crate::world::{ChaosBroker, ChaosDb, World};
 
 /// How often the outbox is sampled while watching it.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
@@ -88,8 +89,8 @@ fn run_case(
     let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let mut server = launcher.spawn(Kind::Server, "server", Some(addr))?;
     let mut consumer = launcher.spawn(Kind::Consumer, "consumer", None)?;
-    result.logs.push(server.log_path.clone());
-    result.logs.push(consumer.log_path.clone());
+    result.logs.push(server.log_path().to_path_buf());
+    result.logs.push(consumer.log_path().to_path_buf());
     server.wait_listening(addr)?;
     wait_consuming(&broker, &mut [&mut server, &mut consumer])?;
 
@@ -143,7 +144,7 @@ fn run_case(
             std::thread::sleep(plan.dead_for);
             let repair = Instant::now();
             server = launcher.spawn(Kind::Server, "server-2", Some(addr))?;
-            result.logs.push(server.log_path.clone());
+            result.logs.push(server.log_path().to_path_buf());
             server.wait_listening(addr)?;
             injection.repair_took = repair.elapsed();
             println!("  new server listening");
@@ -157,7 +158,7 @@ fn run_case(
             let queue = broker.topology.queue.clone();
             let caught = kill_mid_work(&mut consumer, || {
                 let open = client
-                    .query_one(IN_TRANSACTION, &[&Kind::Consumer.application_name()])
+                    .query_one(IN_TRANSACTION, &[&application_name(Kind::Consumer)])
                     .map_err(|e| Error::db("cannot read pg_stat_activity", e))?;
                 if open.get::<_, i64>(0) == 0 {
                     return Ok(None);
@@ -177,7 +178,7 @@ fn run_case(
             injection.queued_while_dead = broker.state().ok().map(|s| s.ready);
             let repair = Instant::now();
             consumer = launcher.spawn(Kind::Consumer, "consumer-2", None)?;
-            result.logs.push(consumer.log_path.clone());
+            result.logs.push(consumer.log_path().to_path_buf());
             wait_consuming(&broker, &mut [&mut consumer])?;
             injection.repair_took = repair.elapsed();
             println!("  new consumer consuming");
@@ -455,8 +456,8 @@ fn watch_outbox(db: &ChaosDb, duration: Duration) -> usize {
 
 /// Checks that relay workers and the consumer logged their trouble once per state change.
 fn check_warnings(result: &mut CaseResult, server: &Proc, consumer: &Proc) -> Result<()> {
-    let mut per_worker = warnings_per_worker(&server.log_path, "server")?;
-    for (worker, n) in warnings_per_worker(&consumer.log_path, "consumer")? {
+    let mut per_worker = warnings_per_worker(server.log_path(), "server")?;
+    for (worker, n) in warnings_per_worker(consumer.log_path(), "consumer")? {
         *per_worker.entry(worker).or_default() += n;
     }
     let worst = per_worker.values().copied().max().unwrap_or(0);
@@ -470,7 +471,7 @@ fn check_warnings(result: &mut CaseResult, server: &Proc, consumer: &Proc) -> Re
             listed.join(", ")
         },
     );
-    let other = other_log_lines(&server.log_path)?;
+    let other = other_log_lines(server.log_path())?;
     if !other.is_empty() {
         let listed: Vec<String> = other.iter().map(|(k, n)| format!("{k} x{n}")).collect();
         result

@@ -14,6 +14,8 @@
 mod common;
 
 mod cases;
+#[path = "../harness/mod.rs"]
+mod harness;
 mod load;
 mod options;
 mod procs;
@@ -25,30 +27,19 @@ mod world;
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
-use txoutbox::config::DEFAULT_AMQP_URL;
 use txoutbox::{Error, Result};
 
+use crate::harness::startup;
+use crate::harness::timestamp::Timestamp;
 use crate::options::{Options, Plan, HELP};
-use crate::report::Timestamp;
 use crate::services::Services;
 use crate::world::World;
 
-/// Default `DATABASE_URL`: any database of the local server; each case creates its own.
-const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
 fn main() {
-    let options = match Options::parse(std::env::args().skip(1)) {
-        Ok(options) => options,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
-    };
-    if options.help {
-        println!("{HELP}");
+    let parsed = Options::parse(std::env::args().skip(1));
+    let Some(options) = startup::start(parsed, HELP, |o: &Options| o.help) else {
         return;
-    }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    };
     let code = match try_main(&options) {
         Ok(true) => 0,
         Ok(false) => 1,
@@ -66,16 +57,13 @@ fn try_main(options: &Options) -> Result<bool> {
     let plan = Plan::new(options);
     let started = Instant::now();
     let timestamp = Timestamp::of(SystemTime::now());
-    let out_dir = options
+    let out = options
         .out
         .clone()
-        .unwrap_or_else(|| PathBuf::from("target/chaos"))
-        .join(&timestamp.compact);
-    std::fs::create_dir_all(&out_dir)
-        .map_err(|e| Error::Other(format!("cannot create {}: {e}", out_dir.display())))?;
+        .unwrap_or_else(|| PathBuf::from("target/chaos"));
+    let out_dir = startup::run_dir(out, &timestamp)?;
 
-    let database_url = common::env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
-    let amqp_url = common::env_or("AMQP_URL", DEFAULT_AMQP_URL);
+    let (database_url, amqp_url) = startup::service_urls();
     // From here on, a stopped service is started again however this function ends; the
     // signal thread does the same on Ctrl-C / SIGTERM.
     let services = Services::install(&database_url, &amqp_url)?;

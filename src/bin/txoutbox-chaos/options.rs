@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::harness::args;
+
 /// Usage, printed by `--help`.
 pub const HELP: &str = "\
 txoutbox-chaos: runs the release txoutbox-server and txoutbox-consumer under load and injects
@@ -116,29 +118,11 @@ pub struct Options {
 impl Options {
     /// Parses the arguments after the program name.
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
-        let mut options = Options {
-            quick: false,
-            only: None,
-            out: None,
-            help: false,
-        };
-        let mut args = args.into_iter();
-        while let Some(arg) = args.next() {
-            let (name, inline) = match arg.split_once('=') {
-                Some((name, value)) if name.starts_with("--") => (name.to_string(), Some(value.to_string())),
-                _ => (arg.clone(), None),
-            };
-            let mut value = |what: &str| -> Result<String, String> {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .ok_or_else(|| format!("{name} needs a value ({what})"))
-            };
-            match name.as_str() {
-                "-h" | "--help" => options.help = true,
-                "--quick" if inline.is_none() => options.quick = true,
+        let mut only = None;
+        let common = args::parse(args, |arg, args| {
+            match arg.name.as_str() {
                 "--only" => {
-                    let text = value("case names")?;
+                    let text = args.value(arg, "case names")?;
                     let mut cases = Vec::new();
                     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
                         let case = Case::parse(part).ok_or_else(|| {
@@ -152,13 +136,18 @@ impl Options {
                     if cases.is_empty() {
                         return Err("--only needs at least one case name".into());
                     }
-                    options.only = Some(cases);
+                    only = Some(cases);
                 }
-                "--out" => options.out = Some(PathBuf::from(value("a directory")?)),
-                other => return Err(format!("unknown argument {other:?}; see --help")),
+                other => return Err(args::unknown(other)),
             }
-        }
-        Ok(options)
+            Ok(())
+        })?;
+        Ok(Options {
+            quick: common.quick,
+            only,
+            out: common.out,
+            help: common.help,
+        })
     }
 }
 

@@ -2,8 +2,9 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use crate::harness::timestamp::Timestamp;
 use crate::options::{Case, Plan};
 use crate::verify::Counts;
 
@@ -218,56 +219,10 @@ pub fn render(results: &[CaseResult], plan: &Plan, timestamp: &Timestamp, elapse
     out
 }
 
-/// A moment in UTC, for names and headings.
-#[derive(Clone, Debug)]
-pub struct Timestamp {
-    /// `2026-11-26T15:31:22Z`.
-    pub iso: String,
-    /// `20261126T153122Z`, for directory names.
-    pub compact: String,
-}
-
-impl Timestamp {
-    /// The UTC calendar time of `time`.
-    pub fn of(time: SystemTime) -> Timestamp {
-        let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let (days, rest) = (secs / 86_400, secs % 86_400);
-        let (hour, minute, second) = (rest / 3600, rest / 60 % 60, rest % 60);
-        let (year, month, day) = civil_from_days(days as i64);
-        Timestamp {
-            iso: format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z"),
-            compact: format!("{year:04}{month:02}{day:02}T{hour:02}{minute:02}{second:02}Z"),
-        }
-    }
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::options::Options;
-
-    #[test]
-    fn timestamps_are_utc_calendar_dates() {
-        let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096); // 2024-02-29 12:34:56 UTC
-        let stamp = Timestamp::of(t);
-        assert_eq!(stamp.iso, "2024-02-29T12:34:56Z");
-        assert_eq!(stamp.compact, "20240229T123456Z");
-        assert_eq!(Timestamp::of(UNIX_EPOCH).iso, "1970-01-01T00:00:00Z");
-    }
 
     #[test]
     fn the_verdict_names_the_worst_failure() {

@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use postgres::NoTls;
-use txoutbox::db::{parse_url, quote_identifier};
+use txoutbox::db::parse_url;
 use txoutbox::{Error, Result, Topology};
 
+use crate::harness::database::{drop_database, url_with_database};
 use crate::options::Case;
-use crate::world::url_with_database;
 
 /// Longest a `rabbitmqctl` or `pg_ctlcluster` command may take before it is killed.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
@@ -354,9 +354,8 @@ impl Inner {
             match connect_admin(&self.admin_url) {
                 Ok(mut admin) => {
                     for name in &databases {
-                        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_identifier(name));
-                        if let Err(e) = admin.batch_execute(&sql) {
-                            eprintln!("txoutbox-chaos: cannot drop database {name}: {e}");
+                        if let Err(e) = drop_database(&mut admin, name) {
+                            eprintln!("txoutbox-chaos: {e}");
                         }
                     }
                 }

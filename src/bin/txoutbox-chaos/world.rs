@@ -2,20 +2,16 @@
 //! triggers) and fresh RabbitMQ names, removed when dropped; free ports; leftovers of
 //! interrupted runs swept at the start.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use postgres::Client;
-use txoutbox::db::quote_identifier;
 use txoutbox::{Database, Error, PoolOptions, Result, Topology};
 
+use crate::harness::database::{drop_database, sweep_stale_databases, unix_now, url_with_database};
 use crate::services::{connect_admin, Services};
 
 /// Database name prefix: `txo_chaos_<unix seconds>_<case>`.
 const DB_PREFIX: &str = "txo_chaos_";
-/// Chaos databases older than this are leftovers of an interrupted run and are dropped.
-const STALE_AFTER: Duration = Duration::from_secs(3600);
 
 /// Audit of every delivery the consumer applied in a committed transaction, and of every
 /// change to an order. Triggers, so the binaries under test run unchanged:
@@ -79,7 +75,7 @@ impl World {
             unix: unix_now(),
         };
         let mut admin = world.admin()?;
-        sweep_stale_databases(&mut admin, world.unix)?;
+        sweep_stale_databases(&mut admin, DB_PREFIX, "chaos", world.unix)?;
         let _ = admin.close();
         let (connection, channel) = txoutbox::broker::connect(amqp_url)?;
         let _ = channel.close();
@@ -154,15 +150,8 @@ impl ChaosDb<'_> {
 
 impl Drop for ChaosDb<'_> {
     fn drop(&mut self) {
-        let sql = format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_identifier(&self.name)
-        );
-        let dropped = connect_admin(&self.admin_url).and_then(|mut admin| {
-            admin
-                .batch_execute(&sql)
-                .map_err(|e| Error::db(format!("cannot drop database {}", self.name), e))
-        });
+        let dropped =
+            connect_admin(&self.admin_url).and_then(|mut admin| drop_database(&mut admin, &self.name));
         match dropped {
             Ok(()) => self.services.unregister_database(&self.name),
             Err(e) => eprintln!("txoutbox-chaos: {e}; drop it by hand"),
@@ -227,76 +216,5 @@ impl Drop for ChaosBroker<'_> {
                 self.topology.exchange, self.topology.queue
             ),
         }
-    }
-}
-
-/// A free TCP port on 127.0.0.1 (bound, read, released).
-pub fn free_port() -> Result<u16> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(|e| Error::Other(format!("cannot find a free port on 127.0.0.1: {e}")))
-}
-
-/// `url` with its database name replaced by `name` (query parameters kept).
-pub fn url_with_database(url: &str, name: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((head, query)) => (head, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = head.find("://").map_or(0, |i| i + 3);
-    let host_end = head[scheme_end..]
-        .find('/')
-        .map_or(head.len(), |i| scheme_end + i);
-    format!("{}/{name}{query}", &head[..host_end])
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Drops `txo_chaos_<unix>_...` databases created more than [`STALE_AFTER`] before `now`.
-fn sweep_stale_databases(admin: &mut Client, now: u64) -> Result<()> {
-    let rows = admin
-        .query(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'txo\\_chaos\\_%'",
-            &[],
-        )
-        .map_err(|e| Error::db("cannot list old chaos databases", e))?;
-    let cutoff = now.saturating_sub(STALE_AFTER.as_secs());
-    for row in rows {
-        let name: String = row.get(0);
-        let created = name[DB_PREFIX.len()..]
-            .split('_')
-            .next()
-            .and_then(|t| t.parse::<u64>().ok());
-        if created.is_some_and(|t| t < cutoff) {
-            let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_identifier(&name));
-            match admin.batch_execute(&sql) {
-                Ok(()) => log::info!("chaos: dropped stale database {name}"),
-                Err(e) => log::warn!("chaos: cannot drop stale database {name}: {e:?}"),
-            }
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::url_with_database;
-
-    #[test]
-    fn database_names_are_replaced() {
-        assert_eq!(
-            url_with_database("postgres://u@h:5432/postgres", "x"),
-            "postgres://u@h:5432/x"
-        );
-        assert_eq!(url_with_database("postgres://h", "x"), "postgres://h/x");
-        assert_eq!(
-            url_with_database("postgres://h/db?sslmode=disable", "x"),
-            "postgres://h/x?sslmode=disable"
-        );
     }
 }
