@@ -52,7 +52,7 @@ pub mod stress;
 pub mod wakeup;
 
 pub use broker::Topology;
-pub use config::{ConsumerConfig, HttpConfig, RelayConfig};
+pub use config::{ConsumerConfig, HttpConfig, RelayConfig, RelayOrdering};
 pub use consumer::{Handler, HandlerError, Message};
 pub use db::{Database, PoolOptions};
 pub use error::{is_transient_db_error, Error, Result};

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use postgres::fallible_iterator::FallibleIterator;
 
 use crate::broker::{OutgoingEvent, Publisher, Topology};
-use crate::config::RelayConfig;
+use crate::config::{RelayConfig, RelayOrdering};
 use crate::db::Database;
 use crate::metrics::LatencyHistogram;
 use crate::outbox::NOTIFY_CHANNEL;
@@ -26,6 +26,27 @@ const CLAIM: &str = "\
     ORDER BY id
     LIMIT $1
     FOR UPDATE SKIP LOCKED";
+
+/// Like [`CLAIM`], for [`RelayOrdering::Aggregate`]: a row is not claimed while an earlier row
+/// (lower id) of its aggregate is still in the outbox, whatever its state (claimed by another
+/// worker, waiting for a retry, failed). So at most one event per aggregate is in flight, and
+/// the next one is claimed only after the broker confirmed the previous one and its row was
+/// deleted. Ids follow commit order within an aggregate because [`enqueue`](crate::enqueue)
+/// serialises the writers of one aggregate. Uses `outbox_aggregate_idx`.
+const CLAIM_IN_AGGREGATE_ORDER: &str = "\
+    SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
+           extract(epoch FROM clock_timestamp() - o.created_at)::float8
+    FROM outbox o
+    WHERE o.available_at <= now() AND o.failed_at IS NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox e
+          WHERE e.aggregate_type = o.aggregate_type
+            AND e.aggregate_id = o.aggregate_id
+            AND e.id < o.id
+      )
+    ORDER BY o.id
+    LIMIT $1
+    FOR UPDATE OF o SKIP LOCKED";
 
 const DELETE_CONFIRMED: &str = "DELETE FROM outbox WHERE id = ANY($1)";
 
@@ -219,9 +240,10 @@ pub fn start(db: Database, amqp_url: &str, topology: Topology, config: RelayConf
         );
     }
     log::info!(
-        "relay: started workers={} batch={} exchange={}",
+        "relay: started workers={} batch={} ordering={} exchange={}",
         shared.config.workers,
         shared.config.batch_size,
+        shared.config.ordering,
         shared.topology.exchange
     );
     Ok(RelayHandle {
@@ -281,7 +303,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
     let mut db: Option<RelayDb> = None;
     while !shared.wakeup.is_stopping() {
         if db.is_none() {
-            match RelayDb::connect(&shared.db) {
+            match RelayDb::connect(&shared.db, config.ordering) {
                 Ok(connected) => db = Some(connected),
                 Err(e) => {
                     failures.failed(e);
@@ -311,6 +333,11 @@ fn worker_loop(worker: usize, shared: &Shared) {
             Ok(claimed) => {
                 failures.recovered();
                 backoff.reset();
+                if claimed > 0 && config.ordering == RelayOrdering::Aggregate {
+                    // The rows just deleted may have been holding back the next events of
+                    // their aggregates, which nobody announces: look again at once.
+                    continue;
+                }
                 if claimed < config.batch_size as usize {
                     shared.wakeup.wait(seen, config.poll_interval);
                 } else {
@@ -359,13 +386,17 @@ struct RelayDb {
 }
 
 impl RelayDb {
-    fn connect(db: &Database) -> Result<RelayDb> {
+    fn connect(db: &Database, ordering: RelayOrdering) -> Result<RelayDb> {
         let mut client = db.dedicated()?;
         let context = "cannot prepare the relay's statements";
         client
             .batch_execute("SET synchronous_commit = off")
             .map_err(|e| Error::db(context, e))?;
-        let claim = client.prepare(CLAIM).map_err(|e| Error::db(context, e))?;
+        let claim = match ordering {
+            RelayOrdering::None => CLAIM,
+            RelayOrdering::Aggregate => CLAIM_IN_AGGREGATE_ORDER,
+        };
+        let claim = client.prepare(claim).map_err(|e| Error::db(context, e))?;
         let delete = client
             .prepare(DELETE_CONFIRMED)
             .map_err(|e| Error::db(context, e))?;
