@@ -32,21 +32,45 @@ const CLAIM: &str = "\
 /// worker, waiting for a retry, failed). So at most one event per aggregate is in flight, and
 /// the next one is claimed only after the broker confirmed the previous one and its row was
 /// deleted. Ids follow commit order within an aggregate because [`enqueue`](crate::enqueue)
-/// serialises the writers of one aggregate. Uses `outbox_aggregate_idx`.
+/// serialises the writers of one aggregate.
+///
+/// One index probe (`outbox_aggregate_idx`) per row looked at, and only the oldest `$2` rows are
+/// looked at: cheap when aggregates are many, and bounded when a few aggregates have long
+/// queues (all but their first rows are held back). [`CLAIM_AGGREGATE_HEADS`] looks further
+/// when this finds fewer than `$1` rows. The "first row of its aggregate" test is a correlated
+/// subquery on purpose: written as `NOT EXISTS`, Postgres may plan a hash anti-join that costs
+/// seconds on a backlog of one aggregate.
 const CLAIM_IN_AGGREGATE_ORDER: &str = "\
     SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
            extract(epoch FROM clock_timestamp() - o.created_at)::float8
     FROM outbox o
-    WHERE o.available_at <= now() AND o.failed_at IS NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM outbox e
-          WHERE e.aggregate_type = o.aggregate_type
-            AND e.aggregate_id = o.aggregate_id
-            AND e.id < o.id
+    WHERE o.id <= (SELECT max(id) FROM (SELECT id FROM outbox ORDER BY id LIMIT $2) oldest)
+      AND o.available_at <= now() AND o.failed_at IS NULL
+      AND o.id = (
+          SELECT e.id FROM outbox e
+          WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id = o.aggregate_id
+          ORDER BY e.aggregate_type, e.aggregate_id, e.id
+          LIMIT 1
       )
     ORDER BY o.id
     LIMIT $1
     FOR UPDATE OF o SKIP LOCKED";
+
+/// The rest of an ordered claim: the first row of every aggregate (one pass over the outbox,
+/// whatever the mix of aggregates), minus the rows `$2` this round claimed already.
+const CLAIM_AGGREGATE_HEADS: &str = "\
+    SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
+           extract(epoch FROM clock_timestamp() - o.created_at)::float8
+    FROM outbox o
+    WHERE o.id IN (SELECT min(id) FROM outbox GROUP BY aggregate_type, aggregate_id)
+      AND o.id <> ALL($2)
+      AND o.available_at <= now() AND o.failed_at IS NULL
+    ORDER BY o.id
+    LIMIT $1
+    FOR UPDATE OF o SKIP LOCKED";
+
+/// How many of the oldest rows [`CLAIM_IN_AGGREGATE_ORDER`] looks at, per row of the batch.
+const ORDERED_WINDOW_PER_BATCH_ROW: i64 = 4;
 
 const DELETE_CONFIRMED: &str = "DELETE FROM outbox WHERE id = ANY($1)";
 
@@ -381,6 +405,8 @@ enum RoundError {
 struct RelayDb {
     client: postgres::Client,
     claim: Statement,
+    /// With [`RelayOrdering::Aggregate`]: [`CLAIM_AGGREGATE_HEADS`].
+    claim_heads: Option<Statement>,
     delete: Statement,
     postpone: Statement,
 }
@@ -397,6 +423,14 @@ impl RelayDb {
             RelayOrdering::Aggregate => CLAIM_IN_AGGREGATE_ORDER,
         };
         let claim = client.prepare(claim).map_err(|e| Error::db(context, e))?;
+        let claim_heads = match ordering {
+            RelayOrdering::None => None,
+            RelayOrdering::Aggregate => Some(
+                client
+                    .prepare(CLAIM_AGGREGATE_HEADS)
+                    .map_err(|e| Error::db(context, e))?,
+            ),
+        };
         let delete = client
             .prepare(DELETE_CONFIRMED)
             .map_err(|e| Error::db(context, e))?;
@@ -406,6 +440,7 @@ impl RelayDb {
         Ok(RelayDb {
             client,
             claim,
+            claim_heads,
             delete,
             postpone,
         })
@@ -421,9 +456,27 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
         .client
         .transaction()
         .map_err(db_error("cannot begin a relay transaction"))?;
-    let rows = tx
-        .query(claim, &[&shared.config.batch_size])
-        .map_err(db_error("cannot claim outbox rows"))?;
+    let batch_size = shared.config.batch_size;
+    let mut rows = match &db.claim_heads {
+        None => tx.query(claim, &[&batch_size]),
+        Some(_) => tx.query(
+            claim,
+            &[&batch_size, &(batch_size * ORDERED_WINDOW_PER_BATCH_ROW)],
+        ),
+    }
+    .map_err(db_error("cannot claim outbox rows"))?;
+    if let Some(claim_heads) = db
+        .claim_heads
+        .as_ref()
+        .filter(|_| rows.len() < batch_size as usize)
+    {
+        let claimed: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+        let missing = batch_size - rows.len() as i64;
+        rows.extend(
+            tx.query(claim_heads, &[&missing, &claimed])
+                .map_err(db_error("cannot claim outbox rows"))?,
+        );
+    }
     if rows.is_empty() {
         return Ok(0);
     }
