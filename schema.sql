@@ -37,6 +37,10 @@ ALTER TABLE outbox ADD COLUMN IF NOT EXISTS failed_at timestamptz;
 -- retry (available_at in the future) or failed are rare and filtered on the way.
 CREATE INDEX IF NOT EXISTS outbox_failed_idx ON outbox (id) WHERE failed_at IS NOT NULL;
 
+-- With RELAY_ORDERING=aggregate the relay looks for an earlier event of the same aggregate
+-- before claiming a row.
+CREATE INDEX IF NOT EXISTS outbox_aggregate_idx ON outbox (aggregate_type, aggregate_id, id);
+
 -- One row per message whose effect has committed: the consumer's dedupe table.
 CREATE TABLE IF NOT EXISTS processed_messages (
     message_id    uuid        PRIMARY KEY,

@@ -31,6 +31,46 @@ pub struct RelayConfig {
     pub min_backoff: Duration,
     /// Cap of the reconnect delay (default 10 s).
     pub max_backoff: Duration,
+    /// Whether events of one aggregate must be published in commit order (`RELAY_ORDERING`,
+    /// default [`RelayOrdering::None`]).
+    pub ordering: RelayOrdering,
+}
+
+/// In what order the relay publishes events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RelayOrdering {
+    /// No promise: rows are claimed in id order by several workers, and a refused event is
+    /// retried later while the events behind it go ahead (`RELAY_ORDERING=none`).
+    #[default]
+    None,
+    /// Events of one aggregate (same `aggregate_type` and `aggregate_id`) are published in the
+    /// order their transactions committed: an event is not claimed while an earlier event of its
+    /// aggregate is still in the outbox (being published, waiting for a retry, or failed).
+    /// Other aggregates are not held up (`RELAY_ORDERING=aggregate`). Commit order is outbox id
+    /// order only if concurrent writers of an aggregate take turns: see
+    /// [`enqueue_ordered`](crate::outbox::enqueue_ordered).
+    Aggregate,
+}
+
+impl std::str::FromStr for RelayOrdering {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(RelayOrdering::None),
+            "aggregate" => Ok(RelayOrdering::Aggregate),
+            _ => Err(format!("expected none or aggregate, got {text:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for RelayOrdering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RelayOrdering::None => "none",
+            RelayOrdering::Aggregate => "aggregate",
+        })
+    }
 }
 
 impl Default for RelayConfig {
@@ -44,6 +84,7 @@ impl Default for RelayConfig {
             max_attempts: 10,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            ordering: RelayOrdering::None,
         }
     }
 }
@@ -241,7 +282,16 @@ pub fn redact_urls_in(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{redact_url, redact_urls_in};
+    use super::{redact_url, redact_urls_in, RelayOrdering};
+
+    #[test]
+    fn relay_ordering_parses_its_two_values_only() {
+        assert_eq!("none".parse(), Ok(RelayOrdering::None));
+        assert_eq!(" Aggregate ".parse(), Ok(RelayOrdering::Aggregate));
+        let error = "strict".parse::<RelayOrdering>().unwrap_err();
+        assert_eq!(error, "expected none or aggregate, got \"strict\"");
+        assert_eq!(RelayOrdering::Aggregate.to_string(), "aggregate");
+    }
 
     #[test]
     fn redacts_urls_inside_messages() {

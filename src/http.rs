@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::config::{HttpConfig, Secret};
 use crate::db::Database;
 use crate::front::{self, Front};
-use crate::orders::{self, Announce};
+use crate::orders::{self, Announce, Cancellation};
 use crate::relay::RelayHealth;
 use crate::status::{self, Sampler, StatusPage};
 use crate::{Error, Result};
@@ -211,6 +211,8 @@ impl Api {
             (["orders"], _) => Reply::method_not_allowed("POST"),
             (["orders", id], Method::Get) => self.get_order(id),
             (["orders", _], _) => Reply::method_not_allowed("GET"),
+            (["orders", id, "cancel"], Method::Post) => self.cancel_order(request, id),
+            (["orders", _, "cancel"], _) => Reply::method_not_allowed("POST"),
             _ => Reply::error(404, format!("no route for {path}")),
         }
     }
@@ -238,17 +240,24 @@ impl Api {
         }
     }
 
+    /// 401 when an API token is set and the request does not carry it.
+    fn unauthorized(&self, request: &Request) -> Option<Reply> {
+        let token = self.api_token.as_ref()?;
+        if has_bearer_token(request, token.expose()) {
+            return None;
+        }
+        Some(Reply {
+            header: Some(("WWW-Authenticate", "Bearer")),
+            ..Reply::error(
+                401,
+                "missing or wrong bearer token (Authorization: Bearer <API_TOKEN>)",
+            )
+        })
+    }
+
     fn create_order(&self, request: &mut Request) -> Reply {
-        if let Some(token) = &self.api_token {
-            if !has_bearer_token(request, token.expose()) {
-                return Reply {
-                    header: Some(("WWW-Authenticate", "Bearer")),
-                    ..Reply::error(
-                        401,
-                        "missing or wrong bearer token (Authorization: Bearer <API_TOKEN>)",
-                    )
-                };
-            }
+        if let Some(reply) = self.unauthorized(request) {
+            return reply;
         }
         if !has_json_content_type(request) {
             return Reply::error(415, "Content-Type must be application/json");
@@ -274,6 +283,33 @@ impl Api {
         match result {
             Ok(order) => Reply::json(201, order.to_json()),
             Err(e) => failure("cannot create the order", &e),
+        }
+    }
+
+    /// `POST /orders/{id}/cancel`: no body; 200 with the cancelled order, 400 for an id that is
+    /// not a UUID, 404 for an unknown order, 409 for an order already cancelled.
+    fn cancel_order(&self, request: &Request, id: &str) -> Reply {
+        if let Some(reply) = self.unauthorized(request) {
+            return reply;
+        }
+        let Ok(id) = Uuid::parse_str(id) else {
+            return Reply::error(400, format!("order id must be a UUID, got {id:?}"));
+        };
+        let result = self
+            .db
+            .get()
+            .and_then(|mut client| orders::cancel(&mut client, id, &self.announce));
+        match result {
+            Ok(Cancellation::Cancelled(order)) => Reply::json(200, order.to_json()),
+            Ok(Cancellation::AlreadyCancelled(order)) => Reply::json(
+                409,
+                json!({
+                    "error": format!("order {id} is already cancelled (since {})", order.updated_at),
+                    "status": order.status,
+                }),
+            ),
+            Ok(Cancellation::NotFound) => Reply::error(404, format!("no order with id {id}")),
+            Err(e) => failure("cannot cancel the order", &e),
         }
     }
 

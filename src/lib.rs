@@ -54,7 +54,7 @@ pub mod stress;
 pub mod wakeup;
 
 pub use broker::{QueueType, Topology};
-pub use config::{ConsumerConfig, HttpConfig, RelayConfig};
+pub use config::{ConsumerConfig, HttpConfig, RelayConfig, RelayOrdering};
 pub use consumer::{Handler, HandlerError, Message};
 pub use db::{Database, PoolOptions};
 pub use error::{is_transient_db_error, Error, Result};

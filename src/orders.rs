@@ -1,5 +1,6 @@
 //! The order domain of the example service: validating input, creating an order together with
-//! its `OrderCreated` event, reading it back, and completing it when the event is consumed.
+//! its `OrderCreated` event, cancelling it with an `OrderCancelled` event, reading it back, and
+//! applying those events when they are consumed.
 
 use std::fmt;
 
@@ -17,6 +18,8 @@ use crate::{Error, Result};
 pub const AGGREGATE_TYPE: &str = "order";
 /// Event written with every new order.
 pub const ORDER_CREATED: &str = "OrderCreated";
+/// Event written when an order is cancelled.
+pub const ORDER_CANCELLED: &str = "OrderCancelled";
 
 /// Largest amount NUMERIC(12,2) holds, in cents: 9,999,999,999.99.
 const MAX_AMOUNT_CENTS: i64 = 999_999_999_999;
@@ -34,9 +37,19 @@ const SELECT_ORDER: &str = "\
            to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
     FROM orders WHERE id = $1";
 
-const COMPLETE_ORDERS: &str = "\
-    UPDATE orders SET status = 'COMPLETED', updated_at = now()
-    WHERE id = ANY($1) AND status = 'PENDING'";
+/// Cancels an order unless it is already cancelled; returns it as [`SELECT_ORDER`] does.
+const CANCEL_ORDER: &str = "\
+    UPDATE orders SET status = 'CANCELLED', updated_at = now()
+    WHERE id = $1 AND status <> 'CANCELLED'
+    RETURNING id, user_id, amount::text, status,
+              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+              to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+
+/// The consumer's transitions: each event sets the status it leads to, whatever the current
+/// one (see [`OrderEvents`]). `$2` is `COMPLETED` or `CANCELLED`.
+const APPLY_STATUS: &str = "\
+    UPDATE orders SET status = $2, updated_at = now()
+    WHERE id = ANY($1) AND status <> $2";
 
 /// An exact amount of money in cents (minor units).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -262,6 +275,75 @@ fn created_event(order: &Order) -> NewEvent {
     NewEvent::new(AGGREGATE_TYPE, order.id.to_string(), ORDER_CREATED, payload)
 }
 
+/// What [`cancel`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cancellation {
+    /// The order is now `CANCELLED` and its `OrderCancelled` event is in the outbox.
+    Cancelled(Order),
+    /// The order was cancelled before; nothing was written.
+    AlreadyCancelled(Order),
+    /// No order has this id; nothing was written.
+    NotFound,
+}
+
+/// Cancels an order (`PENDING` or `COMPLETED`) and writes its `OrderCancelled` event in the same
+/// transaction, commits, and announces the event to the relay.
+///
+/// The transaction first takes the order's aggregate lock (the one [`outbox::enqueue_ordered`] takes), then the
+/// row lock of its update, so concurrent cancels of one order are serialised (the second finds it
+/// cancelled) and the event's outbox id comes after every earlier event of the order: with
+/// [`RelayOrdering::Aggregate`](crate::config::RelayOrdering::Aggregate) it is published after
+/// the order's `OrderCreated`.
+pub fn cancel(conn: &mut Connection, id: Uuid, announce: &Announce) -> Result<Cancellation> {
+    let prepare = |e| Error::db("cannot prepare the order statements", e);
+    let lock = conn.prepared(outbox::LOCK_AGGREGATE).map_err(prepare)?;
+    let cancel_order = conn.prepared(CANCEL_ORDER).map_err(prepare)?;
+    let select_order = conn.prepared(SELECT_ORDER).map_err(prepare)?;
+    let insert_event = match announce {
+        Announce::Notify => conn.prepared(outbox::INSERT_EVENT_AND_NOTIFY),
+        Announce::Wake(_) => conn.prepared(outbox::INSERT_EVENT),
+    }
+    .map_err(prepare)?;
+    let mut tx = conn
+        .transaction()
+        .map_err(|e| Error::db("cannot begin the cancel transaction", e))?;
+    let aggregate_id = id.to_string();
+    tx.execute(&lock, &[&AGGREGATE_TYPE, &aggregate_id])
+        .map_err(|e| Error::db("cannot lock the order's events", e))?;
+    let cancelled = tx
+        .query_opt(&cancel_order, &[&id])
+        .map_err(|e| Error::db("cannot cancel the order", e))?;
+    let Some(row) = cancelled else {
+        // Nothing changed: the transaction rolls back when dropped.
+        let existing = tx
+            .query_opt(&select_order, &[&id])
+            .map_err(|e| Error::db("cannot read the order", e))?;
+        return Ok(match existing {
+            Some(row) => Cancellation::AlreadyCancelled(Order::from_row(&row)),
+            None => Cancellation::NotFound,
+        });
+    };
+    let order = Order::from_row(&row);
+    outbox::insert_event(&mut tx, &insert_event, &cancelled_event(&order))?;
+    tx.commit()
+        .map_err(|e| Error::db("cannot commit the cancellation", e))?;
+    if let Announce::Wake(waker) = announce {
+        waker.wake();
+    }
+    Ok(Cancellation::Cancelled(order))
+}
+
+/// The `OrderCancelled` event of an order just cancelled (its `updated_at` is the cancel time).
+fn cancelled_event(order: &Order) -> NewEvent {
+    let payload = json!({
+        "order_id": order.id.to_string(),
+        "user_id": order.user_id.to_string(),
+        "amount": order.amount,
+        "cancelled_at": order.updated_at,
+    });
+    NewEvent::new(AGGREGATE_TYPE, order.id.to_string(), ORDER_CANCELLED, payload)
+}
+
 /// The order with this id, if any.
 pub fn get(conn: &mut Connection, id: Uuid) -> Result<Option<Order>> {
     let select = conn
@@ -273,23 +355,33 @@ pub fn get(conn: &mut Connection, id: Uuid) -> Result<Option<Order>> {
     Ok(row.as_ref().map(Order::from_row))
 }
 
-/// The consumer's effect for the order service: `OrderCreated` marks the order `COMPLETED`
-/// (once: only a `PENDING` order changes). Other event types are acknowledged without effect.
+/// The consumer's effect for the order service: it keeps each order's status in step with the
+/// order's events, applying each event's transition as it arrives: `OrderCreated` sets
+/// `COMPLETED`, `OrderCancelled` sets `CANCELLED`. Other event types are acknowledged without
+/// effect; a redelivered event has no second effect (the consumer dedupes it).
+///
+/// It trusts the stream's order and does not look at the current status: applied in the wrong
+/// order, a created-then-cancelled order would end up `COMPLETED`. So the relay publishing these
+/// events must keep per-aggregate order (`RELAY_ORDERING=aggregate`, the default of
+/// `txoutbox-server`), and this queue needs a single consumer.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OrderEvents;
 
 impl OrderEvents {
-    fn created_order_id(message: &Message) -> Result<Option<Uuid>, HandlerError> {
-        if message.event_type.as_deref() != Some(ORDER_CREATED) {
-            return Ok(None);
-        }
+    /// The status `message` leads its order to, with the order id; `None` for other events.
+    fn transition(message: &Message) -> Result<Option<(Uuid, &'static str)>, HandlerError> {
+        let (event_type, status) = match message.event_type.as_deref() {
+            Some(ORDER_CREATED) => (ORDER_CREATED, "COMPLETED"),
+            Some(ORDER_CANCELLED) => (ORDER_CANCELLED, "CANCELLED"),
+            _ => return Ok(None),
+        };
         message
             .payload
             .get("order_id")
             .and_then(Value::as_str)
             .and_then(|s| Uuid::parse_str(s).ok())
-            .map(Some)
-            .ok_or_else(|| HandlerError::permanent("OrderCreated payload has no valid order_id"))
+            .map(|id| Some((id, status)))
+            .ok_or_else(|| HandlerError::permanent(format!("{event_type} payload has no valid order_id")))
     }
 }
 
@@ -298,14 +390,24 @@ impl Handler for OrderEvents {
         self.handle_batch(tx, &[message])
     }
 
-    /// Completes every order of the batch in one statement.
+    /// Applies the batch in two statements: each order gets the status of its last event in the
+    /// batch, as if the events were applied one by one in delivery order.
     fn handle_batch(&mut self, tx: &mut Transaction<'_>, messages: &[&Message]) -> Result<(), HandlerError> {
-        let mut ids = Vec::with_capacity(messages.len());
+        let mut last = std::collections::HashMap::with_capacity(messages.len());
         for message in messages {
-            ids.extend(Self::created_order_id(message)?);
+            if let Some((id, status)) = Self::transition(message)? {
+                last.insert(id, status);
+            }
         }
-        if !ids.is_empty() {
-            tx.execute(COMPLETE_ORDERS, &[&ids])?;
+        for status in ["COMPLETED", "CANCELLED"] {
+            let ids: Vec<Uuid> = last
+                .iter()
+                .filter(|(_, s)| **s == status)
+                .map(|(id, _)| *id)
+                .collect();
+            if !ids.is_empty() {
+                tx.execute(APPLY_STATUS, &[&ids, &status])?;
+            }
         }
         Ok(())
     }

@@ -9,7 +9,13 @@ use crate::{Error, Result};
 /// notification only when the caller's transaction commits.
 pub const NOTIFY_CHANNEL: &str = "txoutbox_outbox";
 
-/// Inserts an event and notifies [`NOTIFY_CHANNEL`] (delivered at commit).
+/// Takes the transaction-scoped advisory lock of an aggregate given as `$1` (type) and `$2`
+/// (id): a 64-bit hash of both, length-prefixed so that no two (type, id) pairs share a text.
+pub(crate) const LOCK_AGGREGATE: &str = "\
+    SELECT pg_advisory_xact_lock(hashtextextended(length($1::text) || ':' || $1::text || $2::text, 0))";
+
+/// Inserts an event and notifies [`NOTIFY_CHANNEL`] (delivered at commit). Takes no aggregate
+/// lock (see [`enqueue_ordered`]).
 pub(crate) const INSERT_EVENT_AND_NOTIFY: &str = "\
     WITH inserted AS (
         INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
@@ -18,10 +24,30 @@ pub(crate) const INSERT_EVENT_AND_NOTIFY: &str = "\
     )
     SELECT pg_notify('txoutbox_outbox', '') FROM inserted";
 
-/// Inserts an event without a notification.
+/// Inserts an event without a notification or aggregate lock.
 pub(crate) const INSERT_EVENT: &str = "\
     INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
     VALUES ($1, $2, $3, $4, $5)";
+
+/// Takes the aggregate's lock (as [`LOCK_AGGREGATE`]), then inserts the event and notifies, in
+/// one statement: the materialised CTE runs first, so the row's id is drawn under the lock.
+const LOCK_AND_INSERT_EVENT_AND_NOTIFY: &str = "\
+    WITH locked AS MATERIALIZED (
+        SELECT pg_advisory_xact_lock(hashtextextended(length($2::text) || ':' || $2::text || $3::text, 0))
+    ), inserted AS (
+        INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
+        SELECT $1::uuid, $2::text, $3::text, $4::text, $5::jsonb FROM locked
+        RETURNING id
+    )
+    SELECT pg_notify('txoutbox_outbox', '') FROM inserted";
+
+/// [`LOCK_AND_INSERT_EVENT_AND_NOTIFY`] without the notification.
+const LOCK_AND_INSERT_EVENT: &str = "\
+    WITH locked AS MATERIALIZED (
+        SELECT pg_advisory_xact_lock(hashtextextended(length($2::text) || ':' || $2::text || $3::text, 0))
+    )
+    INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
+    SELECT $1::uuid, $2::text, $3::text, $4::text, $5::jsonb FROM locked";
 
 /// An event to publish once the transaction that records it commits.
 #[derive(Clone, Debug, PartialEq)]
@@ -62,6 +88,12 @@ impl NewEvent {
 /// broker confirms it); if `tx` rolls back, the event never existed. The relay is woken by a
 /// notification that Postgres delivers at commit.
 ///
+/// With a relay publishing in aggregate order
+/// ([`RelayOrdering::Aggregate`](crate::config::RelayOrdering::Aggregate)), events of an
+/// aggregate that several transactions may write at once must get their outbox ids in commit
+/// order: write them with [`enqueue_ordered`], or have those transactions lock a row of the
+/// aggregate first (as cancelling an order locks the order's row).
+///
 /// ```no_run
 /// # fn demo(client: &mut postgres::Client) -> txoutbox::Result<()> {
 /// use txoutbox::{enqueue, NewEvent};
@@ -75,6 +107,27 @@ pub fn enqueue(tx: &mut Transaction<'_>, event: &NewEvent) -> Result<()> {
     insert_event(tx, INSERT_EVENT_AND_NOTIFY, event)
 }
 
+/// Like [`enqueue`], taking the aggregate's lock first, so that outbox id order is commit
+/// order among the events of one aggregate, which a relay with
+/// [`RelayOrdering::Aggregate`](crate::config::RelayOrdering::Aggregate) publishes in.
+///
+/// The lock is a transaction-scoped advisory lock on a 64-bit hash of the event's
+/// `aggregate_type` and `aggregate_id` (`pg_advisory_xact_lock`), held until `tx` ends and
+/// taken in the same statement as the insert, so the row's id is drawn under it. Writers of
+/// one aggregate take turns; writers of different aggregates do not wait for each other
+/// (barring a hash collision, which only costs a wait). Caveats:
+///
+/// - A transaction that enqueues for several aggregates can deadlock with another that locks
+///   the same aggregates in another order; Postgres then aborts one of them (SQLSTATE `40P01`,
+///   retryable). Enqueue in a fixed order (e.g. sorted by aggregate) to avoid it, and take the
+///   aggregate's lock before locking rows that other transactions lock after enqueuing.
+/// - Each distinct aggregate holds one entry of Postgres' lock table until `tx` ends: a
+///   transaction enqueuing for many thousands of distinct aggregates can fail with "out of
+///   shared memory" (raise `max_locks_per_transaction`, or split it).
+pub fn enqueue_ordered(tx: &mut Transaction<'_>, event: &NewEvent) -> Result<()> {
+    insert_event(tx, LOCK_AND_INSERT_EVENT_AND_NOTIFY, event)
+}
+
 /// Like [`enqueue`], without the notification.
 ///
 /// Postgres serializes the commits of transactions that NOTIFY, which caps how many of them
@@ -85,8 +138,13 @@ pub fn enqueue_silently(tx: &mut Transaction<'_>, event: &NewEvent) -> Result<()
     insert_event(tx, INSERT_EVENT, event)
 }
 
-/// Inserts `event` with `statement`: [`INSERT_EVENT`] or [`INSERT_EVENT_AND_NOTIFY`], as text
-/// or prepared.
+/// Like [`enqueue_ordered`], without the notification (see [`enqueue_silently`]).
+pub fn enqueue_ordered_silently(tx: &mut Transaction<'_>, event: &NewEvent) -> Result<()> {
+    insert_event(tx, LOCK_AND_INSERT_EVENT, event)
+}
+
+/// Inserts `event` with `statement`: one of the insert statements above (parameters message
+/// id, aggregate type, aggregate id, event type, payload), as text or prepared.
 pub(crate) fn insert_event<S>(tx: &mut Transaction<'_>, statement: &S, event: &NewEvent) -> Result<()>
 where
     S: ToStatement + ?Sized,

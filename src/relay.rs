@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use postgres::fallible_iterator::FallibleIterator;
 
 use crate::broker::{OutgoingEvent, Publisher, Topology};
-use crate::config::RelayConfig;
+use crate::config::{RelayConfig, RelayOrdering};
 use crate::db::Database;
 use crate::metrics::LatencyHistogram;
 use crate::outbox::NOTIFY_CHANNEL;
@@ -26,6 +26,51 @@ const CLAIM: &str = "\
     ORDER BY id
     LIMIT $1
     FOR UPDATE SKIP LOCKED";
+
+/// Like [`CLAIM`], for [`RelayOrdering::Aggregate`]: a row is not claimed while an earlier row
+/// (lower id) of its aggregate is still in the outbox, whatever its state (claimed by another
+/// worker, waiting for a retry, failed). So at most one event per aggregate is in flight, and
+/// the next one is claimed only after the broker confirmed the previous one and its row was
+/// deleted. Ids follow commit order within an aggregate when its writers take turns:
+/// [`enqueue_ordered`](crate::outbox::enqueue_ordered) or a lock on the aggregate's row.
+///
+/// One index probe (`outbox_aggregate_idx`) per row looked at, and only the oldest `$2` rows are
+/// looked at: cheap when aggregates are many, and bounded when a few aggregates have long
+/// queues (all but their first rows are held back). [`CLAIM_AGGREGATE_HEADS`] looks further
+/// when this finds fewer than `$1` rows. The "first row of its aggregate" test is a correlated
+/// subquery on purpose: written as `NOT EXISTS`, Postgres may plan a hash anti-join that costs
+/// seconds on a backlog of one aggregate.
+const CLAIM_IN_AGGREGATE_ORDER: &str = "\
+    SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
+           extract(epoch FROM clock_timestamp() - o.created_at)::float8
+    FROM outbox o
+    WHERE o.id <= (SELECT max(id) FROM (SELECT id FROM outbox ORDER BY id LIMIT $2) oldest)
+      AND o.available_at <= now() AND o.failed_at IS NULL
+      AND o.id = (
+          SELECT e.id FROM outbox e
+          WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id = o.aggregate_id
+          ORDER BY e.aggregate_type, e.aggregate_id, e.id
+          LIMIT 1
+      )
+    ORDER BY o.id
+    LIMIT $1
+    FOR UPDATE OF o SKIP LOCKED";
+
+/// The rest of an ordered claim: the first row of every aggregate (one pass over the outbox,
+/// whatever the mix of aggregates), minus the rows `$2` this round claimed already.
+const CLAIM_AGGREGATE_HEADS: &str = "\
+    SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
+           extract(epoch FROM clock_timestamp() - o.created_at)::float8
+    FROM outbox o
+    WHERE o.id IN (SELECT min(id) FROM outbox GROUP BY aggregate_type, aggregate_id)
+      AND o.id <> ALL($2)
+      AND o.available_at <= now() AND o.failed_at IS NULL
+    ORDER BY o.id
+    LIMIT $1
+    FOR UPDATE OF o SKIP LOCKED";
+
+/// How many of the oldest rows [`CLAIM_IN_AGGREGATE_ORDER`] looks at, per row of the batch.
+const ORDERED_WINDOW_PER_BATCH_ROW: i64 = 4;
 
 const DELETE_CONFIRMED: &str = "DELETE FROM outbox WHERE id = ANY($1)";
 
@@ -234,9 +279,10 @@ pub fn start(db: Database, amqp_url: &str, topology: Topology, config: RelayConf
         );
     }
     log::info!(
-        "relay: started workers={} batch={} exchange={}",
+        "relay: started workers={} batch={} ordering={} exchange={}",
         shared.config.workers,
         shared.config.batch_size,
+        shared.config.ordering,
         shared.topology.exchange
     );
     Ok(RelayHandle {
@@ -296,7 +342,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
     let mut db: Option<RelayDb> = None;
     while !shared.wakeup.is_stopping() {
         if db.is_none() {
-            match RelayDb::connect(&shared.db) {
+            match RelayDb::connect(&shared.db, config.ordering) {
                 Ok(connected) => db = Some(connected),
                 Err(e) => {
                     failures.failed(e);
@@ -326,6 +372,11 @@ fn worker_loop(worker: usize, shared: &Shared) {
             Ok(claimed) => {
                 failures.recovered();
                 backoff.reset();
+                if claimed > 0 && config.ordering == RelayOrdering::Aggregate {
+                    // The rows just deleted may have been holding back the next events of
+                    // their aggregates, which nobody announces: look again at once.
+                    continue;
+                }
                 if claimed < config.batch_size as usize {
                     shared.wakeup.wait(seen, config.poll_interval);
                 } else {
@@ -369,18 +420,32 @@ enum RoundError {
 struct RelayDb {
     client: postgres::Client,
     claim: Statement,
+    /// With [`RelayOrdering::Aggregate`]: [`CLAIM_AGGREGATE_HEADS`].
+    claim_heads: Option<Statement>,
     delete: Statement,
     postpone: Statement,
 }
 
 impl RelayDb {
-    fn connect(db: &Database) -> Result<RelayDb> {
+    fn connect(db: &Database, ordering: RelayOrdering) -> Result<RelayDb> {
         let mut client = db.dedicated()?;
         let context = "cannot prepare the relay's statements";
         client
             .batch_execute("SET synchronous_commit = off")
             .map_err(|e| Error::db(context, e))?;
-        let claim = client.prepare(CLAIM).map_err(|e| Error::db(context, e))?;
+        let claim = match ordering {
+            RelayOrdering::None => CLAIM,
+            RelayOrdering::Aggregate => CLAIM_IN_AGGREGATE_ORDER,
+        };
+        let claim = client.prepare(claim).map_err(|e| Error::db(context, e))?;
+        let claim_heads = match ordering {
+            RelayOrdering::None => None,
+            RelayOrdering::Aggregate => Some(
+                client
+                    .prepare(CLAIM_AGGREGATE_HEADS)
+                    .map_err(|e| Error::db(context, e))?,
+            ),
+        };
         let delete = client
             .prepare(DELETE_CONFIRMED)
             .map_err(|e| Error::db(context, e))?;
@@ -390,6 +455,7 @@ impl RelayDb {
         Ok(RelayDb {
             client,
             claim,
+            claim_heads,
             delete,
             postpone,
         })
@@ -405,9 +471,27 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
         .client
         .transaction()
         .map_err(db_error("cannot begin a relay transaction"))?;
-    let rows = tx
-        .query(claim, &[&shared.config.batch_size])
-        .map_err(db_error("cannot claim outbox rows"))?;
+    let batch_size = shared.config.batch_size;
+    let mut rows = match &db.claim_heads {
+        None => tx.query(claim, &[&batch_size]),
+        Some(_) => tx.query(
+            claim,
+            &[&batch_size, &(batch_size * ORDERED_WINDOW_PER_BATCH_ROW)],
+        ),
+    }
+    .map_err(db_error("cannot claim outbox rows"))?;
+    if let Some(claim_heads) = db
+        .claim_heads
+        .as_ref()
+        .filter(|_| rows.len() < batch_size as usize)
+    {
+        let claimed: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+        let missing = batch_size - rows.len() as i64;
+        rows.extend(
+            tx.query(claim_heads, &[&missing, &claimed])
+                .map_err(db_error("cannot claim outbox rows"))?,
+        );
+    }
     if rows.is_empty() {
         return Ok(0);
     }

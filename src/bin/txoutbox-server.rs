@@ -4,7 +4,7 @@ mod common;
 
 use common::{env_or, env_parse, Setting};
 use txoutbox::config::{Secret, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
-use txoutbox::{http, orders, relay, Database, HttpConfig, PoolOptions, RelayConfig};
+use txoutbox::{http, orders, relay, Database, HttpConfig, PoolOptions, RelayConfig, RelayOrdering};
 
 const SETTINGS: &[Setting] = &[
     Setting {
@@ -38,6 +38,11 @@ const SETTINGS: &[Setting] = &[
         help: "outbox rows claimed, published and deleted per round",
     },
     Setting {
+        name: "RELAY_ORDERING",
+        default: "aggregate",
+        help: "none | aggregate: publish each order's events in commit order (the consumer needs it)",
+    },
+    Setting {
         name: "RELAY_MAX_ATTEMPTS",
         default: "10",
         help: "broker refusals (nack, unroutable) before an event is marked failed",
@@ -48,8 +53,8 @@ fn main() {
     if common::wants_help() {
         common::print_help(
             "txoutbox-server",
-            "HTTP API for orders (POST /orders, GET /orders/{id}) plus the outbox relay to RabbitMQ; \
-             status page at /, OpenAPI document at /openapi.yaml",
+            "HTTP API for orders (POST /orders, GET /orders/{id}, POST /orders/{id}/cancel) plus the \
+             outbox relay to RabbitMQ; status page at /, OpenAPI document at /openapi.yaml",
             "txoutbox-server [--help]",
             &[common::SERVICE_SETTINGS, SETTINGS].concat(),
         );
@@ -73,6 +78,9 @@ fn try_main() -> Result<(), String> {
         workers: env_parse("RELAY_WORKERS", 5)?,
         batch_size: env_parse("RELAY_BATCH", 200)?,
         max_attempts: env_parse("RELAY_MAX_ATTEMPTS", 10)?,
+        // The order consumer applies each event's transition as it arrives, so the service
+        // keeps per-aggregate order unless told otherwise (the library default is none).
+        ordering: env_parse("RELAY_ORDERING", RelayOrdering::Aggregate)?,
         ..RelayConfig::default()
     };
     let pool_size = http_config.threads + 2;
