@@ -39,13 +39,13 @@ pub(crate) struct Front {
 }
 
 impl Front {
-    /// Binds `addr` and starts accepting.
-    pub(crate) fn bind(addr: &str) -> Result<Front> {
+    /// Binds `addr` (the value of the setting named `setting`, for errors) and starts accepting.
+    pub(crate) fn bind(setting: &str, addr: &str) -> Result<Front> {
         let listener = TcpListener::bind(addr)
-            .map_err(|e| Error::Config(format!("cannot listen on HTTP_ADDR {addr}: {e}")))?;
+            .map_err(|e| Error::Config(format!("cannot listen on {setting} {addr}: {e}")))?;
         let local = listener
             .local_addr()
-            .map_err(|e| Error::Config(format!("cannot read the address of HTTP_ADDR {addr}: {e}")))?;
+            .map_err(|e| Error::Config(format!("cannot read the address of {setting} {addr}: {e}")))?;
         let server = new_server(&listener)?;
         let kicker_stop = Arc::new(AtomicBool::new(false));
         let kicker = start_kicker(local, kicker_stop.clone())?;

@@ -5,6 +5,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, StatusCode};
@@ -13,6 +14,7 @@ use uuid::Uuid;
 use crate::config::{HttpConfig, Secret};
 use crate::db::Database;
 use crate::front::{self, Front};
+use crate::metrics::{self, HttpMetrics, Registry};
 use crate::orders::{self, Announce};
 use crate::relay::RelayHealth;
 use crate::{Error, Result};
@@ -56,7 +58,8 @@ pub fn serve(config: &HttpConfig, db: Database, announce: Announce) -> Result<Ht
     serve_with_relay(config, db, announce, None)
 }
 
-/// Like [`serve`], with a relay running in this process whose health `GET /readyz` reports.
+/// Like [`serve`], with a relay running in this process whose health `GET /readyz` reports and
+/// whose metrics `GET /metrics` includes.
 pub fn serve_with_relay(
     config: &HttpConfig,
     db: Database,
@@ -64,10 +67,19 @@ pub fn serve_with_relay(
     relay: Option<RelayHealth>,
 ) -> Result<HttpHandle> {
     config.validate()?;
-    let front = Arc::new(Front::bind(&config.addr)?);
+    let front = Arc::new(Front::bind("HTTP_ADDR", &config.addr)?);
+    let metrics = HttpMetrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    metrics::register_outbox_gauges(&mut registry, db.clone());
+    if let Some(relay) = &relay {
+        relay.stats().register(&mut registry);
+    }
     let api = Arc::new(Api {
         db,
         relay,
+        metrics,
+        registry,
         announce,
         api_token: config.api_token.clone(),
         max_body_bytes: config.max_body_bytes,
@@ -93,16 +105,25 @@ pub fn serve_with_relay(
 /// A response before it is encoded.
 struct Reply {
     status: u16,
-    body: Value,
+    body: Body,
     /// Extra header, e.g. `Allow` on a 405 or `WWW-Authenticate` on a 401.
     header: Option<(&'static str, &'static str)>,
+}
+
+/// A response body: JSON for the API, text for `/metrics`.
+enum Body {
+    Json(Value),
+    Text {
+        content_type: &'static str,
+        text: String,
+    },
 }
 
 impl Reply {
     fn json(status: u16, body: Value) -> Self {
         Reply {
             status,
-            body,
+            body: Body::Json(body),
             header: None,
         }
     }
@@ -122,6 +143,9 @@ impl Reply {
 struct Api {
     db: Database,
     relay: Option<RelayHealth>,
+    metrics: HttpMetrics,
+    /// What `GET /metrics` renders: `metrics`, the outbox gauges and the relay's metrics.
+    registry: Registry,
     api_token: Option<Secret>,
     announce: Announce,
     max_body_bytes: usize,
@@ -129,11 +153,17 @@ struct Api {
 
 impl Api {
     fn respond(&self, mut request: Request) {
+        let started = Instant::now();
+        let route = route_template(request.url());
+        let method = method_label(request.method());
         let reply = self.route(&mut request);
-        let body = serde_json::to_vec(&reply.body).unwrap_or_default();
+        let (content_type, body) = match reply.body {
+            Body::Json(value) => ("application/json", serde_json::to_vec(&value).unwrap_or_default()),
+            Body::Text { content_type, text } => (content_type, text.into_bytes()),
+        };
         let mut response = Response::from_data(body)
             .with_status_code(StatusCode(reply.status))
-            .with_header(header("Content-Type", "application/json"));
+            .with_header(header("Content-Type", content_type));
         if let Some((name, value)) = reply.header {
             response.add_header(header(name, value));
         }
@@ -142,6 +172,8 @@ impl Api {
         } else if let Err(e) = request.respond(response) {
             log::debug!("http: cannot send the response: {e}");
         }
+        self.metrics
+            .observe(route, method, reply.status, started.elapsed());
     }
 
     fn route(&self, request: &mut Request) -> Reply {
@@ -155,6 +187,15 @@ impl Api {
             (["healthz"], _) => Reply::method_not_allowed("GET"),
             (["readyz"], Method::Get) => self.readiness(),
             (["readyz"], _) => Reply::method_not_allowed("GET"),
+            (["metrics"], Method::Get) => Reply {
+                status: 200,
+                body: Body::Text {
+                    content_type: metrics::CONTENT_TYPE,
+                    text: metrics::encode(&self.registry),
+                },
+                header: None,
+            },
+            (["metrics"], _) => Reply::method_not_allowed("GET"),
             (["orders"], Method::Post) => self.create_order(request),
             (["orders"], _) => Reply::method_not_allowed("POST"),
             (["orders", id], Method::Get) => self.get_order(id),
@@ -220,7 +261,10 @@ impl Api {
             .get()
             .and_then(|mut client| orders::create(&mut client, &new_order, &self.announce));
         match result {
-            Ok(order) => Reply::json(201, order.to_json()),
+            Ok(order) => {
+                self.metrics.order_created();
+                Reply::json(201, order.to_json())
+            }
             Err(e) => failure("cannot create the order", &e),
         }
     }
@@ -234,6 +278,37 @@ impl Api {
             Ok(None) => Reply::error(404, format!("no order with id {id}")),
             Err(e) => failure("cannot read the order", &e),
         }
+    }
+}
+
+/// The route template a request path matches: the `route` label of the HTTP metrics. Never
+/// the raw path, which would make one time series per order id.
+fn route_template(url: &str) -> &'static str {
+    let path = url.split('?').next().unwrap_or("");
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["healthz"] => "/healthz",
+        ["readyz"] => "/readyz",
+        ["metrics"] => "/metrics",
+        ["orders"] => "/orders",
+        ["orders", _] => "/orders/{id}",
+        _ => "unmatched",
+    }
+}
+
+/// The method as a label value, from a fixed set.
+fn method_label(method: &Method) -> &'static str {
+    match method {
+        Method::Get => "GET",
+        Method::Head => "HEAD",
+        Method::Post => "POST",
+        Method::Put => "PUT",
+        Method::Delete => "DELETE",
+        Method::Patch => "PATCH",
+        Method::Options => "OPTIONS",
+        Method::Connect => "CONNECT",
+        Method::Trace => "TRACE",
+        Method::NonStandard(_) => "other",
     }
 }
 

@@ -35,6 +35,8 @@ fn spawn(binary: &str, t: &TestDb, broker: &TestBroker, http_addr: &str) -> Proc
         .env("AMQP_QUEUE", &broker.topology.queue)
         .env("HTTP_ADDR", http_addr)
         .env("HTTP_THREADS", "8")
+        // Tests run side by side: each consumer's metrics listener takes a port of its own.
+        .env("CONSUMER_METRICS_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()

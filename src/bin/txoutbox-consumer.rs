@@ -5,7 +5,10 @@ mod common;
 
 use common::{env_or, env_parse, Setting};
 use txoutbox::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
-use txoutbox::{consumer, orders, ConsumerConfig, Database, PoolOptions};
+use txoutbox::{consumer, metrics, orders, ConsumerConfig, Database, PoolOptions};
+
+/// Default of `CONSUMER_METRICS_ADDR`.
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9091";
 
 const SETTINGS: &[Setting] = &[
     Setting {
@@ -27,6 +30,11 @@ const SETTINGS: &[Setting] = &[
         name: "DB_POOL_SIZE",
         default: "2",
         help: "Postgres connections in the pool",
+    },
+    Setting {
+        name: "CONSUMER_METRICS_ADDR",
+        default: DEFAULT_METRICS_ADDR,
+        help: "address of GET /metrics (Prometheus text) and GET /healthz; empty or off disables",
     },
 ];
 
@@ -58,14 +66,34 @@ fn try_main() -> Result<(), String> {
     let topology = common::topology_from_env();
     let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
     let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
+    // Unset: the default; set but empty, or `off`: no listener.
+    let metrics_addr = match std::env::var("CONSUMER_METRICS_ADDR") {
+        Err(_) => Some(DEFAULT_METRICS_ADDR.to_string()),
+        Ok(addr) if addr.trim().is_empty() || addr.trim().eq_ignore_ascii_case("off") => None,
+        Ok(addr) => Some(addr.trim().to_string()),
+    };
 
     let db = Database::connect(&database_url, &pool).map_err(|e| e.to_string())?;
     let handle =
         consumer::start(db, &amqp_url, topology, config, orders::OrderEvents).map_err(|e| e.to_string())?;
+    let metrics_server = match metrics_addr {
+        Some(addr) => {
+            let mut registry = metrics::Registry::default();
+            handle.stats().register(&mut registry);
+            let server = metrics::serve("CONSUMER_METRICS_ADDR", &addr, registry)
+                .map_err(|e| format!("{e} (set CONSUMER_METRICS_ADDR to a free address, or off)"))?;
+            println!("txoutbox-consumer metrics on http://{}/metrics", server.addr());
+            Some(server)
+        }
+        None => None,
+    };
     println!("txoutbox-consumer consuming");
     common::wait_for_shutdown_signal()?;
     // Commit and ack the batch in hand, then close the connection.
     handle.stop();
+    if let Some(server) = metrics_server {
+        server.stop();
+    }
     log::info!("shutdown: done");
     Ok(())
 }

@@ -90,6 +90,8 @@ impl Launcher {
             .env("AMQP_EXCHANGE", &broker.topology.exchange)
             .env("AMQP_QUEUE", &broker.topology.queue)
             .env("RUST_LOG", "info")
+            // Several consumers may run at once (scale-out): each takes a port of its own.
+            .env("CONSUMER_METRICS_ADDR", "127.0.0.1:0")
             // The bench's client sends no bearer token.
             .env_remove("API_TOKEN")
             .stdin(Stdio::null())

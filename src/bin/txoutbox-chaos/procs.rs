@@ -114,6 +114,8 @@ impl<'s> Launcher<'s> {
             .env("AMQP_EXCHANGE", &self.topology.exchange)
             .env("AMQP_QUEUE", &self.topology.queue)
             .env("RUST_LOG", "warn")
+            // A free port for the consumer's metrics: no clash with another consumer on this host.
+            .env("CONSUMER_METRICS_ADDR", "127.0.0.1:0")
             // The harness's client sends no bearer token.
             .env_remove("API_TOKEN")
             .stdin(Stdio::null())
