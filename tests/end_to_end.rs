@@ -79,6 +79,7 @@ fn every_binary_documents_its_settings() {
     for (binary, setting) in [
         (env!("CARGO_BIN_EXE_txoutbox-server"), "RELAY_WORKERS"),
         (env!("CARGO_BIN_EXE_txoutbox-consumer"), "CONSUMER_PREFETCH"),
+        (env!("CARGO_BIN_EXE_txoutbox-consumer"), "CONSUMER_METRICS_ADDR"),
         (env!("CARGO_BIN_EXE_txoutbox-stress"), "--concurrency"),
     ] {
         let output = Command::new(binary).arg("--help").output().expect("runs");

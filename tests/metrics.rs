@@ -435,3 +435,26 @@ fn the_consumer_binary_serves_processed_duplicates_and_dead_letters_on_its_metri
     assert_eq!((status, body.contains("ok")), (200, true), "{body}");
     assert_eq!(get(addr, "/elsewhere").0, 404);
 }
+
+#[test]
+fn the_consumer_binary_stops_at_start_when_its_metrics_address_is_taken() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = Command::new(env!("CARGO_BIN_EXE_txoutbox-consumer"))
+        .env("DATABASE_URL", &t.url)
+        .env("AMQP_URL", amqp_url())
+        .env("AMQP_EXCHANGE", &broker.topology.exchange)
+        .env("AMQP_QUEUE", &broker.topology.queue)
+        .env("CONSUMER_METRICS_ADDR", &addr)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("cannot run txoutbox-consumer");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on CONSUMER_METRICS_ADDR {addr}")) && stderr.contains("off"),
+        "{stderr}"
+    );
+}
