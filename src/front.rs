@@ -41,6 +41,16 @@ pub(crate) struct Front {
 impl Front {
     /// Binds `addr` (the value of the setting named `setting`, for errors) and starts accepting.
     pub(crate) fn bind(setting: &str, addr: &str) -> Result<Front> {
+        Self::bind_with(setting, addr, true)
+    }
+
+    /// Like [`bind`](Self::bind) without the kicker (see [`start_kicker`]), for a listener with
+    /// a few sequential clients, such as a metrics scraper: it saves 40 connections a second.
+    pub(crate) fn bind_unkicked(setting: &str, addr: &str) -> Result<Front> {
+        Self::bind_with(setting, addr, false)
+    }
+
+    fn bind_with(setting: &str, addr: &str, kick: bool) -> Result<Front> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::Config(format!("cannot listen on {setting} {addr}: {e}")))?;
         let local = listener
@@ -48,14 +58,17 @@ impl Front {
             .map_err(|e| Error::Config(format!("cannot read the address of {setting} {addr}: {e}")))?;
         let server = new_server(&listener)?;
         let kicker_stop = Arc::new(AtomicBool::new(false));
-        let kicker = start_kicker(local, kicker_stop.clone())?;
+        let kicker = match kick {
+            true => Some(start_kicker(local, kicker_stop.clone())?),
+            false => None,
+        };
         Ok(Front {
             listener,
             addr: local,
             current: RwLock::new(Arc::new(server)),
             stopping: AtomicBool::new(false),
             kicker_stop,
-            kicker: Mutex::new(Some(kicker)),
+            kicker: Mutex::new(kicker),
         })
     }
 

@@ -237,7 +237,7 @@ impl Collector for OutboxGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let reading = self.read();
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let error = match reading {
+        let error: i64 = match reading {
             Ok(reading) => {
                 failures.recovered();
                 encode_gauge(
@@ -273,7 +273,7 @@ impl Collector for OutboxGauges {
             "txoutbox_outbox_scrape_error",
             "1 when the outbox could not be read for this scrape (see the log), else 0",
             None,
-            error as i64,
+            error,
         )
     }
 }
@@ -287,7 +287,7 @@ pub struct MetricsServer {
 /// Serves `registry` at `GET /metrics` on `addr` (setting name `setting`, for errors), with
 /// `GET /healthz` answering 200 while the process runs. One thread answers the requests.
 pub fn serve(setting: &str, addr: &str, registry: Registry) -> Result<MetricsServer> {
-    let front = Arc::new(Front::bind(setting, addr)?);
+    let front = Arc::new(Front::bind_unkicked(setting, addr)?);
     let server = front.clone();
     let thread = std::thread::Builder::new()
         .name("metrics".into())
