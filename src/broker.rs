@@ -263,6 +263,11 @@ pub struct OutgoingEvent {
     pub body: Vec<u8>,
 }
 
+/// The reason in [`PublishOutcome::refused`] of an event the broker nacked.
+pub const NACKED: &str = "RabbitMQ refused the message (nack)";
+/// The reason in [`PublishOutcome::refused`] of an event no queue was bound for.
+pub const UNROUTABLE: &str = "unroutable: no queue is bound for it";
+
 /// What the broker said about each event of a batch.
 #[derive(Debug, Default)]
 pub struct PublishOutcome {
@@ -377,10 +382,7 @@ impl Publisher {
                 if ok {
                     acked.push(index);
                 } else {
-                    refused.push((
-                        events[index].key,
-                        "RabbitMQ refused the message (nack)".to_string(),
-                    ));
+                    refused.push((events[index].key, NACKED.to_string()));
                 }
             }
         }
@@ -404,9 +406,7 @@ impl Publisher {
         for index in acked {
             let event = &events[index];
             if unroutable.contains(&event.message_id) {
-                outcome
-                    .refused
-                    .push((event.key, "unroutable: no queue is bound for it".into()));
+                outcome.refused.push((event.key, UNROUTABLE.to_string()));
             } else {
                 outcome.confirmed.push(event.key);
             }

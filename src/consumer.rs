@@ -2,19 +2,23 @@
 //! `processed_messages` in one transaction, and acknowledges only after that commit.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amiquip::{AmqpValue, Channel, Confirm, ConsumerMessage, ConsumerOptions, Delivery, Publish};
 use crossbeam_channel::RecvTimeoutError;
 use postgres::Transaction;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Unit;
 use uuid::Uuid;
 
 use crate::broker::{self, Topology};
 use crate::config::ConsumerConfig;
 use crate::db::Database;
+use crate::metrics::{self, Reason, Registry};
 use crate::wakeup::{Backoff, FailureLog, Wakeup};
 use crate::{Error, Result};
 
@@ -113,31 +117,89 @@ where
     }
 }
 
-/// Counters a running consumer keeps; read them through [`ConsumerHandle::stats`].
-#[derive(Debug, Default)]
+/// Counters a running consumer keeps; read them through [`ConsumerHandle::stats`], or expose
+/// them to Prometheus with [`register`](Self::register).
+#[derive(Debug)]
 pub struct ConsumerStats {
-    applied: AtomicU64,
-    duplicates: AtomicU64,
-    rejected: AtomicU64,
-    failed: AtomicU64,
+    applied: Counter,
+    duplicates: Counter,
+    dead_lettered: Family<Reason, Counter>,
+    malformed: Counter,
+    permanent: Counter,
+    exhausted: Counter,
+    failed: Counter,
+    transaction_duration: Histogram,
+}
+
+impl Default for ConsumerStats {
+    fn default() -> Self {
+        let (dead_lettered, [malformed, permanent, exhausted]) =
+            metrics::counters_by_reason(["malformed", "permanent", "retries_exhausted"]);
+        ConsumerStats {
+            applied: Counter::default(),
+            duplicates: Counter::default(),
+            dead_lettered,
+            malformed,
+            permanent,
+            exhausted,
+            failed: Counter::default(),
+            transaction_duration: metrics::seconds_histogram(),
+        }
+    }
 }
 
 impl ConsumerStats {
+    /// Adds this consumer's metrics to `registry` (once per registry):
+    /// `txoutbox_consumer_processed_total`, `txoutbox_consumer_duplicates_total`,
+    /// `txoutbox_consumer_dead_lettered_total{reason}`, `txoutbox_consumer_retries_total` and
+    /// `txoutbox_consumer_handler_duration_seconds`. They keep counting after the call.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "txoutbox_consumer_processed",
+            "Messages whose effect committed (the first delivery of each message id)",
+            self.applied.clone(),
+        );
+        registry.register(
+            "txoutbox_consumer_duplicates",
+            "Deliveries of an already processed message id, acked with no effect",
+            self.duplicates.clone(),
+        );
+        registry.register(
+            "txoutbox_consumer_dead_lettered",
+            "Deliveries moved to the dead-letter queue: reason malformed (no UUID message_id or \
+             not JSON), permanent (the handler said retrying cannot help), retries_exhausted",
+            self.dead_lettered.clone(),
+        );
+        registry.register(
+            "txoutbox_consumer_retries",
+            "Deliveries whose handler failed transiently and were requeued or, past \
+             CONSUMER_MAX_RETRIES, dead-lettered",
+            self.failed.clone(),
+        );
+        registry.register_with_unit(
+            "txoutbox_consumer_handler_duration",
+            "Time of one committed consumer transaction: dedupe insert, handler, commit \
+             (one observation per batch of deliveries)",
+            Unit::Seconds,
+            self.transaction_duration.clone(),
+        );
+    }
+
     /// Messages whose effect committed (first delivery of each message id).
     pub fn applied(&self) -> u64 {
-        self.applied.load(Ordering::Relaxed)
+        self.applied.get()
     }
     /// Deliveries of an already applied message id, acked with no effect.
     pub fn duplicates(&self) -> u64 {
-        self.duplicates.load(Ordering::Relaxed)
+        self.duplicates.get()
     }
     /// Deliveries rejected without requeue (dead-lettered): malformed or permanently failing.
     pub fn rejected(&self) -> u64 {
-        self.rejected.load(Ordering::Relaxed)
+        self.malformed.get() + self.permanent.get() + self.exhausted.get()
     }
     /// Deliveries whose handler failed transiently; they were requeued.
     pub fn failed(&self) -> u64 {
-        self.failed.load(Ordering::Relaxed)
+        self.failed.get()
     }
 }
 
@@ -360,8 +422,8 @@ impl<H: Handler> Worker<H> {
                         delivery.delivery_tag(),
                         delivery.routing_key
                     );
-                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     dead_letters.send(channel, delivery, &reason)?;
+                    self.stats.malformed.inc();
                 }
             }
         }
@@ -371,8 +433,8 @@ impl<H: Handler> Worker<H> {
         let messages: Vec<&Message> = valid.iter().map(|(_, m)| m).collect();
         match self.apply(&messages) {
             Ok((applied, duplicates)) => {
-                self.stats.applied.fetch_add(applied, Ordering::Relaxed);
-                self.stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+                self.stats.applied.inc_by(applied);
+                self.stats.duplicates.inc_by(duplicates);
                 // Every delivery up to the last one is settled now: one ack covers them all.
                 if let Some((last, _)) = valid.pop() {
                     last.ack_multiple(channel)
@@ -426,20 +488,21 @@ impl<H: Handler> Worker<H> {
         let broker_error = |e| Error::broker("cannot settle a delivery", e);
         match outcome {
             Ok((applied, duplicates)) => {
-                self.stats.applied.fetch_add(applied, Ordering::Relaxed);
-                self.stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+                self.stats.applied.inc_by(applied);
+                self.stats.duplicates.inc_by(duplicates);
                 self.attempts.remove(&id);
                 delivery.ack(channel).map_err(broker_error)
             }
             Err(ApplyError::Db(e)) => Err(e),
             Err(ApplyError::Handler(failure)) if failure.permanent => {
                 log::warn!("consumer: message_id={id} failed permanently, dead-lettering: {failure}");
-                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 self.attempts.remove(&id);
-                dead_letters.send(channel, delivery, &format!("permanent failure: {failure}"))
+                dead_letters.send(channel, delivery, &format!("permanent failure: {failure}"))?;
+                self.stats.permanent.inc();
+                Ok(())
             }
             Err(ApplyError::Handler(failure)) => {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.stats.failed.inc();
                 if self.attempts.len() > MAX_TRACKED_FAILURES {
                     self.attempts.clear();
                 }
@@ -449,8 +512,9 @@ impl<H: Handler> Worker<H> {
                     let reason = format!("failed {} times, last: {failure}", *attempts);
                     log::warn!("consumer: message_id={id} {reason}; dead-lettering");
                     self.attempts.remove(&id);
-                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    return dead_letters.send(channel, delivery, &reason);
+                    dead_letters.send(channel, delivery, &reason)?;
+                    self.stats.exhausted.inc();
+                    return Ok(());
                 }
                 log::warn!(
                     "consumer: message_id={id} failed (attempt {}), requeueing: {failure}",
@@ -466,6 +530,7 @@ impl<H: Handler> Worker<H> {
     /// One transaction: dedupe row and effect for each message, then commit.
     /// Returns (applied, duplicates).
     fn apply(&mut self, messages: &[&Message]) -> Result<(u64, u64), ApplyError> {
+        let started = Instant::now();
         let mut client = self.db.get().map_err(ApplyError::Db)?;
         let db = |context: &'static str| move |e| ApplyError::Db(Error::db(context, e));
         let mut tx = client
@@ -495,6 +560,7 @@ impl<H: Handler> Worker<H> {
         let duplicates = messages.len() as u64 - applied;
         tx.commit()
             .map_err(db("cannot commit the consumer transaction"))?;
+        metrics::observe_since(&self.stats.transaction_duration, started);
         Ok((applied, duplicates))
     }
 }

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::config::{HttpConfig, Secret};
 use crate::db::Database;
 use crate::front::{self, Front};
+use crate::metrics::{self, HttpMetrics, Registry};
 use crate::orders::{self, Announce, Cancellation};
 use crate::relay::RelayHealth;
 use crate::status::{self, Sampler, StatusPage};
@@ -77,7 +78,8 @@ pub fn serve(config: &HttpConfig, db: Database, announce: Announce) -> Result<Ht
     serve_with_relay(config, db, announce, None)
 }
 
-/// Like [`serve`], with a relay running in this process whose health `GET /readyz` reports.
+/// Like [`serve`], with a relay running in this process whose health `GET /readyz` reports and
+/// whose metrics `GET /metrics` includes.
 pub fn serve_with_relay(
     config: &HttpConfig,
     db: Database,
@@ -85,12 +87,21 @@ pub fn serve_with_relay(
     relay: Option<RelayHealth>,
 ) -> Result<HttpHandle> {
     config.validate()?;
-    let front = Arc::new(Front::bind(&config.addr, config.idle_timeout)?);
+    let front = Arc::new(Front::bind("HTTP_ADDR", &config.addr, config.idle_timeout)?);
     let (status, sampler) = StatusPage::start(db.clone(), relay.clone())?;
+    let metrics = HttpMetrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    metrics::register_outbox_gauges(&mut registry, db.clone());
+    if let Some(relay) = &relay {
+        relay.stats().register(&mut registry);
+    }
     let api = Arc::new(Api {
         db,
         relay,
         status,
+        metrics,
+        registry,
         announce,
         api_token: config.api_token.clone(),
         max_body_bytes: config.max_body_bytes,
@@ -121,28 +132,38 @@ pub fn serve_with_relay(
 /// A response before it is encoded.
 struct Reply {
     status: u16,
-    body: Value,
+    body: Body,
     /// Extra header, e.g. `Allow` on a 405 or `WWW-Authenticate` on a 401.
     header: Option<(&'static str, &'static str)>,
-    /// A body that is not JSON, with its content type; `body` is then ignored.
-    document: Option<(&'static str, &'static str)>,
+}
+
+/// A response body: JSON for the API; text for `/metrics`, the status page and the document.
+enum Body {
+    Json(Value),
+    Text {
+        content_type: &'static str,
+        text: String,
+    },
 }
 
 impl Reply {
     fn json(status: u16, body: Value) -> Self {
         Reply {
             status,
-            body,
+            body: Body::Json(body),
             header: None,
-            document: None,
         }
     }
 
-    /// 200 with a static document such as the status page.
-    fn document(content_type: &'static str, text: &'static str) -> Self {
+    /// 200 with a text body of `content_type`, such as the status page or the metrics.
+    fn text(content_type: &'static str, text: impl Into<String>) -> Self {
         Reply {
-            document: Some((content_type, text)),
-            ..Reply::json(200, Value::Null)
+            status: 200,
+            body: Body::Text {
+                content_type,
+                text: text.into(),
+            },
+            header: None,
         }
     }
 
@@ -162,6 +183,9 @@ struct Api {
     db: Database,
     relay: Option<RelayHealth>,
     status: StatusPage,
+    metrics: HttpMetrics,
+    /// What `GET /metrics` renders: `metrics`, the outbox gauges and the relay's metrics.
+    registry: Registry,
     api_token: Option<Secret>,
     announce: Announce,
     max_body_bytes: usize,
@@ -169,13 +193,13 @@ struct Api {
 
 impl Api {
     fn respond(&self, mut request: Request) {
+        let started = Instant::now();
+        let route = route_template(request.url());
+        let method = method_label(request.method());
         let reply = self.route(&mut request);
-        let (content_type, body) = match reply.document {
-            Some((content_type, text)) => (content_type, text.as_bytes().to_vec()),
-            None => (
-                "application/json",
-                serde_json::to_vec(&reply.body).unwrap_or_default(),
-            ),
+        let (content_type, body) = match reply.body {
+            Body::Json(value) => ("application/json", serde_json::to_vec(&value).unwrap_or_default()),
+            Body::Text { content_type, text } => (content_type, text.into_bytes()),
         };
         let mut response = Response::from_data(body)
             .with_status_code(StatusCode(reply.status))
@@ -188,6 +212,8 @@ impl Api {
         } else if let Err(e) = request.respond(response) {
             log::debug!("http: cannot send the response: {e}");
         }
+        self.metrics
+            .observe(route, method, reply.status, started.elapsed());
     }
 
     fn route(&self, request: &mut Request) -> Reply {
@@ -197,16 +223,18 @@ impl Api {
         let path = request.url().split('?').next().unwrap_or("").to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (segments.as_slice(), request.method()) {
-            ([""], Method::Get) => Reply::document("text/html; charset=utf-8", status::PAGE),
+            ([""], Method::Get) => Reply::text("text/html; charset=utf-8", status::PAGE),
             ([""], _) => Reply::method_not_allowed("GET"),
             (["status.json"], Method::Get) => Reply::json(200, self.status.snapshot()),
             (["status.json"], _) => Reply::method_not_allowed("GET"),
-            (["openapi.yaml"], Method::Get) => Reply::document("application/yaml", OPENAPI),
+            (["openapi.yaml"], Method::Get) => Reply::text("application/yaml", OPENAPI),
             (["openapi.yaml"], _) => Reply::method_not_allowed("GET"),
             (["healthz"], Method::Get) => Reply::json(200, json!({ "status": "ok" })),
             (["healthz"], _) => Reply::method_not_allowed("GET"),
             (["readyz"], Method::Get) => self.readiness(),
             (["readyz"], _) => Reply::method_not_allowed("GET"),
+            (["metrics"], Method::Get) => Reply::text(metrics::CONTENT_TYPE, metrics::encode(&self.registry)),
+            (["metrics"], _) => Reply::method_not_allowed("GET"),
             (["orders"], Method::Post) => self.create_order(request),
             (["orders"], _) => Reply::method_not_allowed("POST"),
             (["orders", id], Method::Get) => self.get_order(id),
@@ -281,7 +309,10 @@ impl Api {
             .get()
             .and_then(|mut client| orders::create(&mut client, &new_order, &self.announce));
         match result {
-            Ok(order) => Reply::json(201, order.to_json()),
+            Ok(order) => {
+                self.metrics.order_created();
+                Reply::json(201, order.to_json())
+            }
             Err(e) => failure("cannot create the order", &e),
         }
     }
@@ -322,6 +353,41 @@ impl Api {
             Ok(None) => Reply::error(404, format!("no order with id {id}")),
             Err(e) => failure("cannot read the order", &e),
         }
+    }
+}
+
+/// The route template a request path matches: the `route` label of the HTTP metrics. Never
+/// the raw path, which would make one time series per order id.
+fn route_template(url: &str) -> &'static str {
+    let path = url.split('?').next().unwrap_or("");
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        [""] => "/",
+        ["status.json"] => "/status.json",
+        ["openapi.yaml"] => "/openapi.yaml",
+        ["healthz"] => "/healthz",
+        ["readyz"] => "/readyz",
+        ["metrics"] => "/metrics",
+        ["orders"] => "/orders",
+        ["orders", _] => "/orders/{id}",
+        ["orders", _, "cancel"] => "/orders/{id}/cancel",
+        _ => "unmatched",
+    }
+}
+
+/// The method as a label value, from a fixed set.
+fn method_label(method: &Method) -> &'static str {
+    match method {
+        Method::Get => "GET",
+        Method::Head => "HEAD",
+        Method::Post => "POST",
+        Method::Put => "PUT",
+        Method::Delete => "DELETE",
+        Method::Patch => "PATCH",
+        Method::Options => "OPTIONS",
+        Method::Connect => "CONNECT",
+        Method::Trace => "TRACE",
+        Method::NonStandard(_) => "other",
     }
 }
 
@@ -401,7 +467,26 @@ fn header(name: &str, value: &str) -> Header {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{constant_time_eq, route_template};
+
+    #[test]
+    fn every_route_has_its_template_label() {
+        for (url, template) in [
+            ("/", "/"),
+            ("/status.json", "/status.json"),
+            ("/openapi.yaml", "/openapi.yaml"),
+            ("/healthz", "/healthz"),
+            ("/readyz", "/readyz"),
+            ("/metrics", "/metrics"),
+            ("/orders", "/orders"),
+            ("/orders/0b1c?x=1", "/orders/{id}"),
+            ("/orders/0b1c/cancel", "/orders/{id}/cancel"),
+            ("/orders/0b1c/other", "unmatched"),
+            ("/nope", "unmatched"),
+        ] {
+            assert_eq!(route_template(url), template, "{url}");
+        }
+    }
 
     #[test]
     fn tokens_match_only_exactly() {

@@ -9,6 +9,8 @@
 //! - [`consumer::start`] applies each delivery through a [`Handler`] in a transaction that also
 //!   records the message id in `processed_messages`, and acks only after that commit: a
 //!   redelivered message has no second effect.
+//! - [`metrics`] exposes what the relay and the consumer count (their `stats().register(..)`)
+//!   and the outbox backlog in the Prometheus text format.
 //!
 //! ```no_run
 //! use txoutbox::{consumer, relay, ConsumerConfig, Database, PoolOptions, RelayConfig, Topology};

@@ -1,7 +1,378 @@
-//! Lock-free latency histograms, cheap enough for every event on the hot path.
+//! Metrics: Prometheus exposition of what the server, the relay and the consumer count, and a
+//! lock-free latency histogram for in-process percentiles (the benchmarks' tool).
+//!
+//! The metrics themselves live where the work happens ([`RelayStats`](crate::relay::RelayStats),
+//! [`ConsumerStats`](crate::consumer::ConsumerStats), the HTTP server); each registers its
+//! metrics into a [`Registry`], which [`encode`] renders in the Prometheus text format.
+//! Embedding the relay or the consumer in your own program:
+//!
+//! ```no_run
+//! # fn demo(relay: &txoutbox::relay::RelayHandle, db: txoutbox::Database) {
+//! use txoutbox::metrics;
+//!
+//! let mut registry = metrics::Registry::default();
+//! relay.stats().register(&mut registry);
+//! metrics::register_outbox_gauges(&mut registry, db);
+//! // In your /metrics handler, answer with Content-Type metrics::CONTENT_TYPE:
+//! let body: String = metrics::encode(&registry);
+//! # }
+//! ```
+//!
+//! or serve it on an address of its own with [`serve`].
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Unit;
+use tiny_http::{Header, Method, Response, StatusCode};
+
+use crate::db::Database;
+use crate::front::{self, Front};
+use crate::wakeup::FailureLog;
+use crate::{Error, Result};
+
+/// The `prometheus-client` crate this module builds on, for metrics of your own in the same
+/// [`Registry`] without a second dependency to keep in step.
+pub use prometheus_client;
+/// A set of metrics to render together; see [`encode`].
+pub use prometheus_client::registry::Registry;
+
+/// `Content-Type` of [`encode`]'s output: the Prometheus text format, version 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Renders every metric in `registry` in the Prometheus text format ([`CONTENT_TYPE`]),
+/// running its collectors (such as the outbox query of [`register_outbox_gauges`]).
+pub fn encode(registry: &Registry) -> String {
+    let mut text = String::with_capacity(8 * 1024);
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut text, registry) {
+        // Only a collector can fail here, and ours do not: keep what was written.
+        log::error!("metrics: cannot encode the registry: {e}");
+    }
+    text
+}
+
+/// Upper bounds (seconds) of the duration histograms: 0.5 ms to 10 s.
+const SECONDS_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A histogram of durations in seconds, with [`SECONDS_BUCKETS`].
+pub(crate) fn seconds_histogram() -> Histogram {
+    Histogram::new(SECONDS_BUCKETS)
+}
+
+/// A `reason` label with a value from a fixed, small set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct Reason {
+    reason: &'static str,
+}
+
+/// A counter family by `reason`, and one counter per reason in `reasons`: each series is
+/// exposed from the start (at 0), and counting needs no label lookup.
+pub(crate) fn counters_by_reason<const N: usize>(
+    reasons: [&'static str; N],
+) -> (Family<Reason, Counter>, [Counter; N]) {
+    let family = Family::<Reason, Counter>::default();
+    let counters = reasons.map(|reason| family.get_or_create(&Reason { reason }).clone());
+    (family, counters)
+}
+
+/// Labels of an HTTP request: the route template (never the raw path), method and status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    method: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: &'static str,
+}
+
+/// What the HTTP server counts: requests by route, method and status, their latency by route,
+/// and orders created.
+#[derive(Debug)]
+pub(crate) struct HttpMetrics {
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    orders_created: Counter,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        HttpMetrics {
+            requests: Family::default(),
+            durations: Family::new_with_constructor(seconds_histogram),
+            orders_created: Counter::default(),
+        }
+    }
+}
+
+impl HttpMetrics {
+    /// Counts one answered request. `route` and `method` come from fixed sets.
+    pub(crate) fn observe(&self, route: &'static str, method: &'static str, status: u16, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                method,
+                status,
+            })
+            .inc();
+        self.durations
+            .get_or_create(&RouteLabel { route })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts one order created.
+    pub(crate) fn order_created(&self) {
+        self.orders_created.inc();
+    }
+
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "txoutbox_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            self.requests.clone(),
+        );
+        registry.register_with_unit(
+            "txoutbox_http_request_duration",
+            "Time from taking an HTTP request to having written its response, by route template",
+            Unit::Seconds,
+            self.durations.clone(),
+        );
+        registry.register(
+            "txoutbox_orders_created",
+            "Orders created (each with its OrderCreated event in the outbox)",
+            self.orders_created.clone(),
+        );
+    }
+}
+
+/// The bound on the outbox query of one scrape, however long the pool's statement timeout.
+const OUTBOX_QUERY_TIMEOUT_MS: u32 = 2000;
+
+/// One cheap pass over the outbox (a sequential scan of what is still in it; the relay keeps
+/// it small). Pending = not failed, including rows waiting for a retry.
+const READ_OUTBOX: &str = "\
+    SELECT count(*) FILTER (WHERE failed_at IS NULL),
+           coalesce(extract(epoch FROM clock_timestamp()
+                                      - min(created_at) FILTER (WHERE failed_at IS NULL)), 0)::float8,
+           count(*) FILTER (WHERE failed_at IS NOT NULL)
+    FROM outbox";
+
+/// Adds gauges read from the outbox table at each scrape: `txoutbox_outbox_backlog`,
+/// `txoutbox_outbox_oldest_pending_age_seconds`, `txoutbox_outbox_failed`, and
+/// `txoutbox_outbox_scrape_error` (1 when the query failed; the three others are then left out
+/// of that scrape rather than reported stale).
+///
+/// The query takes one pooled connection and at most 2 s: a database that is down or locked
+/// makes the scrape slower by that much, never hang, and the other metrics are still served.
+pub fn register_outbox_gauges(registry: &mut Registry, db: Database) {
+    registry.register_collector(Box::new(OutboxGauges {
+        db,
+        failures: Mutex::new(FailureLog::new("metrics")),
+    }));
+}
+
+#[derive(Debug)]
+struct OutboxGauges {
+    db: Database,
+    failures: Mutex<FailureLog>,
+}
+
+/// What one scrape read from the outbox.
+struct OutboxReading {
+    backlog: i64,
+    oldest_age_seconds: f64,
+    failed: i64,
+}
+
+impl OutboxGauges {
+    fn read(&self) -> Result<OutboxReading> {
+        let mut client = self.db.get()?;
+        let context = "cannot read the outbox backlog";
+        // Rolled back when dropped: the timeout ends with the transaction.
+        let mut tx = client.transaction().map_err(|e| Error::db(context, e))?;
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {OUTBOX_QUERY_TIMEOUT_MS}"
+        ))
+        .map_err(|e| Error::db(context, e))?;
+        let row = tx
+            .query_one(READ_OUTBOX, &[])
+            .map_err(|e| Error::db(context, e))?;
+        Ok(OutboxReading {
+            backlog: row.get(0),
+            oldest_age_seconds: row.get(1),
+            failed: row.get(2),
+        })
+    }
+}
+
+fn encode_gauge<N>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: N,
+) -> std::fmt::Result
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let gauge = ConstGauge::new(value);
+    let metric = encoder.encode_descriptor(name, help, unit, gauge.metric_type())?;
+    gauge.encode(metric)
+}
+
+impl Collector for OutboxGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let reading = self.read();
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let error: i64 = match reading {
+            Ok(reading) => {
+                failures.recovered();
+                encode_gauge(
+                    &mut encoder,
+                    "txoutbox_outbox_backlog",
+                    "Events in the outbox waiting to be published (not failed), read at scrape time",
+                    None,
+                    reading.backlog,
+                )?;
+                encode_gauge(
+                    &mut encoder,
+                    "txoutbox_outbox_oldest_pending_age_seconds",
+                    "Age in seconds of the oldest event waiting to be published, 0 when none",
+                    None,
+                    reading.oldest_age_seconds,
+                )?;
+                encode_gauge(
+                    &mut encoder,
+                    "txoutbox_outbox_failed",
+                    "Events marked failed after RELAY_MAX_ATTEMPTS refusals, until re-queued",
+                    None,
+                    reading.failed,
+                )?;
+                0
+            }
+            Err(e) => {
+                failures.failed(format!("{e}; /metrics leaves the outbox gauges out meanwhile"));
+                1
+            }
+        };
+        encode_gauge(
+            &mut encoder,
+            "txoutbox_outbox_scrape_error",
+            "1 when the outbox could not be read for this scrape (see the log), else 0",
+            None,
+            error,
+        )
+    }
+}
+
+/// How long a connection to a [`MetricsServer`] may stay silent before it is closed.
+pub const SCRAPER_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A `/metrics` (and `/healthz`) listener on an address of its own; stops when dropped.
+pub struct MetricsServer {
+    front: Arc<Front>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Serves `registry` at `GET /metrics` on `addr` (setting name `setting`, for errors), with
+/// `GET /healthz` answering 200 while the process runs. One thread answers the requests; a
+/// scraper silent for [`SCRAPER_IDLE_TIMEOUT`] is disconnected so it cannot hold that thread.
+pub fn serve(setting: &str, addr: &str, registry: Registry) -> Result<MetricsServer> {
+    let front = Arc::new(Front::bind_unkicked(setting, addr, SCRAPER_IDLE_TIMEOUT)?);
+    let server = front.clone();
+    let thread = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            while let Some(request) = server.next_request() {
+                answer(request, &registry);
+            }
+        })
+        .map_err(|e| Error::Other(format!("cannot start the metrics thread: {e}")))?;
+    log::info!("metrics: listening on {}", front.addr());
+    Ok(MetricsServer {
+        front,
+        thread: Some(thread),
+    })
+}
+
+impl MetricsServer {
+    /// The address the listener is bound to (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.front.addr()
+    }
+
+    /// Stops listening and joins the thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.front.stop(1);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn answer(request: tiny_http::Request, registry: &Registry) {
+    let path = request.url().split('?').next().unwrap_or("");
+    let (status, content_type, body, allow) = match (path, request.method()) {
+        ("/metrics", Method::Get) => (200, CONTENT_TYPE, encode(registry), None),
+        ("/healthz", Method::Get) => (200, "application/json", r#"{"status":"ok"}"#.into(), None),
+        ("/metrics" | "/healthz", _) => (
+            405,
+            "application/json",
+            r#"{"error":"method not allowed; use GET"}"#.into(),
+            Some("GET"),
+        ),
+        _ => (
+            404,
+            "application/json",
+            r#"{"error":"no route; try GET /metrics"}"#.into(),
+            None,
+        ),
+    };
+    let mut response = Response::from_data(body.into_bytes())
+        .with_status_code(StatusCode(status))
+        .with_header(ascii_header("Content-Type", content_type));
+    if let Some(allow) = allow {
+        response.add_header(ascii_header("Allow", allow));
+    }
+    if front::is_undrainable(&request) {
+        front::answer_without_draining(request, response);
+    } else if let Err(e) = request.respond(response) {
+        log::debug!("metrics: cannot send the response: {e}");
+    }
+}
+
+fn ascii_header(name: &str, value: &str) -> Header {
+    // Both are static ASCII here, which tiny_http always accepts.
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap_or_else(|()| unreachable!("ASCII header"))
+}
+
+/// Measures a span of work for a histogram in seconds.
+pub(crate) fn observe_since(histogram: &Histogram, started: Instant) {
+    histogram.observe(started.elapsed().as_secs_f64());
+}
 
 /// Buckets per power of two: 8 gives at most ~9% relative error on a percentile.
 const SUB_BUCKETS: u32 = 8;

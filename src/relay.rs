@@ -7,11 +7,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Unit;
 
-use crate::broker::{OutgoingEvent, Publisher, Topology};
+use crate::broker::{self, OutgoingEvent, Publisher, Topology};
 use crate::config::{RelayConfig, RelayOrdering};
 use crate::db::Database;
-use crate::metrics::LatencyHistogram;
+use crate::metrics::{self, LatencyHistogram, Reason, Registry};
 use crate::outbox::NOTIFY_CHANNEL;
 use crate::wakeup::{Backoff, FailureLog, Wakeup};
 use crate::{Error, Result};
@@ -85,25 +90,95 @@ const POSTPONE_REFUSED: &str = "\
     WHERE id = $1
     RETURNING failed_at IS NOT NULL";
 
-/// Counters a running relay keeps; read them through [`RelayHandle::stats`].
-#[derive(Debug, Default)]
+/// Counters a running relay keeps; read them through [`RelayHandle::stats`], or expose them
+/// to Prometheus with [`register`](Self::register).
+#[derive(Debug)]
 pub struct RelayStats {
-    published: AtomicU64,
-    refused: AtomicU64,
-    failed: AtomicU64,
+    published: Counter,
+    publish_failures: Family<Reason, Counter>,
+    nacked: Counter,
+    unroutable: Counter,
+    broker_errors: Counter,
+    failed: Counter,
     batches: AtomicU64,
-    connected: AtomicU64,
+    connected: Gauge,
+    batch_size: Histogram,
+    batch_duration: Histogram,
     confirm_latency: LatencyHistogram,
 }
 
+/// Upper bounds of the batch size histogram (events per round).
+const BATCH_SIZE_BUCKETS: [f64; 11] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0,
+];
+
+impl Default for RelayStats {
+    fn default() -> Self {
+        let (publish_failures, [nacked, unroutable, broker_errors]) =
+            metrics::counters_by_reason(["nack", "unroutable", "broker_error"]);
+        RelayStats {
+            published: Counter::default(),
+            publish_failures,
+            nacked,
+            unroutable,
+            broker_errors,
+            failed: Counter::default(),
+            batches: AtomicU64::new(0),
+            connected: Gauge::default(),
+            batch_size: Histogram::new(BATCH_SIZE_BUCKETS),
+            batch_duration: metrics::seconds_histogram(),
+            confirm_latency: LatencyHistogram::default(),
+        }
+    }
+}
+
 impl RelayStats {
+    /// Adds this relay's metrics to `registry` (once per registry): `txoutbox_events_published_total`,
+    /// `txoutbox_publish_failures_total{reason}`, `txoutbox_events_failed_total`,
+    /// `txoutbox_relay_connected_workers`, `txoutbox_relay_batch_size` and
+    /// `txoutbox_relay_batch_duration_seconds`. They keep counting after the call.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "txoutbox_events_published",
+            "Events confirmed by RabbitMQ and deleted from the outbox",
+            self.published.clone(),
+        );
+        registry.register(
+            "txoutbox_publish_failures",
+            "Events not published by an attempt: reason nack or unroutable (the row waits for \
+             a retry), broker_error (connection lost or no confirm in time; the batch is retried)",
+            self.publish_failures.clone(),
+        );
+        registry.register(
+            "txoutbox_events_failed",
+            "Events marked failed after RELAY_MAX_ATTEMPTS refusals",
+            self.failed.clone(),
+        );
+        registry.register(
+            "txoutbox_relay_connected_workers",
+            "Relay workers currently connected to RabbitMQ",
+            self.connected.clone(),
+        );
+        registry.register(
+            "txoutbox_relay_batch_size",
+            "Events claimed per relay round that found any",
+            self.batch_size.clone(),
+        );
+        registry.register_with_unit(
+            "txoutbox_relay_batch_duration",
+            "Time of a committed relay round: claim, publish, wait for confirms, delete, commit",
+            Unit::Seconds,
+            self.batch_duration.clone(),
+        );
+    }
+
     /// Events confirmed by the broker and deleted from the outbox.
     pub fn published(&self) -> u64 {
-        self.published.load(Ordering::Relaxed)
+        self.published.get()
     }
     /// Publish attempts the broker refused or could not route (rows kept for a retry).
     pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
+        self.nacked.get() + self.unroutable.get()
     }
     /// Time from an event's transaction (its `created_at`) to the broker's confirm, for every
     /// published event.
@@ -112,11 +187,11 @@ impl RelayStats {
     }
     /// Events that reached the attempt limit and were marked failed.
     pub fn failed(&self) -> u64 {
-        self.failed.load(Ordering::Relaxed)
+        self.failed.get()
     }
     /// Workers currently connected to the broker.
     pub fn connected_workers(&self) -> u64 {
-        self.connected.load(Ordering::Relaxed)
+        self.connected.get().max(0) as u64
     }
     /// Rounds that published at least one event.
     pub fn batches(&self) -> u64 {
@@ -146,7 +221,7 @@ impl Waker {
     }
 }
 
-/// A cheap view of a running relay for health checks.
+/// A cheap view of a running relay for health checks and metrics.
 #[derive(Clone, Debug)]
 pub struct RelayHealth {
     stats: Arc<RelayStats>,
@@ -178,6 +253,11 @@ impl RelayHealth {
     /// Workers currently connected to the broker.
     pub fn connected_workers(&self) -> u64 {
         self.stats.connected_workers()
+    }
+
+    /// Counters of the relay.
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
     }
 }
 
@@ -354,7 +434,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
         if publisher.is_none() {
             match Publisher::connect(&shared.amqp_url, &shared.topology) {
                 Ok(p) => {
-                    shared.stats.connected.fetch_add(1, Ordering::Relaxed);
+                    shared.stats.connected.inc();
                     publisher = Some(p);
                 }
                 Err(e) => {
@@ -387,7 +467,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
             Err(RoundError::Broker(e)) => {
                 failures.failed(format!("{e}; rows stay in the outbox"));
                 if let Some(broken) = publisher.take() {
-                    shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+                    shared.stats.connected.dec();
                     broken.close();
                 }
                 shared.wakeup.sleep(backoff.next_delay());
@@ -402,7 +482,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
         }
     }
     if let Some(p) = publisher {
-        shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        shared.stats.connected.dec();
         p.close();
     }
 }
@@ -513,7 +593,10 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
     // On error the transaction rolls back when dropped: every claimed row stays.
     let outcome = publisher
         .publish_batch(&events, shared.config.confirm_timeout)
-        .map_err(RoundError::Broker)?;
+        .map_err(|e| {
+            stats.broker_errors.inc_by(events.len() as u64);
+            RoundError::Broker(e)
+        })?;
     let confirmed_after = claimed_at.elapsed();
     for id in &outcome.confirmed {
         let age = ages.get(id).copied().unwrap_or(0.0).max(0.0);
@@ -533,7 +616,7 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
             .map_err(db_error("cannot record a refused publish"))?
             .get(0);
         if failed {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
+            stats.failed.inc();
             log::error!(
                 "relay: outbox id={id} failed after {max_attempts} attempts, kept as failed until re-queued: {reason}"
             );
@@ -541,14 +624,16 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
     }
     tx.commit().map_err(db_error("cannot commit a relay round"))?;
 
-    let stats = &shared.stats;
-    stats
-        .published
-        .fetch_add(outcome.confirmed.len() as u64, Ordering::Relaxed);
-    stats
-        .refused
-        .fetch_add(outcome.refused.len() as u64, Ordering::Relaxed);
+    stats.published.inc_by(outcome.confirmed.len() as u64);
+    for (_, reason) in &outcome.refused {
+        match reason.as_str() {
+            broker::UNROUTABLE => stats.unroutable.inc(),
+            _ => stats.nacked.inc(),
+        };
+    }
     stats.batches.fetch_add(1, Ordering::Relaxed);
+    stats.batch_size.observe(rows.len() as f64);
+    metrics::observe_since(&stats.batch_duration, started);
     if !outcome.refused.is_empty() {
         log::warn!(
             "relay: broker refused n={} of batch; first: {}",

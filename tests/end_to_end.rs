@@ -47,6 +47,8 @@ fn spawn_with(
         .env("AMQP_QUEUE", &broker.topology.queue)
         .env("HTTP_ADDR", http_addr)
         .env("HTTP_THREADS", "8")
+        // Tests run side by side: each consumer's metrics listener takes a port of its own.
+        .env("CONSUMER_METRICS_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -151,6 +153,7 @@ fn every_binary_documents_its_settings() {
     for (binary, setting) in [
         (env!("CARGO_BIN_EXE_txoutbox-server"), "RELAY_WORKERS"),
         (env!("CARGO_BIN_EXE_txoutbox-consumer"), "CONSUMER_PREFETCH"),
+        (env!("CARGO_BIN_EXE_txoutbox-consumer"), "CONSUMER_METRICS_ADDR"),
         (env!("CARGO_BIN_EXE_txoutbox-stress"), "--concurrency"),
     ] {
         let output = Command::new(binary).arg("--help").output().expect("runs");

@@ -6,7 +6,10 @@ mod common;
 use common::{env_or, env_parse, Setting};
 use txoutbox::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
 use txoutbox::retention::{self, RetentionConfig};
-use txoutbox::{admin, consumer, orders, ConsumerConfig, Database, PoolOptions};
+use txoutbox::{admin, consumer, metrics, orders, ConsumerConfig, Database, PoolOptions};
+
+/// Default of `CONSUMER_METRICS_ADDR`.
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9091";
 
 const SETTINGS: &[Setting] = &[
     Setting {
@@ -39,6 +42,11 @@ const SETTINGS: &[Setting] = &[
         default: "2",
         help: "Postgres connections in the pool",
     },
+    Setting {
+        name: "CONSUMER_METRICS_ADDR",
+        default: DEFAULT_METRICS_ADDR,
+        help: "address of GET /metrics (Prometheus text) and GET /healthz; empty or off disables",
+    },
 ];
 
 fn main() {
@@ -69,6 +77,12 @@ fn try_main() -> Result<(), String> {
     let topology = common::topology_from_env()?;
     let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
     let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
+    // Unset: the default; set but empty, or `off`: no listener.
+    let metrics_addr = match std::env::var("CONSUMER_METRICS_ADDR") {
+        Err(_) => Some(DEFAULT_METRICS_ADDR.to_string()),
+        Ok(addr) if addr.trim().is_empty() || addr.trim().eq_ignore_ascii_case("off") => None,
+        Ok(addr) => Some(addr.trim().to_string()),
+    };
 
     let retention = retention_from_env()?;
 
@@ -79,10 +93,24 @@ fn try_main() -> Result<(), String> {
     };
     let handle =
         consumer::start(db, &amqp_url, topology, config, orders::OrderEvents).map_err(|e| e.to_string())?;
+    let metrics_server = match metrics_addr {
+        Some(addr) => {
+            let mut registry = metrics::Registry::default();
+            handle.stats().register(&mut registry);
+            let server = metrics::serve("CONSUMER_METRICS_ADDR", &addr, registry)
+                .map_err(|e| format!("{e} (set CONSUMER_METRICS_ADDR to a free address, or off)"))?;
+            println!("txoutbox-consumer metrics on http://{}/metrics", server.addr());
+            Some(server)
+        }
+        None => None,
+    };
     println!("txoutbox-consumer consuming");
     common::wait_for_shutdown_signal()?;
     // Commit and ack the batch in hand, then close the connection.
     handle.stop();
+    if let Some(server) = metrics_server {
+        server.stop();
+    }
     if let Some(purge) = purge {
         purge.stop();
     }

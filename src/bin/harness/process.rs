@@ -87,6 +87,8 @@ impl Binaries {
             .env("AMQP_EXCHANGE", &env.topology.exchange)
             .env("AMQP_QUEUE", &env.topology.queue)
             .env("RUST_LOG", env.rust_log)
+            // Several consumers may run at once (scale-out): each takes a port of its own.
+            .env("CONSUMER_METRICS_ADDR", "127.0.0.1:0")
             // The harness's client sends no bearer token.
             .env_remove("API_TOKEN")
             .stdin(Stdio::null())
