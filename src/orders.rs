@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use postgres::{Row, ToStatement, Transaction};
+use postgres::{Row, Statement, ToStatement, Transaction};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -222,16 +222,23 @@ pub enum Announce {
     Wake(Waker),
 }
 
+/// The outbox insert that suits `announce`: with a NOTIFY, or silent for an in-process wake.
+fn prepared_insert_event(
+    conn: &mut Connection,
+    announce: &Announce,
+) -> std::result::Result<Statement, postgres::Error> {
+    match announce {
+        Announce::Notify => conn.prepared(outbox::INSERT_EVENT_AND_NOTIFY),
+        Announce::Wake(_) => conn.prepared(outbox::INSERT_EVENT),
+    }
+}
+
 /// Inserts the order and its `OrderCreated` event in one transaction, commits it, and
 /// announces the event to the relay. Statements are prepared once per connection.
 pub fn create(conn: &mut Connection, new: &NewOrder, announce: &Announce) -> Result<Order> {
     let prepare = |e| Error::db("cannot prepare the order statements", e);
     let insert_order = conn.prepared(INSERT_ORDER).map_err(prepare)?;
-    let insert_event = match announce {
-        Announce::Notify => conn.prepared(outbox::INSERT_EVENT_AND_NOTIFY),
-        Announce::Wake(_) => conn.prepared(outbox::INSERT_EVENT),
-    }
-    .map_err(prepare)?;
+    let insert_event = prepared_insert_event(conn, announce).map_err(prepare)?;
     let mut tx = conn
         .transaction()
         .map_err(|e| Error::db("cannot begin the order transaction", e))?;
@@ -299,11 +306,7 @@ pub fn cancel(conn: &mut Connection, id: Uuid, announce: &Announce) -> Result<Ca
     let lock = conn.prepared(outbox::LOCK_AGGREGATE).map_err(prepare)?;
     let cancel_order = conn.prepared(CANCEL_ORDER).map_err(prepare)?;
     let select_order = conn.prepared(SELECT_ORDER).map_err(prepare)?;
-    let insert_event = match announce {
-        Announce::Notify => conn.prepared(outbox::INSERT_EVENT_AND_NOTIFY),
-        Announce::Wake(_) => conn.prepared(outbox::INSERT_EVENT),
-    }
-    .map_err(prepare)?;
+    let insert_event = prepared_insert_event(conn, announce).map_err(prepare)?;
     let mut tx = conn
         .transaction()
         .map_err(|e| Error::db("cannot begin the cancel transaction", e))?;
