@@ -2,7 +2,7 @@
 //! them with confirms, and delete them in the same transaction once the broker confirmed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -40,9 +40,10 @@ const CLAIM: &str = "\
 /// [`enqueue_ordered`](crate::outbox::enqueue_ordered) or a lock on the aggregate's row.
 ///
 /// One index probe (`outbox_aggregate_idx`) per row looked at, and only the oldest `$2` rows are
-/// looked at: cheap when aggregates are many, and bounded when a few aggregates have long
-/// queues (all but their first rows are held back). [`CLAIM_AGGREGATE_HEADS`] looks further
-/// when this finds fewer than `$1` rows. The "first row of its aggregate" test is a correlated
+/// looked at (enough for every worker's batch and a few more, see [`ordered_window`]): cheap
+/// when aggregates are many, and bounded when a few aggregates have long queues (all but their
+/// first rows are held back). [`CLAIM_AGGREGATE_HEADS`] looks further when this finds fewer
+/// than `$1` rows, at most once per poll interval per relay. The "first row of its aggregate" test is a correlated
 /// subquery on purpose: written as `NOT EXISTS`, Postgres may plan a hash anti-join that costs
 /// seconds on a backlog of one aggregate.
 const CLAIM_IN_AGGREGATE_ORDER: &str = "\
@@ -74,8 +75,11 @@ const CLAIM_AGGREGATE_HEADS: &str = "\
     LIMIT $1
     FOR UPDATE OF o SKIP LOCKED";
 
-/// How many of the oldest rows [`CLAIM_IN_AGGREGATE_ORDER`] looks at, per row of the batch.
-const ORDERED_WINDOW_PER_BATCH_ROW: i64 = 4;
+/// How many of the oldest rows [`CLAIM_IN_AGGREGATE_ORDER`] looks at: the batches the other
+/// workers may hold (skipped as locked) and three batches more.
+fn ordered_window(config: &RelayConfig) -> i64 {
+    config.batch_size * (config.workers as i64 + 3)
+}
 
 const DELETE_CONFIRMED: &str = "DELETE FROM outbox WHERE id = ANY($1)";
 
@@ -321,6 +325,22 @@ struct Shared {
     config: RelayConfig,
     wakeup: Arc<Wakeup>,
     stats: Arc<RelayStats>,
+    /// When a worker last ran [`CLAIM_AGGREGATE_HEADS`], a pass over the whole outbox: at most
+    /// once per poll interval for all workers, so that a large backlog, where the first look
+    /// comes up short because other workers hold its rows, does not turn every round into one.
+    last_heads_scan: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    /// Whether a worker may run [`CLAIM_AGGREGATE_HEADS`] now; if so, records that it does.
+    fn take_heads_scan(&self) -> bool {
+        let mut last = self.last_heads_scan.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.map_or(true, |at| at.elapsed() >= self.config.poll_interval);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
+    }
 }
 
 /// Starts `config.workers` worker threads and one LISTEN thread; returns at once.
@@ -339,6 +359,7 @@ pub fn start(db: Database, amqp_url: &str, topology: Topology, config: RelayConf
         config,
         wakeup: wakeup.clone(),
         stats: stats.clone(),
+        last_heads_scan: Mutex::new(None),
     });
     let mut threads = Vec::with_capacity(shared.config.workers + 1);
     let spawn_error = |e: std::io::Error| Error::Other(format!("cannot start a relay thread: {e}"));
@@ -554,16 +575,13 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
     let batch_size = shared.config.batch_size;
     let mut rows = match &db.claim_heads {
         None => tx.query(claim, &[&batch_size]),
-        Some(_) => tx.query(
-            claim,
-            &[&batch_size, &(batch_size * ORDERED_WINDOW_PER_BATCH_ROW)],
-        ),
+        Some(_) => tx.query(claim, &[&batch_size, &ordered_window(&shared.config)]),
     }
     .map_err(db_error("cannot claim outbox rows"))?;
     if let Some(claim_heads) = db
         .claim_heads
         .as_ref()
-        .filter(|_| rows.len() < batch_size as usize)
+        .filter(|_| rows.len() < batch_size as usize && shared.take_heads_scan())
     {
         let claimed: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
         let missing = batch_size - rows.len() as i64;

@@ -200,8 +200,9 @@ fn each_aggregates_events_arrive_in_commit_order_with_five_workers_and_refusals(
 fn a_failed_event_blocks_only_its_own_aggregate_until_it_is_requeued() {
     let t = TestDb::new();
     let broker = TestBroker::new();
-    // Batches of 2: the ordered claim's first look covers the oldest 8 rows only, which the
-    // blocked aggregate fills, so the other aggregates are found by the look beyond.
+    // Batches of 2: the ordered claim's first look covers the oldest 10 rows only (2 workers'
+    // batches and 3 more), which the blocked aggregate fills, so the other aggregates are found
+    // by the look beyond.
     let config = RelayConfig {
         max_attempts: 2,
         ..ordered_relay(2, 2)
