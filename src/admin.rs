@@ -25,27 +25,47 @@ pub struct Status {
 }
 
 /// Backlog (not failed), age in seconds of its oldest row, failed rows: one pass over `outbox`.
-pub(crate) const OUTBOX_STATUS: &str = "\
+const OUTBOX_STATUS: &str = "\
     SELECT count(*) FILTER (WHERE failed_at IS NULL),
            coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE failed_at IS NULL)), 0)::float8,
            count(*) FILTER (WHERE failed_at IS NOT NULL)
     FROM outbox";
 
-/// Reads the outbox figures from Postgres and the queue depths from RabbitMQ (left `None`
-/// when the broker cannot be reached, so status still works during a broker outage).
-pub fn status(client: &mut impl GenericClient, amqp_url: &str, topology: &Topology) -> Result<Status> {
+/// What the outbox holds, from one pass over it.
+pub(crate) struct OutboxSummary {
+    /// Rows not marked failed: waiting, being published, or waiting for a retry.
+    pub backlog: i64,
+    /// Age in seconds of the oldest of those (0 when there is none).
+    pub oldest_age_secs: f64,
+    /// Rows marked failed.
+    pub failed: i64,
+}
+
+/// Reads the [`OutboxSummary`] (one sequential pass over the outbox, which the relay keeps small).
+pub(crate) fn outbox_summary(client: &mut impl GenericClient) -> Result<OutboxSummary> {
     let row = client
         .query_one(OUTBOX_STATUS, &[])
         .map_err(|e| Error::db("cannot read the outbox status", e))?;
+    Ok(OutboxSummary {
+        backlog: row.get(0),
+        oldest_age_secs: row.get(1),
+        failed: row.get(2),
+    })
+}
+
+/// Reads the outbox figures from Postgres and the queue depths from RabbitMQ (left `None`
+/// when the broker cannot be reached, so status still works during a broker outage).
+pub fn status(client: &mut impl GenericClient, amqp_url: &str, topology: &Topology) -> Result<Status> {
+    let outbox = outbox_summary(client)?;
     let depths = queue_depths(amqp_url, topology);
     if let Err(e) = &depths {
         log::warn!("admin: queue depths unavailable: {e}");
     }
     let (queue_depth, dlq_depth) = depths.unwrap_or((None, None));
     Ok(Status {
-        backlog: row.get(0),
-        oldest_age_secs: row.get(1),
-        failed: row.get(2),
+        backlog: outbox.backlog,
+        oldest_age_secs: outbox.oldest_age_secs,
+        failed: outbox.failed,
         queue_depth,
         dlq_depth,
     })

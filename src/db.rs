@@ -214,6 +214,23 @@ impl Database {
             .map_err(|e| Error::pool("no database connection available", e))
     }
 
+    /// Runs `read` in a transaction of a pooled connection whose statements may take at most
+    /// `timeout` (whatever the pool's statement timeout), then rolls it back: for figures read
+    /// on a request (status page, metrics scrape) that must not hang when the database is slow.
+    pub(crate) fn read_bounded<T>(
+        &self,
+        timeout: Duration,
+        context: &'static str,
+        read: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut client = self.get()?;
+        let mut tx = client.transaction().map_err(|e| Error::db(context, e))?;
+        tx.batch_execute(&format!("SET LOCAL statement_timeout = {}", timeout.as_millis()))
+            .map_err(|e| Error::db(context, e))?;
+        // Rolled back when dropped: the timeout ends with the transaction.
+        read(&mut tx)
+    }
+
     /// A new connection outside the pool (for LISTEN, which must not return to a pool).
     pub fn dedicated(&self) -> Result<Client> {
         self.config

@@ -35,6 +35,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Unit;
 use tiny_http::{Header, Method, Response, StatusCode};
 
+use crate::admin::{outbox_summary, OutboxSummary};
 use crate::db::Database;
 use crate::front::{self, Front};
 use crate::wakeup::FailureLog;
@@ -159,16 +160,7 @@ impl HttpMetrics {
 }
 
 /// The bound on the outbox query of one scrape, however long the pool's statement timeout.
-const OUTBOX_QUERY_TIMEOUT_MS: u32 = 2000;
-
-/// One cheap pass over the outbox (a sequential scan of what is still in it; the relay keeps
-/// it small). Pending = not failed, including rows waiting for a retry.
-const READ_OUTBOX: &str = "\
-    SELECT count(*) FILTER (WHERE failed_at IS NULL),
-           coalesce(extract(epoch FROM clock_timestamp()
-                                      - min(created_at) FILTER (WHERE failed_at IS NULL)), 0)::float8,
-           count(*) FILTER (WHERE failed_at IS NOT NULL)
-    FROM outbox";
+const OUTBOX_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Adds gauges read from the outbox table at each scrape: `txoutbox_outbox_backlog`,
 /// `txoutbox_outbox_oldest_pending_age_seconds`, `txoutbox_outbox_failed`, and
@@ -190,31 +182,11 @@ struct OutboxGauges {
     failures: Mutex<FailureLog>,
 }
 
-/// What one scrape read from the outbox.
-struct OutboxReading {
-    backlog: i64,
-    oldest_age_seconds: f64,
-    failed: i64,
-}
-
 impl OutboxGauges {
-    fn read(&self) -> Result<OutboxReading> {
-        let mut client = self.db.get()?;
+    fn read(&self) -> Result<OutboxSummary> {
         let context = "cannot read the outbox backlog";
-        // Rolled back when dropped: the timeout ends with the transaction.
-        let mut tx = client.transaction().map_err(|e| Error::db(context, e))?;
-        tx.batch_execute(&format!(
-            "SET LOCAL statement_timeout = {OUTBOX_QUERY_TIMEOUT_MS}"
-        ))
-        .map_err(|e| Error::db(context, e))?;
-        let row = tx
-            .query_one(READ_OUTBOX, &[])
-            .map_err(|e| Error::db(context, e))?;
-        Ok(OutboxReading {
-            backlog: row.get(0),
-            oldest_age_seconds: row.get(1),
-            failed: row.get(2),
-        })
+        self.db
+            .read_bounded(OUTBOX_QUERY_TIMEOUT, context, |tx| outbox_summary(tx))
     }
 }
 
@@ -252,7 +224,7 @@ impl Collector for OutboxGauges {
                     "txoutbox_outbox_oldest_pending_age_seconds",
                     "Age in seconds of the oldest event waiting to be published, 0 when none",
                     None,
-                    reading.oldest_age_seconds,
+                    reading.oldest_age_secs,
                 )?;
                 encode_gauge(
                     &mut encoder,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use serde_json::{json, Map, Value};
 
-use crate::admin::OUTBOX_STATUS;
+use crate::admin::outbox_summary;
 use crate::db::Database;
 use crate::relay::RelayHealth;
 use crate::{Error, Result};
@@ -31,8 +31,8 @@ const CACHE_FOR: Duration = Duration::from_secs(1);
 /// costs the database at most a tenth of one connection's time however large `orders` grows.
 const CACHE_PER_QUERY_TIME: u32 = 10;
 
-/// Set per status transaction: the page must answer fast even on a slow database.
-const SET_TIMEOUT: &str = "SET LOCAL statement_timeout = 2000";
+/// Bound on the status queries: the page must answer fast even on a slow database.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One pass over `orders`: a scan of the table, cheap at thousands of rows (see README).
 const ORDERS_BY_STATUS: &str = "SELECT status, count(*) FROM orders GROUP BY status";
@@ -163,24 +163,25 @@ impl StatusPage {
     }
 
     fn query(&self) -> Result<Value> {
-        let mut conn = self.db.get()?;
-        let failed = |e| Error::db("cannot read the status figures", e);
-        let mut tx = conn.transaction().map_err(failed)?;
-        tx.batch_execute(SET_TIMEOUT).map_err(failed)?;
-        let mut orders: Map<String, Value> = STATUSES.iter().map(|s| (s.to_string(), json!(0))).collect();
-        for row in tx.query(ORDERS_BY_STATUS, &[]).map_err(failed)? {
-            orders.insert(row.get(0), json!(row.get::<_, i64>(1)));
-        }
-        let outbox = tx.query_one(OUTBOX_STATUS, &[]).map_err(failed)?;
-        tx.commit().map_err(failed)?;
-        Ok(json!({
-            "orders": orders,
-            "outbox": {
-                "backlog": outbox.get::<_, i64>(0),
-                "oldest_age_secs": (outbox.get::<_, f64>(1) * 10.0).round() / 10.0,
-                "failed": outbox.get::<_, i64>(2),
-            },
-        }))
+        let context = "cannot read the status figures";
+        self.db.read_bounded(QUERY_TIMEOUT, context, |tx| {
+            let mut orders: Map<String, Value> = STATUSES.iter().map(|s| (s.to_string(), json!(0))).collect();
+            for row in tx
+                .query(ORDERS_BY_STATUS, &[])
+                .map_err(|e| Error::db(context, e))?
+            {
+                orders.insert(row.get(0), json!(row.get::<_, i64>(1)));
+            }
+            let outbox = outbox_summary(tx)?;
+            Ok(json!({
+                "orders": orders,
+                "outbox": {
+                    "backlog": outbox.backlog,
+                    "oldest_age_secs": (outbox.oldest_age_secs * 10.0).round() / 10.0,
+                    "failed": outbox.failed,
+                },
+            }))
+        })
     }
 }
 

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{amqp_url, wait_until, TestBroker, TestDb};
+use common::{amqp_url, stall_a_body, wait_until, TestBroker, TestDb};
 use txoutbox::stress::{self, StressOptions};
 
 /// A child process killed when the test ends, whatever happens.
@@ -29,6 +29,16 @@ fn free_port() -> u16 {
 
 fn spawn(binary: &str, t: &TestDb, broker: &TestBroker, http_addr: &str) -> Process {
     spawn_with(binary, t, broker, http_addr, &[])
+}
+
+/// Starts the server binary on a free port and waits until it accepts connections.
+fn start_server(t: &TestDb, broker: &TestBroker) -> (Process, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let server = spawn(env!("CARGO_BIN_EXE_txoutbox-server"), t, broker, &addr);
+    wait_until("the server answers", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    (server, addr)
 }
 
 /// [`spawn`] with `extra` settings on top.
@@ -60,12 +70,8 @@ fn spawn_with(
 fn orders_over_http_are_all_completed_exactly_once_by_the_real_binaries() {
     let t = TestDb::new();
     let broker = TestBroker::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let _server = spawn(env!("CARGO_BIN_EXE_txoutbox-server"), &t, &broker, &addr);
+    let (_server, addr) = start_server(&t, &broker);
     let _consumer = spawn(env!("CARGO_BIN_EXE_txoutbox-consumer"), &t, &broker, "unused");
-    wait_until("the server answers", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
 
     let report = stress::run(&StressOptions {
         url: format!("http://{addr}"),
@@ -303,28 +309,11 @@ fn the_server_accepts_again_after_running_out_of_file_descriptors() {
     });
 }
 
-/// Sends the headers of a POST whose body never comes, and keeps the connection open.
-fn stall_a_body(addr: &str) -> std::net::TcpStream {
-    use std::io::Write;
-    let mut stream = std::net::TcpStream::connect(addr).expect("the server listens");
-    stream
-        .write_all(
-            b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-              Content-Length: 20000\r\n\r\n{",
-        )
-        .expect("the headers are sent");
-    stream
-}
-
 #[test]
 fn a_request_stalled_mid_body_does_not_hold_up_a_sigterm() {
     let t = TestDb::new();
     let broker = TestBroker::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut server = spawn(env!("CARGO_BIN_EXE_txoutbox-server"), &t, &broker, &addr);
-    wait_until("the server answers", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
+    let (mut server, addr) = start_server(&t, &broker);
     let _stalled = stall_a_body(&addr);
     let (took, clean) = signal_and_wait(&mut server, "-TERM");
     assert!(
@@ -337,11 +326,7 @@ fn a_request_stalled_mid_body_does_not_hold_up_a_sigterm() {
 fn a_second_signal_exits_at_once() {
     let t = TestDb::new();
     let broker = TestBroker::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut server = spawn(env!("CARGO_BIN_EXE_txoutbox-server"), &t, &broker, &addr);
-    wait_until("the server answers", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
+    let (mut server, addr) = start_server(&t, &broker);
     // A request in hand keeps the first shutdown waiting (up to its grace of 8 s).
     let _stalled = stall_a_body(&addr);
     let pid = server.0.id().to_string();
@@ -387,12 +372,8 @@ fn signal_and_wait(process: &mut Process, signal: &str) -> (Duration, bool) {
 fn sigterm_under_load_stops_both_binaries_cleanly_and_loses_nothing() {
     let t = TestDb::new();
     let broker = TestBroker::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut server = spawn(env!("CARGO_BIN_EXE_txoutbox-server"), &t, &broker, &addr);
+    let (mut server, addr) = start_server(&t, &broker);
     let mut consumer = spawn(env!("CARGO_BIN_EXE_txoutbox-consumer"), &t, &broker, "unused");
-    wait_until("the server answers", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
 
     let url = format!("http://{addr}");
     let database_url = t.url.clone();

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use common::TestDb;
+use common::{stall_a_body, TestDb};
 use txoutbox::orders::Announce;
 use txoutbox::{http, HttpConfig};
 
@@ -118,18 +118,6 @@ fn a_content_length_that_lies_gets_413_and_the_server_lives_on() {
         );
     }
     assert_eq!(t.count("SELECT count(*) FROM orders"), 0);
-}
-
-/// Sends the headers of a POST whose body never comes (1 of 20,000 bytes), and keeps it open.
-fn stall_a_body(addr: SocketAddr) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .write_all(
-            b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-              Content-Length: 20000\r\n\r\n{",
-        )
-        .unwrap();
-    stream
 }
 
 #[test]

@@ -330,3 +330,17 @@ pub fn post_order(addr: std::net::SocketAddr, body: &str) -> HttpReply {
         body.as_bytes(),
     )
 }
+
+/// Sends the headers of a POST whose body never comes (1 of 20,000 bytes) and keeps the
+/// connection open: a client stalled mid-body.
+pub fn stall_a_body(addr: impl std::net::ToSocketAddrs) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).expect("the server listens");
+    stream
+        .write_all(
+            b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 20000\r\n\r\n{",
+        )
+        .expect("the headers are sent");
+    stream
+}
