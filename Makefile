@@ -55,7 +55,7 @@ down: ## stop and remove the containers of `make up` (the data volumes stay)
 	@rm -f $(COMPOSE_ENV)
 
 build: ## build the release binaries
-	$(CARGO) build --release --bins
+	$(CARGO) build --release --workspace --bins
 
 server: ## run txoutbox-server (HTTP API on 127.0.0.1:8080 + relay)
 	$(CARGO) run --release --bin txoutbox-server
@@ -73,7 +73,7 @@ demo: ## services (Docker if absent), server, consumer, stress, verification: on
 # The benchmark runs the release binaries next to it, so everything is built first. GNU make
 # cannot take `make bench --quick`: use `make bench-quick` or `make bench BENCH_ARGS=--quick`.
 bench: ## ceilings and txoutbox in one run, verified, ratios (~5 min): make bench BENCH_ARGS="--concurrency 64"
-	$(CARGO) build --release --bins
+	$(CARGO) build --release --workspace --bins
 	"$${CARGO_TARGET_DIR:-target}/release/txoutbox-bench" $(BENCH_ARGS)
 
 bench-quick: ## the benchmark's one-minute smoke run (make bench BENCH_ARGS=--quick)
@@ -83,7 +83,7 @@ bench-quick: ## the benchmark's one-minute smoke run (make bench BENCH_ARGS=--qu
 # and Postgres (pg_ctlcluster stop/start), and starts them again however it ends; like the
 # benchmark it runs the release binaries next to it.
 chaos: ## failures under load, each verified: RabbitMQ down, Postgres restart, kill -9 server/consumer (~1.5 min)
-	$(CARGO) build --release --bins
+	$(CARGO) build --release --workspace --bins
 	"$${CARGO_TARGET_DIR:-target}/release/txoutbox-chaos" $(CHAOS_ARGS)
 
 chaos-quick: ## the short form of every chaos case (~1 min), as CI runs it
@@ -93,14 +93,16 @@ chaos-quick: ## the short form of every chaos case (~1 min), as CI runs it
 # `cargo test` runs them itself. Everything runs even after a failure; the status says if any.
 test: ## every test against the real Postgres and RabbitMQ (DATABASE_URL, AMQP_URL)
 	@status=0; \
+	echo "+ $(CARGO) build --workspace --bins"; \
+	$(CARGO) build --workspace --bins || exit $$?; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		echo "+ $(CARGO) nextest run --no-fail-fast"; \
-		$(CARGO) nextest run --no-fail-fast || status=$$?; \
-		echo "+ $(CARGO) test --doc"; \
-		$(CARGO) test --doc || status=$$?; \
+		echo "+ $(CARGO) nextest run --workspace --no-fail-fast"; \
+		$(CARGO) nextest run --workspace --no-fail-fast || status=$$?; \
+		echo "+ $(CARGO) test --workspace --doc"; \
+		$(CARGO) test --workspace --doc || status=$$?; \
 	else \
-		echo "+ $(CARGO) test --no-fail-fast   (cargo-nextest is not installed)"; \
-		$(CARGO) test --no-fail-fast || status=$$?; \
+		echo "+ $(CARGO) test --workspace --no-fail-fast   (cargo-nextest is not installed)"; \
+		$(CARGO) test --workspace --no-fail-fast || status=$$?; \
 	fi; \
 	exit $$status
 
@@ -111,6 +113,6 @@ lint: ## cargo fmt --check, and cargo clippy --all-targets -- -D warnings
 	@status=0; \
 	echo "+ $(CARGO) fmt --check"; \
 	$(CARGO) fmt --check || status=$$?; \
-	echo "+ $(CARGO) clippy --all-targets -- -D warnings"; \
-	$(CARGO) clippy --all-targets -- -D warnings || status=$$?; \
+	echo "+ $(CARGO) clippy --workspace --all-targets -- -D warnings"; \
+	$(CARGO) clippy --workspace --all-targets -- -D warnings || status=$$?; \
 	exit $$status

@@ -66,7 +66,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let database_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/txoutbox_example".into());
-    let amqp_url = std::env::var("AMQP_URL").unwrap_or_else(|_| txoutbox::config::DEFAULT_AMQP_URL.into());
+    let amqp_url =
+        std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
 
     let db = Database::connect(
         &database_url,

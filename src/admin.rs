@@ -32,7 +32,7 @@ const OUTBOX_STATUS: &str = "\
     FROM outbox";
 
 /// What the outbox holds, from one pass over it.
-pub(crate) struct OutboxSummary {
+pub struct OutboxSummary {
     /// Rows not marked failed: waiting, being published, or waiting for a retry.
     pub backlog: i64,
     /// Age in seconds of the oldest of those (0 when there is none).
@@ -42,7 +42,7 @@ pub(crate) struct OutboxSummary {
 }
 
 /// Reads the [`OutboxSummary`] (one sequential pass over the outbox, which the relay keeps small).
-pub(crate) fn outbox_summary(client: &mut impl GenericClient) -> Result<OutboxSummary> {
+pub fn outbox_summary(client: &mut impl GenericClient) -> Result<OutboxSummary> {
     let row = client
         .query_one(OUTBOX_STATUS, &[])
         .map_err(|e| Error::db("cannot read the outbox status", e))?;

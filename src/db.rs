@@ -217,7 +217,7 @@ impl Database {
     /// Runs `read` in a transaction of a pooled connection whose statements may take at most
     /// `timeout` (whatever the pool's statement timeout), then rolls it back: for figures read
     /// on a request (status page, metrics scrape) that must not hang when the database is slow.
-    pub(crate) fn read_bounded<T>(
+    pub fn read_bounded<T>(
         &self,
         timeout: Duration,
         context: &'static str,

@@ -11,12 +11,12 @@ pub const NOTIFY_CHANNEL: &str = "txoutbox_outbox";
 
 /// Takes the transaction-scoped advisory lock of an aggregate given as `$1` (type) and `$2`
 /// (id): a 64-bit hash of both, length-prefixed so that no two (type, id) pairs share a text.
-pub(crate) const LOCK_AGGREGATE: &str = "\
+pub const LOCK_AGGREGATE: &str = "\
     SELECT pg_advisory_xact_lock(hashtextextended(length($1::text) || ':' || $1::text || $2::text, 0))";
 
 /// Inserts an event and notifies [`NOTIFY_CHANNEL`] (delivered at commit). Takes no aggregate
 /// lock (see [`enqueue_ordered`]).
-pub(crate) const INSERT_EVENT_AND_NOTIFY: &str = "\
+pub const INSERT_EVENT_AND_NOTIFY: &str = "\
     WITH inserted AS (
         INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
         VALUES ($1, $2, $3, $4, $5)
@@ -25,7 +25,7 @@ pub(crate) const INSERT_EVENT_AND_NOTIFY: &str = "\
     SELECT pg_notify('txoutbox_outbox', '') FROM inserted";
 
 /// Inserts an event without a notification or aggregate lock.
-pub(crate) const INSERT_EVENT: &str = "\
+pub const INSERT_EVENT: &str = "\
     INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
     VALUES ($1, $2, $3, $4, $5)";
 
@@ -145,7 +145,7 @@ pub fn enqueue_ordered_silently(tx: &mut Transaction<'_>, event: &NewEvent) -> R
 
 /// Inserts `event` with `statement`: one of the insert statements above (parameters message
 /// id, aggregate type, aggregate id, event type, payload), as text or prepared.
-pub(crate) fn insert_event<S>(tx: &mut Transaction<'_>, statement: &S, event: &NewEvent) -> Result<()>
+pub fn insert_event<S>(tx: &mut Transaction<'_>, statement: &S, event: &NewEvent) -> Result<()>
 where
     S: ToStatement + ?Sized,
 {

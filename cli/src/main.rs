@@ -1,0 +1,129 @@
+//! `txoutbox`: the operator's command line (status, failed events, dead letters, retention,
+//! schema).
+
+#[allow(dead_code)] // shared with the other binaries; not every helper is used here
+use txoutbox_service::settings as common;
+
+use std::time::Duration;
+
+use common::{env_or, Setting};
+use txoutbox::{admin, outbox, Database, PoolOptions};
+use txoutbox_service::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
+
+const USAGE: &str = "txoutbox <command>
+
+Commands:
+  status                          backlog, oldest pending age, failed count, queue and DLQ depth
+  failed list [--limit N]         events the relay gave up on (default limit 50)
+  failed retry <id> | --all       put failed events back in line for the relay
+  dlq replay                      move dead-lettered messages back onto the main queue, once each
+  purge-processed --older-than A  delete dedupe rows older than A (e.g. 7d, 12h), in small batches
+  migrate                         create the database if needed and apply schema.sql";
+
+/// Everything it needs is in [`common::SERVICE_SETTINGS`].
+const SETTINGS: &[Setting] = &[];
+
+fn main() {
+    if common::wants_help() || std::env::args().len() < 2 {
+        common::print_help(
+            "txoutbox",
+            "operate a txoutbox deployment",
+            USAGE,
+            &[common::SERVICE_SETTINGS, SETTINGS].concat(),
+        );
+        return;
+    }
+    common::init_logging();
+    common::run(try_main);
+}
+
+fn try_main() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let database_url = env_or("DATABASE_URL", DEFAULT_DATABASE_URL);
+    let amqp_url = env_or("AMQP_URL", DEFAULT_AMQP_URL);
+    let topology = common::topology_from_env()?;
+    let connect = || {
+        Database::connect(
+            &database_url,
+            &PoolOptions {
+                max_size: 1,
+                ..PoolOptions::default()
+            },
+        )
+        .map_err(|e| e.to_string())
+    };
+    let text = |e: txoutbox::Error| e.to_string();
+    match words.as_slice() {
+        ["status"] => {
+            let db = connect()?;
+            let s = admin::status(&mut **db.get().map_err(text)?, &amqp_url, &topology).map_err(text)?;
+            let depth =
+                |d: Option<u32>| d.map_or("unknown (broker unreachable)".to_string(), |d| d.to_string());
+            println!("outbox backlog:      {}", s.backlog);
+            println!("oldest pending age:  {:.1} s", s.oldest_age_secs);
+            println!("failed events:       {}", s.failed);
+            println!("queue {}: {}", topology.queue, depth(s.queue_depth));
+            println!("queue {}: {}", topology.dead_letter_queue(), depth(s.dlq_depth));
+        }
+        ["failed", "list", rest @ ..] => {
+            let limit = match rest {
+                [] => 50,
+                ["--limit", n] => n
+                    .parse()
+                    .map_err(|_| format!("--limit needs a number, got {n:?}"))?,
+                _ => return Err(format!("unexpected arguments {rest:?}\n\n{USAGE}")),
+            };
+            let db = connect()?;
+            let failed = outbox::failed_events(&mut **db.get().map_err(text)?, limit).map_err(text)?;
+            println!(
+                "{:>10}  {:<36}  {:<20}  {:>8}  last error",
+                "id", "message_id", "event_type", "attempts"
+            );
+            for f in &failed {
+                println!(
+                    "{:>10}  {:<36}  {:<20}  {:>8}  {}",
+                    f.id,
+                    f.message_id,
+                    f.event_type,
+                    f.attempts,
+                    f.last_error.as_deref().unwrap_or("")
+                );
+            }
+            println!("{} failed event(s)", failed.len());
+        }
+        ["failed", "retry", which] => {
+            let id = match *which {
+                "--all" => None,
+                id => Some(
+                    id.parse::<i64>()
+                        .map_err(|_| format!("expected an outbox id or --all, got {id:?}"))?,
+                ),
+            };
+            let db = connect()?;
+            let count = outbox::requeue_failed(&mut **db.get().map_err(text)?, id).map_err(text)?;
+            println!("re-queued {count} failed event(s)");
+        }
+        ["dlq", "replay"] => {
+            let moved = admin::replay_dead_letters(&amqp_url, &topology).map_err(text)?;
+            println!(
+                "moved {moved} message(s) from {} back to {}",
+                topology.dead_letter_queue(),
+                topology.queue
+            );
+        }
+        ["purge-processed", "--older-than", age] => {
+            let age: Duration = admin::parse_age(age).map_err(text)?;
+            let db = connect()?;
+            let deleted = admin::purge_processed(&mut **db.get().map_err(text)?, age, 1000).map_err(text)?;
+            println!("deleted {deleted} processed_messages row(s) older than {age:?}");
+        }
+        ["migrate"] => {
+            // Database::connect creates the database when missing and applies the schema.
+            connect()?;
+            println!("database ready and schema.sql applied (idempotent)");
+        }
+        _ => return Err(format!("unknown command {words:?}\n\n{USAGE}")),
+    }
+    Ok(())
+}

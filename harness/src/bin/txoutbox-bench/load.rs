@@ -1,0 +1,302 @@
+//! HTTP load through the stress tool's own client ([`OrderClient`]): a closed loop (every
+//! connection sends its next order as soon as the last one is answered) to measure throughput,
+//! and an open loop (orders due at fixed instants) to measure latency at a given offered load.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Barrier;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use txoutbox::metrics::LatencyHistogram;
+use txoutbox::{Error, Result};
+use txoutbox_harness::stress::OrderClient;
+use uuid::Uuid;
+
+/// Sending stops after this many failed POSTs while none was accepted: the server is broken.
+const GIVE_UP_ERRORS: usize = 100;
+/// Distinct error messages kept.
+const ERROR_SAMPLES: usize = 5;
+/// An open-loop request sent more than this after its due instant counts as late.
+pub const LATE_AFTER: Duration = Duration::from_millis(1);
+
+/// What a load run sent and got back.
+#[derive(Debug, Default)]
+pub struct LoadOutcome {
+    /// Ids of the orders answered 201, in no particular order.
+    pub ids: Vec<Uuid>,
+    /// Orders accepted per URL, in the order the URLs were given.
+    pub per_target: Vec<usize>,
+    /// POSTs that failed (another status, a connection error).
+    pub errors: usize,
+    /// Up to five distinct error messages.
+    pub error_samples: Vec<String>,
+    /// Wall-clock time of the start, to compare with Postgres' timestamps.
+    pub started_wall: Option<SystemTime>,
+    /// From the start until the last answer.
+    pub elapsed: Duration,
+}
+
+impl LoadOutcome {
+    fn merge(&mut self, target: usize, part: ThreadResult) {
+        if self.per_target.len() <= target {
+            self.per_target.resize(target + 1, 0);
+        }
+        self.per_target[target] += part.ids.len();
+        self.ids.extend(part.ids);
+        self.errors += part.errors;
+        for sample in part.error_samples {
+            if self.error_samples.len() < ERROR_SAMPLES && !self.error_samples.contains(&sample) {
+                self.error_samples.push(sample);
+            }
+        }
+    }
+}
+
+/// What an open-loop run measured besides the orders.
+#[derive(Debug, Default)]
+pub struct OpenLoopOutcome {
+    /// The orders, as for a closed loop.
+    pub load: LoadOutcome,
+    /// Orders the schedule had in the measured window (after the warm-up).
+    pub scheduled: usize,
+    /// Orders sent before the measured window, at the same rate.
+    pub warm_up_orders: usize,
+    /// Orders of the measured window answered 201.
+    pub measured_accepted: usize,
+    /// From the first measured order's due instant to the last answer.
+    pub measured_elapsed: Duration,
+    /// From each measured order's due instant to its answer: waiting for a free sender counts.
+    pub latency: LatencyHistogram,
+    /// Measured orders sent more than [`LATE_AFTER`] after their due instant.
+    pub late: usize,
+}
+
+/// `count / elapsed` per second, 0 for an empty interval.
+pub fn per_second(count: u64, elapsed: Duration) -> f64 {
+    if elapsed.is_zero() {
+        0.0
+    } else {
+        count as f64 / elapsed.as_secs_f64()
+    }
+}
+
+/// What one sender thread collected.
+#[derive(Default)]
+struct ThreadResult {
+    ids: Vec<Uuid>,
+    errors: usize,
+    error_samples: Vec<String>,
+}
+
+impl ThreadResult {
+    /// Records one POST's outcome; false when sending should stop.
+    fn record(&mut self, outcome: std::result::Result<Uuid, String>, shared: &Shared) -> bool {
+        match outcome {
+            Ok(id) => {
+                self.ids.push(id);
+                shared.accepted.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.errors += 1;
+                if self.error_samples.len() < ERROR_SAMPLES && !self.error_samples.contains(&e) {
+                    self.error_samples.push(e);
+                }
+                let errors = shared.errors.fetch_add(1, Ordering::Relaxed) + 1;
+                !(errors >= GIVE_UP_ERRORS && shared.accepted.load(Ordering::Relaxed) == 0)
+            }
+        }
+    }
+}
+
+/// Counters every sender updates.
+struct Shared<'a> {
+    accepted: &'a AtomicU64,
+    errors: AtomicUsize,
+    stop: &'a AtomicBool,
+    give_up: AtomicBool,
+}
+
+impl Shared<'_> {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.give_up.load(Ordering::Relaxed)
+    }
+}
+
+/// Sends orders from `connections` threads for `duration`, thread `i` to `urls[i % len]`,
+/// each on its own keep-alive connection and as fast as it gets answers. `accepted` counts
+/// along (for the sampler); `stop` ends the run early.
+pub fn closed_loop(
+    urls: &[String],
+    connections: usize,
+    duration: Duration,
+    accepted: &AtomicU64,
+    stop: &AtomicBool,
+) -> Result<LoadOutcome> {
+    let clients = clients(urls, connections)?;
+    let shared = Shared {
+        accepted,
+        errors: AtomicUsize::new(0),
+        stop,
+        give_up: AtomicBool::new(false),
+    };
+    let barrier = Barrier::new(connections + 1);
+    let mut outcome = LoadOutcome::default();
+    thread::scope(|scope| -> Result<()> {
+        let mut threads = Vec::with_capacity(connections);
+        for (index, (target, mut client)) in clients.into_iter().enumerate() {
+            let (shared, barrier) = (&shared, &barrier);
+            let thread = thread::Builder::new()
+                .name(format!("bench-load-{index}"))
+                .spawn_scoped(scope, move || {
+                    barrier.wait();
+                    let deadline = Instant::now() + duration;
+                    let mut result = ThreadResult::default();
+                    while Instant::now() < deadline && !shared.stopping() {
+                        if !result.record(client.post_order(), shared) {
+                            shared.give_up.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    result
+                })
+                .map_err(|e| Error::Other(format!("cannot start a load thread: {e}")))?;
+            threads.push((target, thread));
+        }
+        barrier.wait();
+        let start = Instant::now();
+        outcome.started_wall = Some(SystemTime::now());
+        for (target, thread) in threads {
+            let part = thread
+                .join()
+                .map_err(|_| Error::Other("a load thread panicked".into()))?;
+            outcome.merge(target, part);
+        }
+        outcome.elapsed = start.elapsed();
+        Ok(())
+    })?;
+    outcome.per_target.resize(urls.len(), 0);
+    Ok(outcome)
+}
+
+/// The schedule of an open loop: order `n` is due `n / rate` seconds after the start; the
+/// first `warm_up` of them are sent but not measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Schedule {
+    /// Orders per second.
+    pub rate: f64,
+    /// Sent at the same rate before measuring starts (pool connections opened, caches warm).
+    pub warm_up: Duration,
+    /// Measured part.
+    pub duration: Duration,
+}
+
+/// Sends orders to `url` on `schedule`. `senders` threads take the orders in turn, each
+/// sleeping until its order is due; when all are busy the next order goes out late, and its
+/// latency still counts from the instant it was due (no coordinated omission).
+/// `measuring` runs once, at the due instant of the first measured order.
+pub fn open_loop(
+    url: &str,
+    schedule: Schedule,
+    senders: usize,
+    accepted: &AtomicU64,
+    stop: &AtomicBool,
+    measuring: &(dyn Fn() + Sync),
+) -> Result<OpenLoopOutcome> {
+    let rate = schedule.rate;
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(Error::Other(format!("cannot offer {rate} orders/s")));
+    }
+    let first_measured = (rate * schedule.warm_up.as_secs_f64()).round() as usize;
+    let scheduled = (rate * schedule.duration.as_secs_f64()).round().max(1.0) as usize;
+    let total = first_measured + scheduled;
+    let clients = clients(&[url.to_string()], senders)?;
+    let shared = Shared {
+        accepted,
+        errors: AtomicUsize::new(0),
+        stop,
+        give_up: AtomicBool::new(false),
+    };
+    let next = AtomicUsize::new(0);
+    let late = AtomicUsize::new(0);
+    let measured_accepted = AtomicUsize::new(0);
+    let latency = LatencyHistogram::default();
+    let barrier = Barrier::new(senders + 1);
+    let start = Instant::now() + Duration::from_millis(100);
+    let due = |n: usize| start + Duration::from_secs_f64(n as f64 / rate);
+    let mut outcome = OpenLoopOutcome {
+        scheduled,
+        warm_up_orders: first_measured,
+        ..OpenLoopOutcome::default()
+    };
+    thread::scope(|scope| -> Result<()> {
+        let mut threads = Vec::with_capacity(senders);
+        for (index, (_, mut client)) in clients.into_iter().enumerate() {
+            let (shared, barrier, next, late, latency, measured_accepted) =
+                (&shared, &barrier, &next, &late, &latency, &measured_accepted);
+            let thread = thread::Builder::new()
+                .name(format!("bench-open-{index}"))
+                .spawn_scoped(scope, move || {
+                    barrier.wait();
+                    let mut result = ThreadResult::default();
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= total || shared.stopping() {
+                            return result;
+                        }
+                        let measured = n >= first_measured;
+                        let due_at = due(n);
+                        let now = Instant::now();
+                        if due_at > now {
+                            thread::sleep(due_at - now);
+                        } else if measured && now - due_at > LATE_AFTER {
+                            late.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if n == first_measured {
+                            measuring();
+                        }
+                        let outcome = client.post_order();
+                        if measured && outcome.is_ok() {
+                            latency.record(due_at.elapsed());
+                            measured_accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if !result.record(outcome, shared) {
+                            shared.give_up.store(true, Ordering::Relaxed);
+                        }
+                    }
+                })
+                .map_err(|e| Error::Other(format!("cannot start a load thread: {e}")))?;
+            threads.push(thread);
+        }
+        barrier.wait();
+        let wall_offset = start.saturating_duration_since(Instant::now());
+        outcome.load.started_wall = Some(SystemTime::now() + wall_offset);
+        for thread in threads {
+            let part = thread
+                .join()
+                .map_err(|_| Error::Other("a load thread panicked".into()))?;
+            outcome.load.merge(0, part);
+        }
+        outcome.load.elapsed = start.elapsed();
+        Ok(())
+    })?;
+    outcome.late = late.into_inner();
+    outcome.latency = latency;
+    outcome.measured_accepted = measured_accepted.into_inner();
+    outcome.measured_elapsed = outcome.load.elapsed.saturating_sub(schedule.warm_up);
+    Ok(outcome)
+}
+
+/// `connections` clients, the `i`th for `urls[i % len]`, with the index of its URL.
+fn clients(urls: &[String], connections: usize) -> Result<Vec<(usize, OrderClient)>> {
+    if urls.is_empty() || connections == 0 {
+        return Err(Error::Other(
+            "a load needs at least one URL and one connection".into(),
+        ));
+    }
+    (0..connections)
+        .map(|i| {
+            let target = i % urls.len();
+            OrderClient::new(&urls[target]).map(|client| (target, client))
+        })
+        .collect()
+}

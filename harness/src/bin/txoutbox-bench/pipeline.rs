@@ -1,0 +1,261 @@
+//! The release binaries under HTTP load, from POST to `COMPLETED`: (3) HTTP throughput and (5)
+//! end-to-end throughput at C connections, (7) peak RSS after a run at 64 connections, and (8)
+//! two servers and two consumers on one database and queue.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use txoutbox::{Error, Result};
+
+use crate::ceilings::Throughput;
+use crate::cpu::Snapshot;
+use crate::infra::{FreshDb, Infra};
+use crate::load::{closed_loop, LoadOutcome};
+use crate::options::{Plan, MEMORY_CONNECTIONS};
+use crate::process::{peak_rss_bytes, wait_consuming, Kind, Launcher, Process};
+use crate::sampler::Sampler;
+use crate::verify::{self, Checks};
+use crate::Progress;
+use txoutbox_harness::support::process::free_port;
+
+/// Phase name of (3), (5) and (7).
+pub const HTTP_PHASE: &str = "HTTP and end to end";
+/// Phase name of (8).
+pub const SCALE_PHASE: &str = "scale-out";
+
+/// What (3), (5) and (7) measured.
+#[derive(Clone, Debug, Default)]
+pub struct Pipeline {
+    /// Accepted POSTs per second at C connections; its lines are the whole run.
+    pub http: Throughput,
+    /// Orders per second from the first POST to the last `COMPLETED`.
+    pub e2e: Throughput,
+    /// Peak RSS after the 64-connection run.
+    pub memory: Memory,
+}
+
+/// Peak resident memory of the processes.
+#[derive(Clone, Debug, Default)]
+pub struct Memory {
+    /// Connections of the run before the reading.
+    pub connections: usize,
+    /// `txoutbox-server`'s VmHWM, bytes.
+    pub server_peak_rss: u64,
+    /// `txoutbox-consumer`'s VmHWM, bytes.
+    pub consumer_peak_rss: u64,
+}
+
+/// What (8) measured.
+#[derive(Clone, Debug, Default)]
+pub struct ScaleOut {
+    /// Accepted POSTs per second, both servers together.
+    pub http: Throughput,
+    /// Orders per second from the first POST to the last `COMPLETED`.
+    pub e2e: Throughput,
+    /// Orders each server accepted.
+    pub per_server: Vec<usize>,
+}
+
+/// A closed-loop load and what it took to complete.
+struct Measured {
+    load: LoadOutcome,
+    http: Throughput,
+    e2e: Throughput,
+}
+
+/// (3), (5) and (7): one server and one consumer.
+pub fn single(
+    infra: &Infra,
+    launcher: &Launcher,
+    plan: &Plan,
+    stop: &AtomicBool,
+    checks: &mut Checks,
+    progress: &Progress,
+) -> Result<Pipeline> {
+    let fresh = infra.fresh_db("http", 2)?;
+    let broker = infra.fresh_broker("http")?;
+    let addr = local_addr()?;
+    let mut server = launcher.spawn(Kind::Server, "http-server", &fresh, &broker, Some(addr))?;
+    let mut consumer = launcher.spawn(Kind::Consumer, "http-consumer", &fresh, &broker, None)?;
+    server.wait_listening(addr)?;
+    wait_consuming(&broker, 1, &mut [&mut server, &mut consumer])?;
+    let urls = [format!("http://{addr}")];
+
+    let measured = measure(&fresh, &urls, plan.concurrency, plan.http, plan, stop)?;
+    for service in [&mut server, &mut consumer] {
+        service.check_alive()?;
+    }
+    let mut ids = measured.load.ids.clone();
+    let mut errors = measured.load.errors;
+    let mut error_samples = measured.load.error_samples.clone();
+
+    if plan.concurrency != MEMORY_CONNECTIONS {
+        progress.step(&format!(
+            "{HTTP_PHASE}: {MEMORY_CONNECTIONS} connections for {} s, for peak RSS",
+            plan.memory.as_secs()
+        ));
+        let counter = AtomicU64::new(0);
+        let more = closed_loop(&urls, MEMORY_CONNECTIONS, plan.memory, &counter, stop)?;
+        ids.extend(more.ids);
+        errors += more.errors;
+        error_samples.extend(more.error_samples);
+        let mut client = fresh.client()?;
+        verify::wait_until_completed(&mut client, ids.len() as u64, plan.completion_timeout, stop)?;
+    }
+    interrupted(stop)?;
+    let memory = Memory {
+        connections: MEMORY_CONNECTIONS,
+        server_peak_rss: peak_rss_bytes(&server)?,
+        consumer_peak_rss: peak_rss_bytes(&consumer)?,
+    };
+    let mut client = fresh.client()?;
+    verify::orders_done_once(
+        HTTP_PHASE,
+        &mut client,
+        &broker,
+        &ids,
+        errors,
+        &error_samples,
+        checks,
+    )?;
+    Ok(Pipeline {
+        http: measured.http,
+        e2e: measured.e2e,
+        memory,
+    })
+}
+
+/// (8): two servers and two consumers on one database and queue, the connections split evenly
+/// between the servers.
+pub fn scale_out(
+    infra: &Infra,
+    launcher: &Launcher,
+    plan: &Plan,
+    stop: &AtomicBool,
+    checks: &mut Checks,
+) -> Result<ScaleOut> {
+    let fresh = infra.fresh_db("scaleout", 2)?;
+    let broker = infra.fresh_broker("scaleout")?;
+    let mut services: Vec<Process> = Vec::new();
+    let mut urls = Vec::new();
+    for n in 1..=2 {
+        let addr = local_addr()?;
+        let mut server = launcher.spawn(
+            Kind::Server,
+            &format!("scaleout-server-{n}"),
+            &fresh,
+            &broker,
+            Some(addr),
+        )?;
+        server.wait_listening(addr)?;
+        services.push(server);
+        urls.push(format!("http://{addr}"));
+    }
+    for n in 1..=2 {
+        services.push(launcher.spawn(
+            Kind::Consumer,
+            &format!("scaleout-consumer-{n}"),
+            &fresh,
+            &broker,
+            None,
+        )?);
+    }
+    wait_consuming(&broker, 2, &mut services.iter_mut().collect::<Vec<_>>())?;
+
+    let connections = plan.concurrency.max(2);
+    let measured = measure(&fresh, &urls, connections, plan.scale_out, plan, stop)?;
+    for service in &mut services {
+        service.check_alive()?;
+    }
+    let load = &measured.load;
+    let mut client = fresh.client()?;
+    verify::orders_done_once(
+        SCALE_PHASE,
+        &mut client,
+        &broker,
+        &load.ids,
+        load.errors,
+        &load.error_samples,
+        checks,
+    )?;
+    checks.add(
+        SCALE_PHASE,
+        "both servers took orders",
+        load.per_target.iter().all(|&n| n > 0),
+        format!("{:?}", load.per_target),
+    );
+    Ok(ScaleOut {
+        http: measured.http,
+        e2e: measured.e2e,
+        per_server: load.per_target.clone(),
+    })
+}
+
+/// A closed loop on `urls`, then a wait until every accepted order is `COMPLETED`; samples
+/// accepted and completed orders per second throughout.
+fn measure(
+    fresh: &FreshDb,
+    urls: &[String],
+    connections: usize,
+    duration: Duration,
+    plan: &Plan,
+    stop: &AtomicBool,
+) -> Result<Measured> {
+    let accepted = Arc::new(AtomicU64::new(0));
+    let sampler = order_sampler(fresh, accepted.clone(), plan.sample_interval)?;
+    let started = Instant::now();
+    let before = Snapshot::take();
+    let load = closed_loop(urls, connections, duration, &accepted, stop)?;
+    let cpu = before.until(&Snapshot::take());
+    let mut client = fresh.client()?;
+    verify::wait_until_completed(&mut client, load.ids.len() as u64, plan.completion_timeout, stop)?;
+    let observed = started.elapsed();
+    let lines = sampler.finish();
+    interrupted(stop)?;
+    let last = verify::last_completed_epoch(&mut client, &load.ids)?;
+    let e2e_elapsed = end_to_end(&load, last, observed);
+    let http = Throughput::new(load.ids.len() as u64, load.elapsed, lines).with_cpu(cpu);
+    let e2e = Throughput::new(load.ids.len() as u64, e2e_elapsed, Vec::new());
+    Ok(Measured { load, http, e2e })
+}
+
+/// First POST to last `COMPLETED`: by Postgres' clock (`max(updated_at)`) against the wall
+/// clock at the start, or as observed by polling when the two disagree.
+fn end_to_end(load: &LoadOutcome, last_completed: Option<f64>, observed: Duration) -> Duration {
+    let started = load
+        .started_wall
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64());
+    match (started, last_completed) {
+        (Some(start), Some(last)) if last > start && last - start <= observed.as_secs_f64() => {
+            Duration::from_secs_f64(last - start)
+        }
+        _ => observed,
+    }
+}
+
+/// Samples accepted orders (`accepted`) and `COMPLETED` orders (Postgres) per interval.
+pub fn order_sampler(fresh: &FreshDb, accepted: Arc<AtomicU64>, interval: Duration) -> Result<Sampler> {
+    let mut client = fresh.client()?;
+    Sampler::start(&["accepted", "completed"], interval, move || {
+        Ok(vec![
+            accepted.load(Ordering::Relaxed),
+            verify::completed_orders(&mut client)?,
+        ])
+    })
+}
+
+/// An error when the run was interrupted.
+pub fn interrupted(stop: &AtomicBool) -> Result<()> {
+    if stop.load(Ordering::Relaxed) {
+        Err(Error::Other("interrupted".into()))
+    } else {
+        Ok(())
+    }
+}
+
+fn local_addr() -> Result<SocketAddr> {
+    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+}

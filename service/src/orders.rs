@@ -1,0 +1,480 @@
+//! The order domain of the example service: validating input, creating an order together with
+//! its `OrderCreated` event, cancelling it with an `OrderCancelled` event, reading it back, and
+//! applying those events when they are consumed.
+
+use std::fmt;
+
+use postgres::{Row, Statement, ToStatement, Transaction};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use txoutbox::consumer::{Handler, HandlerError, Message};
+use txoutbox::db::Connection;
+use txoutbox::outbox::{self, enqueue, NewEvent};
+use txoutbox::relay::Waker;
+use txoutbox::{Error, Result};
+
+/// Aggregate type of order events.
+pub const AGGREGATE_TYPE: &str = "order";
+/// Event written with every new order.
+pub const ORDER_CREATED: &str = "OrderCreated";
+/// Event written when an order is cancelled.
+pub const ORDER_CANCELLED: &str = "OrderCancelled";
+
+/// Largest amount NUMERIC(12,2) holds, in cents: 9,999,999,999.99.
+const MAX_AMOUNT_CENTS: i64 = 999_999_999_999;
+
+const INSERT_ORDER: &str = "\
+    INSERT INTO orders (id, user_id, amount)
+    VALUES ($1, $2, $3::text::numeric)
+    RETURNING id, user_id, amount::text, status,
+              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+              to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+
+const SELECT_ORDER: &str = "\
+    SELECT id, user_id, amount::text, status,
+           to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+           to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+    FROM orders WHERE id = $1";
+
+/// Cancels an order unless it is already cancelled; returns it as [`SELECT_ORDER`] does.
+const CANCEL_ORDER: &str = "\
+    UPDATE orders SET status = 'CANCELLED', updated_at = now()
+    WHERE id = $1 AND status <> 'CANCELLED'
+    RETURNING id, user_id, amount::text, status,
+              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+              to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+
+/// The consumer's transitions: each event sets the status it leads to, whatever the current
+/// one (see [`OrderEvents`]). `$2` is `COMPLETED` or `CANCELLED`.
+const APPLY_STATUS: &str = "\
+    UPDATE orders SET status = $2, updated_at = now()
+    WHERE id = ANY($1) AND status <> $2";
+
+/// An exact amount of money in cents (minor units).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Amount(i64);
+
+impl Amount {
+    /// The amount in cents.
+    pub fn cents(self) -> i64 {
+        self.0
+    }
+
+    /// Parses a plain decimal such as `100`, `100.5` or `100.50`: positive, at most two
+    /// decimals, at most 9,999,999,999.99 (what NUMERIC(12,2) holds).
+    pub fn parse(text: &str) -> Result<Amount, String> {
+        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(whole) || (text.contains('.') && !digits(fraction)) {
+            return Err(format!(
+                "amount must be a plain decimal such as \"100.00\", got {text:?}"
+            ));
+        }
+        if fraction.len() > 2 {
+            return Err(format!("amount must have at most 2 decimals, got {text:?}"));
+        }
+        let whole = whole.trim_start_matches('0');
+        if whole.len() > 10 {
+            return Err(format!("amount must be at most 9999999999.99, got {text:?}"));
+        }
+        let whole: i64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| "amount is too large".to_string())?
+        };
+        let fraction: i64 = format!("{fraction:0<2}")
+            .parse()
+            .map_err(|_| "amount is malformed".to_string())?;
+        let cents = whole * 100 + fraction;
+        if cents == 0 {
+            return Err("amount must be greater than 0".into());
+        }
+        if cents > MAX_AMOUNT_CENTS {
+            return Err(format!("amount must be at most 9999999999.99, got {text:?}"));
+        }
+        Ok(Amount(cents))
+    }
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{:02}", self.0 / 100, self.0 % 100)
+    }
+}
+
+/// A validated request to create an order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewOrder {
+    /// Who places the order.
+    pub user_id: Uuid,
+    /// How much it costs.
+    pub amount: Amount,
+}
+
+/// Why a request body is not a valid order; `field` names the offending field, if one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidInput {
+    /// Explanation for the client.
+    pub error: String,
+    /// The JSON field at fault, if the problem is one field.
+    pub field: Option<String>,
+}
+
+impl InvalidInput {
+    fn field(field: &str, error: impl Into<String>) -> Self {
+        InvalidInput {
+            error: error.into(),
+            field: Some(field.into()),
+        }
+    }
+    fn body(error: impl Into<String>) -> Self {
+        InvalidInput {
+            error: error.into(),
+            field: None,
+        }
+    }
+}
+
+/// Parses and validates a JSON body `{"user_id": "<uuid>", "amount": "100.00"}`; `amount` may
+/// also be a JSON number. Unknown fields are refused so that typos do not pass silently.
+pub fn parse_new_order(body: &[u8]) -> Result<NewOrder, InvalidInput> {
+    let text = std::str::from_utf8(body).map_err(|_| InvalidInput::body("body is not UTF-8"))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| InvalidInput::body(format!("body is not valid JSON: {e}")))?;
+    let Value::Object(object) = value else {
+        return Err(InvalidInput::body(
+            "body must be a JSON object with user_id and amount",
+        ));
+    };
+    if let Some(unknown) = object.keys().find(|k| *k != "user_id" && *k != "amount") {
+        return Err(InvalidInput::field(
+            unknown,
+            format!("unknown field {unknown:?}; expected user_id and amount"),
+        ));
+    }
+    let user_id = match object.get("user_id") {
+        None | Some(Value::Null) => return Err(InvalidInput::field("user_id", "user_id is required")),
+        Some(Value::String(s)) => Uuid::parse_str(s)
+            .map_err(|_| InvalidInput::field("user_id", format!("user_id must be a UUID, got {s:?}")))?,
+        Some(_) => return Err(InvalidInput::field("user_id", "user_id must be a UUID string")),
+    };
+    let amount = match object.get("amount") {
+        None | Some(Value::Null) => return Err(InvalidInput::field("amount", "amount is required")),
+        // With serde_json's arbitrary_precision a number keeps its exact digits.
+        Some(Value::Number(n)) => Amount::parse(&n.to_string()),
+        Some(Value::String(s)) => Amount::parse(s),
+        Some(_) => Err("amount must be a decimal string such as \"100.00\" or a number".into()),
+    }
+    .map_err(|e| InvalidInput::field("amount", e))?;
+    Ok(NewOrder { user_id, amount })
+}
+
+/// An order as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Order {
+    /// Order id (UUIDv7).
+    pub id: Uuid,
+    /// Who placed it.
+    pub user_id: Uuid,
+    /// Amount with two decimals, e.g. `100.00`.
+    pub amount: String,
+    /// `PENDING`, `COMPLETED` or `CANCELLED`.
+    pub status: String,
+    /// Creation time, RFC 3339 in UTC.
+    pub created_at: String,
+    /// Last change, RFC 3339 in UTC.
+    pub updated_at: String,
+}
+
+impl Order {
+    fn from_row(row: &Row) -> Order {
+        Order {
+            id: row.get(0),
+            user_id: row.get(1),
+            amount: row.get(2),
+            status: row.get(3),
+            created_at: row.get(4),
+            updated_at: row.get(5),
+        }
+    }
+
+    /// The order as the API returns it.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id.to_string(),
+            "user_id": self.user_id.to_string(),
+            "amount": self.amount,
+            "status": self.status,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        })
+    }
+}
+
+/// How [`create`] lets the relay know about the new event.
+#[derive(Clone, Debug)]
+pub enum Announce {
+    /// Postgres NOTIFY at commit: reaches a relay in any process.
+    Notify,
+    /// Wake this in-process relay after the commit; no NOTIFY (whose commits Postgres
+    /// serializes).
+    Wake(Waker),
+}
+
+/// The outbox insert that suits `announce`: with a NOTIFY, or silent for an in-process wake.
+fn prepared_insert_event(
+    conn: &mut Connection,
+    announce: &Announce,
+) -> std::result::Result<Statement, postgres::Error> {
+    match announce {
+        Announce::Notify => conn.prepared(outbox::INSERT_EVENT_AND_NOTIFY),
+        Announce::Wake(_) => conn.prepared(outbox::INSERT_EVENT),
+    }
+}
+
+/// Inserts the order and its `OrderCreated` event in one transaction, commits it, and
+/// announces the event to the relay. Statements are prepared once per connection.
+pub fn create(conn: &mut Connection, new: &NewOrder, announce: &Announce) -> Result<Order> {
+    let prepare = |e| Error::db("cannot prepare the order statements", e);
+    let insert_order = conn.prepared(INSERT_ORDER).map_err(prepare)?;
+    let insert_event = prepared_insert_event(conn, announce).map_err(prepare)?;
+    let mut tx = conn
+        .transaction()
+        .map_err(|e| Error::db("cannot begin the order transaction", e))?;
+    let order = insert_order_row(&mut tx, &insert_order, new)?;
+    outbox::insert_event(&mut tx, &insert_event, &created_event(&order))?;
+    tx.commit().map_err(|e| Error::db("cannot commit the order", e))?;
+    if let Announce::Wake(waker) = announce {
+        waker.wake();
+    }
+    Ok(order)
+}
+
+/// Inserts the order and enqueues its `OrderCreated` event on the caller's transaction.
+pub fn insert(tx: &mut Transaction<'_>, new: &NewOrder) -> Result<Order> {
+    let order = insert_order_row(tx, INSERT_ORDER, new)?;
+    enqueue(tx, &created_event(&order))?;
+    Ok(order)
+}
+
+fn insert_order_row<S>(tx: &mut Transaction<'_>, statement: &S, new: &NewOrder) -> Result<Order>
+where
+    S: ToStatement + ?Sized,
+{
+    let row = tx
+        .query_one(
+            statement,
+            &[&Uuid::now_v7(), &new.user_id, &new.amount.to_string()],
+        )
+        .map_err(|e| Error::db("cannot insert the order", e))?;
+    Ok(Order::from_row(&row))
+}
+
+/// The `OrderCreated` event of a new order.
+fn created_event(order: &Order) -> NewEvent {
+    let payload = json!({
+        "order_id": order.id.to_string(),
+        "user_id": order.user_id.to_string(),
+        "amount": order.amount,
+        "created_at": order.created_at,
+    });
+    NewEvent::new(AGGREGATE_TYPE, order.id.to_string(), ORDER_CREATED, payload)
+}
+
+/// What [`cancel`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cancellation {
+    /// The order is now `CANCELLED` and its `OrderCancelled` event is in the outbox.
+    Cancelled(Order),
+    /// The order was cancelled before; nothing was written.
+    AlreadyCancelled(Order),
+    /// No order has this id; nothing was written.
+    NotFound,
+}
+
+/// Cancels an order (`PENDING` or `COMPLETED`) and writes its `OrderCancelled` event in the same
+/// transaction, commits, and announces the event to the relay.
+///
+/// The transaction first takes the order's aggregate lock (the one [`outbox::enqueue_ordered`] takes), then the
+/// row lock of its update, so concurrent cancels of one order are serialised (the second finds it
+/// cancelled) and the event's outbox id comes after every earlier event of the order: with
+/// [`RelayOrdering::Aggregate`](txoutbox::RelayOrdering::Aggregate) it is published after
+/// the order's `OrderCreated`.
+pub fn cancel(conn: &mut Connection, id: Uuid, announce: &Announce) -> Result<Cancellation> {
+    let prepare = |e| Error::db("cannot prepare the order statements", e);
+    let lock = conn.prepared(outbox::LOCK_AGGREGATE).map_err(prepare)?;
+    let cancel_order = conn.prepared(CANCEL_ORDER).map_err(prepare)?;
+    let select_order = conn.prepared(SELECT_ORDER).map_err(prepare)?;
+    let insert_event = prepared_insert_event(conn, announce).map_err(prepare)?;
+    let mut tx = conn
+        .transaction()
+        .map_err(|e| Error::db("cannot begin the cancel transaction", e))?;
+    let aggregate_id = id.to_string();
+    tx.execute(&lock, &[&AGGREGATE_TYPE, &aggregate_id])
+        .map_err(|e| Error::db("cannot lock the order's events", e))?;
+    let cancelled = tx
+        .query_opt(&cancel_order, &[&id])
+        .map_err(|e| Error::db("cannot cancel the order", e))?;
+    let Some(row) = cancelled else {
+        // Nothing changed: the transaction rolls back when dropped.
+        let existing = tx
+            .query_opt(&select_order, &[&id])
+            .map_err(|e| Error::db("cannot read the order", e))?;
+        return Ok(match existing {
+            Some(row) => Cancellation::AlreadyCancelled(Order::from_row(&row)),
+            None => Cancellation::NotFound,
+        });
+    };
+    let order = Order::from_row(&row);
+    outbox::insert_event(&mut tx, &insert_event, &cancelled_event(&order))?;
+    tx.commit()
+        .map_err(|e| Error::db("cannot commit the cancellation", e))?;
+    if let Announce::Wake(waker) = announce {
+        waker.wake();
+    }
+    Ok(Cancellation::Cancelled(order))
+}
+
+/// The `OrderCancelled` event of an order just cancelled (its `updated_at` is the cancel time).
+fn cancelled_event(order: &Order) -> NewEvent {
+    let payload = json!({
+        "order_id": order.id.to_string(),
+        "user_id": order.user_id.to_string(),
+        "amount": order.amount,
+        "cancelled_at": order.updated_at,
+    });
+    NewEvent::new(AGGREGATE_TYPE, order.id.to_string(), ORDER_CANCELLED, payload)
+}
+
+/// The order with this id, if any.
+pub fn get(conn: &mut Connection, id: Uuid) -> Result<Option<Order>> {
+    let select = conn
+        .prepared(SELECT_ORDER)
+        .map_err(|e| Error::db("cannot prepare the order query", e))?;
+    let row = conn
+        .query_opt(&select, &[&id])
+        .map_err(|e| Error::db("cannot read the order", e))?;
+    Ok(row.as_ref().map(Order::from_row))
+}
+
+/// The consumer's effect for the order service: it keeps each order's status in step with the
+/// order's events, applying each event's transition as it arrives: `OrderCreated` sets
+/// `COMPLETED`, `OrderCancelled` sets `CANCELLED`. Other event types are acknowledged without
+/// effect; a redelivered event has no second effect (the consumer dedupes it).
+///
+/// It trusts the stream's order and does not look at the current status: applied in the wrong
+/// order, a created-then-cancelled order would end up `COMPLETED`. So the relay publishing these
+/// events must keep per-aggregate order (`RELAY_ORDERING=aggregate`, the default of
+/// `txoutbox-server`), and this queue needs a single consumer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OrderEvents;
+
+impl OrderEvents {
+    /// The status `message` leads its order to, with the order id; `None` for other events.
+    fn transition(message: &Message) -> Result<Option<(Uuid, &'static str)>, HandlerError> {
+        let (event_type, status) = match message.event_type.as_deref() {
+            Some(ORDER_CREATED) => (ORDER_CREATED, "COMPLETED"),
+            Some(ORDER_CANCELLED) => (ORDER_CANCELLED, "CANCELLED"),
+            _ => return Ok(None),
+        };
+        message
+            .payload
+            .get("order_id")
+            .and_then(Value::as_str)
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .map(|id| Some((id, status)))
+            .ok_or_else(|| HandlerError::permanent(format!("{event_type} payload has no valid order_id")))
+    }
+}
+
+impl Handler for OrderEvents {
+    fn handle(&mut self, tx: &mut Transaction<'_>, message: &Message) -> Result<(), HandlerError> {
+        self.handle_batch(tx, &[message])
+    }
+
+    /// Applies the batch in two statements: each order gets the status of its last event in the
+    /// batch, as if the events were applied one by one in delivery order.
+    fn handle_batch(&mut self, tx: &mut Transaction<'_>, messages: &[&Message]) -> Result<(), HandlerError> {
+        let mut last = std::collections::HashMap::with_capacity(messages.len());
+        for message in messages {
+            if let Some((id, status)) = Self::transition(message)? {
+                last.insert(id, status);
+            }
+        }
+        for status in ["COMPLETED", "CANCELLED"] {
+            let ids: Vec<Uuid> = last
+                .iter()
+                .filter(|(_, s)| **s == status)
+                .map(|(id, _)| *id)
+                .collect();
+            if !ids.is_empty() {
+                tx.execute(APPLY_STATUS, &[&ids, &status])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_parse_exactly() {
+        assert_eq!(Amount::parse("100").map(|a| a.cents()), Ok(10_000));
+        assert_eq!(Amount::parse("100.5").map(|a| a.cents()), Ok(10_050));
+        assert_eq!(Amount::parse("0.01").map(|a| a.cents()), Ok(1));
+        assert_eq!(
+            Amount::parse("9999999999.99").map(|a| a.cents()),
+            Ok(MAX_AMOUNT_CENTS)
+        );
+        assert_eq!(
+            Amount::parse("000100.10").map(|a| a.to_string()),
+            Ok("100.10".into())
+        );
+        for bad in [
+            "",
+            "0",
+            "0.00",
+            "-1",
+            "1.234",
+            "1e3",
+            "10000000000",
+            "1.",
+            ".5",
+            " 1",
+            "NaN",
+            "+1",
+            "1_0",
+        ] {
+            assert!(Amount::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn order_bodies_are_validated_with_the_field_at_fault() {
+        let user = "8c1a2c1e-56e4-4c1f-9d8e-9d3b7f0c2a11";
+        let ok = format!(r#"{{"user_id":"{user}","amount":12.5}}"#);
+        assert_eq!(parse_new_order(ok.as_bytes()).map(|o| o.amount.cents()), Ok(1250));
+        let field = |body: String| parse_new_order(body.as_bytes()).err().and_then(|e| e.field);
+        assert_eq!(
+            field(format!(r#"{{"user_id":"{user}","amount":1e309}}"#)).as_deref(),
+            Some("amount")
+        );
+        assert_eq!(
+            field(format!(r#"{{"user_id":"{user}"}}"#)).as_deref(),
+            Some("amount")
+        );
+        assert_eq!(
+            field(r#"{"user_id":"x","amount":"1"}"#.into()).as_deref(),
+            Some("user_id")
+        );
+        assert_eq!(
+            field(format!(r#"{{"user_id":"{user}","amount":"1","x":1}}"#)).as_deref(),
+            Some("x")
+        );
+        assert!(parse_new_order(b"[1]").is_err());
+        assert!(parse_new_order(b"\xff").is_err());
+    }
+}

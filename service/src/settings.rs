@@ -1,0 +1,132 @@
+//! What the binaries share: settings from the environment, `--help`, logging and exit codes.
+
+use std::fmt::Display;
+use std::str::FromStr;
+
+/// One documented setting: its environment variable, default and meaning.
+#[derive(Clone, Copy)]
+pub struct Setting {
+    /// The environment variable.
+    pub name: &'static str,
+    /// Its value when unset, as `--help` prints it.
+    pub default: &'static str,
+    /// What it sets.
+    pub help: &'static str,
+}
+
+/// Where the services are: the settings every binary shares.
+pub const SERVICE_SETTINGS: &[Setting] = &[
+    Setting {
+        name: "DATABASE_URL",
+        default: crate::config::DEFAULT_DATABASE_URL,
+        help: "Postgres URL; the database is created if missing",
+    },
+    Setting {
+        name: "AMQP_URL",
+        default: crate::config::DEFAULT_AMQP_URL,
+        help: "RabbitMQ URL (heartbeat=10, connection_timeout=5000 added unless set)",
+    },
+    Setting {
+        name: "AMQP_EXCHANGE",
+        default: "txoutbox.events",
+        help: "topic exchange events are published to",
+    },
+    Setting {
+        name: "AMQP_QUEUE",
+        default: "order_events",
+        help: "queue bound to the exchange; dead letters go to <queue>.dlx -> <queue>.dlq",
+    },
+    Setting {
+        name: "AMQP_QUEUE_TYPE",
+        default: "classic",
+        help: "classic, or quorum (replicated; for a clustered RabbitMQ)",
+    },
+    Setting {
+        name: "RUST_LOG",
+        default: "info",
+        help: "log filter (error, warn, info, debug, trace)",
+    },
+];
+
+/// The exchange and queues named by `AMQP_EXCHANGE` and `AMQP_QUEUE`, of `AMQP_QUEUE_TYPE`.
+pub fn topology_from_env() -> Result<txoutbox::Topology, String> {
+    let defaults = txoutbox::Topology::default();
+    let queue_type =
+        txoutbox::QueueType::parse(&env_or("AMQP_QUEUE_TYPE", "classic")).map_err(|e| e.to_string())?;
+    Ok(txoutbox::Topology::new(
+        env_or("AMQP_EXCHANGE", &defaults.exchange),
+        env_or("AMQP_QUEUE", &defaults.queue),
+    )
+    .with_queue_type(queue_type))
+}
+
+/// Prints `--help` for a binary: what it does, then each setting with its default.
+pub fn print_help(binary: &str, about: &str, usage: &str, settings: &[Setting]) {
+    println!("{binary}: {about}\n\nUsage: {usage}\n\nSettings (environment variables):");
+    for s in settings {
+        println!("  {:<22} {}\n  {:<22} default: {}", s.name, s.help, "", s.default);
+    }
+}
+
+/// True when the command line asks for help.
+pub fn wants_help() -> bool {
+    std::env::args().skip(1).any(|a| a == "--help" || a == "-h")
+}
+
+/// The value of `name`, or `default` when unset or empty.
+pub fn env_or(name: &str, default: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v,
+        _ => default.to_string(),
+    }
+}
+
+/// Parses `name` from the environment, or `default` when unset; a bad value is an error that
+/// names the variable.
+pub fn env_parse<T: FromStr>(name: &str, default: T) -> Result<T, String>
+where
+    T::Err: Display,
+{
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|e| format!("{name}={v:?} is not valid: {e}")),
+        _ => Ok(default),
+    }
+}
+
+/// Logs at `info` by default; `RUST_LOG` overrides.
+pub fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+}
+
+/// Runs `try_main`, prints its error and exits with 1 on failure.
+pub fn run(try_main: impl FnOnce() -> Result<(), String>) {
+    if let Err(e) = try_main() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Blocks until SIGTERM or SIGINT arrives. From then on a second signal ends the process at
+/// once (exit code 1), so a stuck shutdown can always be cut short.
+pub fn wait_for_shutdown_signal() -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let asked = Arc::new(AtomicBool::new(false));
+    for signal in [SIGTERM, SIGINT] {
+        // Registered first, so it sees the flag still false on the first signal.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, asked.clone())
+            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+        signal_hook::flag::register(signal, asked.clone())
+            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    }
+    while !asked.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    log::info!("shutdown: signal received, finishing work in hand (a second signal exits at once)");
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Integration tests, one binary for the crate (each module a file beside this one).
+
+mod http;
+mod http_connections;
+mod metrics;
+mod openapi;
+mod ordering;
+mod parsing_properties;
+mod relay;
+mod status_page;

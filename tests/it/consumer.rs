@@ -1,0 +1,314 @@
+//! The idempotent consumer against the real Postgres and RabbitMQ.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use postgres::Transaction;
+use serde_json::json;
+use txoutbox::{consumer, ConsumerConfig, HandlerError, Message};
+use txoutbox_testkit::{wait_until, TestBroker, TestDb};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn config() -> ConsumerConfig {
+    ConsumerConfig {
+        prefetch: 20,
+        batch_size: 10,
+        retry_delay: Duration::from_millis(20),
+        min_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(500),
+        ..ConsumerConfig::default()
+    }
+}
+
+/// A deliberately non-idempotent effect: one row per application.
+fn with_effects_table(t: &TestDb) {
+    t.client()
+        .batch_execute("CREATE TABLE effects (message_id uuid NOT NULL, n int NOT NULL)")
+        .unwrap();
+}
+
+fn record_effect(tx: &mut Transaction<'_>, message: &Message) -> Result<(), HandlerError> {
+    let n = message.payload["n"].as_i64().unwrap_or(-1) as i32;
+    tx.execute(
+        "INSERT INTO effects (message_id, n) VALUES ($1, $2)",
+        &[&message.message_id, &n],
+    )?;
+    Ok(())
+}
+
+fn body(n: i32) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "n": n })).unwrap()
+}
+
+#[test]
+fn a_message_delivered_twice_has_one_effect_and_both_are_acked() {
+    let t = TestDb::new();
+    with_effects_table(&t);
+    let broker = TestBroker::new();
+    let id = Uuid::new_v4().to_string();
+    broker.publish_raw(Some(&id), "TestHappened", &body(1));
+    broker.publish_raw(Some(&id), "TestHappened", &body(1));
+    let other = Uuid::new_v4().to_string();
+    broker.publish_raw(Some(&other), "TestHappened", &body(2));
+
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        record_effect,
+    )
+    .unwrap();
+    wait_until("all three deliveries are settled", WAIT, || {
+        handle.stats().applied() + handle.stats().duplicates() == 3
+    });
+    handle.stop();
+    assert_eq!(t.count("SELECT count(*) FROM effects"), 2);
+    assert_eq!(
+        t.count(&format!("SELECT count(*) FROM effects WHERE message_id = '{id}'")),
+        1
+    );
+    assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 2);
+    // Acked, not merely held: nothing comes back once the consumer is gone.
+    assert_eq!(broker.ready_main(), 0);
+    assert_eq!(broker.ready(&broker.topology.dead_letter_queue()), 0);
+}
+
+#[test]
+fn a_redelivery_after_a_lost_ack_has_no_second_effect() {
+    let t = TestDb::new();
+    with_effects_table(&t);
+    let broker = TestBroker::new();
+    let id = Uuid::new_v4();
+    // The effect committed earlier, but the ack never reached the broker.
+    {
+        let mut client = t.client();
+        let mut tx = client.transaction().unwrap();
+        tx.execute("INSERT INTO processed_messages (message_id) VALUES ($1)", &[&id])
+            .unwrap();
+        tx.execute("INSERT INTO effects (message_id, n) VALUES ($1, 1)", &[&id])
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    broker.publish_raw(Some(&id.to_string()), "TestHappened", &body(1));
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        record_effect,
+    )
+    .unwrap();
+    wait_until("the redelivery is settled", WAIT, || {
+        handle.stats().duplicates() == 1
+    });
+    handle.stop();
+    assert_eq!(t.count("SELECT count(*) FROM effects"), 1);
+    assert_eq!(broker.ready_main(), 0);
+}
+
+#[test]
+fn a_failing_handler_leaves_no_processed_row_and_the_message_is_retried() {
+    let t = TestDb::new();
+    with_effects_table(&t);
+    let broker = TestBroker::new();
+    let id = Uuid::new_v4();
+    broker.publish_raw(Some(&id.to_string()), "TestHappened", &body(7));
+    for n in 0..5 {
+        broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(n));
+    }
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let processed_seen_on_retry = Arc::new(AtomicUsize::new(usize::MAX));
+    let url = t.url.clone();
+    let (calls_in, seen_in) = (calls.clone(), processed_seen_on_retry.clone());
+    let handler = move |tx: &mut Transaction<'_>, message: &Message| -> Result<(), HandlerError> {
+        if message.message_id != id {
+            return record_effect(tx, message);
+        }
+        let call = calls_in.fetch_add(1, Ordering::SeqCst);
+        if call >= 1 {
+            // What did the failed attempts leave behind? Look from outside this transaction.
+            let mut outside = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            let left: i64 = outside
+                .query_one(
+                    "SELECT count(*) FROM processed_messages WHERE message_id = $1",
+                    &[&id],
+                )
+                .unwrap()
+                .get(0);
+            seen_in.store(left as usize, Ordering::SeqCst);
+        }
+        if call < 2 {
+            return Err(HandlerError::transient("downstream unavailable (test)"));
+        }
+        record_effect(tx, message)
+    };
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        handler,
+    )
+    .unwrap();
+    wait_until("every message is applied", WAIT, || handle.stats().applied() == 6);
+    handle.stop();
+    assert_eq!(
+        processed_seen_on_retry.load(Ordering::SeqCst),
+        0,
+        "a failed attempt left a processed row"
+    );
+    assert!(calls.load(Ordering::SeqCst) >= 3);
+    assert_eq!(
+        t.count("SELECT count(*) FROM effects"),
+        6,
+        "every message has exactly one effect"
+    );
+    assert_eq!(t.count("SELECT count(DISTINCT message_id) FROM effects"), 6);
+    assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 6);
+    assert_eq!(broker.ready_main(), 0);
+}
+
+#[test]
+fn malformed_deliveries_are_dead_lettered_once_not_redelivered() {
+    let t = TestDb::new();
+    with_effects_table(&t);
+    let broker = TestBroker::new();
+    broker.publish_raw(None, "TestHappened", &body(1));
+    broker.publish_raw(Some("not-a-uuid"), "TestHappened", &body(2));
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", b"{not json");
+    let good = Uuid::new_v4().to_string();
+    broker.publish_raw(Some(&good), "TestHappened", &body(3));
+
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        record_effect,
+    )
+    .unwrap();
+    let dlq = broker.topology.dead_letter_queue();
+    wait_until(
+        "the three malformed messages reach the dead-letter queue",
+        WAIT,
+        || broker.ready(&dlq) == 3,
+    );
+    wait_until("the good one is applied", WAIT, || handle.stats().applied() == 1);
+    handle.stop();
+    assert_eq!(handle_rejected_total(&broker), 3);
+    assert_eq!(t.count("SELECT count(*) FROM effects"), 1);
+    assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 1);
+    assert_eq!(broker.ready_main(), 0);
+}
+
+fn handle_rejected_total(broker: &TestBroker) -> usize {
+    broker.drain(&broker.topology.dead_letter_queue()).len()
+}
+
+#[test]
+fn a_permanent_handler_failure_is_dead_lettered() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(1));
+    let handler = |_: &mut Transaction<'_>, _: &Message| -> Result<(), HandlerError> {
+        Err(HandlerError::permanent("cannot ever apply this (test)"))
+    };
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        handler,
+    )
+    .unwrap();
+    let dlq = broker.topology.dead_letter_queue();
+    wait_until("the message is dead-lettered", WAIT, || broker.ready(&dlq) == 1);
+    handle.stop();
+    assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 0);
+    assert_eq!(broker.ready_main(), 0);
+}
+
+fn dead_letter_reasons(broker: &TestBroker) -> Vec<String> {
+    let (connection, channel) = txoutbox::broker::connect(&broker.url).unwrap();
+    let mut reasons = Vec::new();
+    while let Some(got) = channel
+        .basic_get(broker.topology.dead_letter_queue(), true)
+        .unwrap()
+    {
+        let headers = got.delivery.properties.headers().clone().unwrap_or_default();
+        match headers.get("x-txoutbox-reason") {
+            Some(amiquip::AmqpValue::LongString(reason)) => reasons.push(reason.clone()),
+            other => panic!("dead letter without a reason header: {other:?}"),
+        }
+    }
+    let _ = channel.close();
+    let _ = connection.close();
+    reasons
+}
+
+#[test]
+fn dead_letters_carry_their_reason() {
+    let t = TestDb::new();
+    with_effects_table(&t);
+    let broker = TestBroker::new();
+    broker.publish_raw(None, "TestHappened", &body(1));
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", b"{not json");
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        record_effect,
+    )
+    .unwrap();
+    let dlq = broker.topology.dead_letter_queue();
+    wait_until("both reach the dead-letter queue", WAIT, || {
+        broker.ready(&dlq) == 2
+    });
+    handle.stop();
+    let mut reasons = dead_letter_reasons(&broker);
+    reasons.sort();
+    assert!(reasons[0].contains("body is not JSON"), "{reasons:?}");
+    assert!(reasons[1].contains("no message_id"), "{reasons:?}");
+}
+
+#[test]
+fn a_message_that_keeps_failing_is_dead_lettered_after_its_retries() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(1));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let handler = move |_: &mut Transaction<'_>, _: &Message| -> Result<(), HandlerError> {
+        counted.fetch_add(1, Ordering::SeqCst);
+        Err(HandlerError::transient("downstream keeps failing (test)"))
+    };
+    let config = ConsumerConfig {
+        max_retries: 3,
+        ..config()
+    };
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config,
+        handler,
+    )
+    .unwrap();
+    let dlq = broker.topology.dead_letter_queue();
+    wait_until("the message is dead-lettered", WAIT, || broker.ready(&dlq) == 1);
+    handle.stop();
+    assert_eq!(calls.load(Ordering::SeqCst), 4, "one delivery and three retries");
+    assert_eq!(broker.ready_main(), 0);
+    assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 0);
+    let reasons = dead_letter_reasons(&broker);
+    assert!(
+        reasons[0].contains("failed 4 times") && reasons[0].contains("keeps failing"),
+        "{reasons:?}"
+    );
+}

@@ -1,0 +1,6 @@
+//! Integration tests, one binary for the crate (each module a file beside this one).
+
+mod admin;
+mod consumer;
+mod examples;
+mod quorum;
