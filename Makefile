@@ -26,7 +26,7 @@ COMPOSE_AMQP_URL := amqp://txoutbox:txoutbox@127.0.0.1:5672/%2f
 COMPOSE_DATABASE_URL := postgres://postgres:postgres@127.0.0.1:5432/txoutbox
 -include $(COMPOSE_ENV)
 
-.PHONY: help up down build server consumer stress demo bench bench-quick chaos chaos-quick test fmt lint
+.PHONY: help up down build migrate server consumer stress demo bench bench-quick chaos chaos-quick test fmt lint
 
 help: ## list the targets (the default)
 	@echo "txoutbox: transactional outbox for Postgres and RabbitMQ"
@@ -57,10 +57,13 @@ down: ## stop and remove the containers of `make up` (the data volumes stay)
 build: ## build the release binaries
 	$(CARGO) build --release --workspace --bins
 
-server: ## run txoutbox-server (HTTP API on 127.0.0.1:8080 + relay)
+migrate: ## create the database if missing, apply the library's migrations and the orders table
+	$(CARGO) run --release --bin txoutbox -- migrate --create-database
+
+server: migrate ## run txoutbox-server (HTTP API on 127.0.0.1:8080 + relay)
 	$(CARGO) run --release --bin txoutbox-server
 
-consumer: ## run txoutbox-consumer (marks orders COMPLETED)
+consumer: migrate ## run txoutbox-consumer (marks orders COMPLETED)
 	$(CARGO) run --release --bin txoutbox-consumer
 
 stress: ## load the running server and verify every order: make stress ORDERS=1000 CONCURRENCY=16

@@ -1,21 +1,22 @@
--- txoutbox schema. Applied on every start (embedded in the binaries); every statement is
--- idempotent, and callers hold an advisory lock while applying it so that a server and a
--- consumer starting together do not race.
+-- The example service's complete schema: the txoutbox library's migrations for schema public
+-- (`txoutbox migrate --print`), then the service's own orders table (service/schema/orders.sql).
+-- A test checks it equals both; `txoutbox migrate --create-database` applies the same.
 
--- The order domain of the example service.
-CREATE TABLE IF NOT EXISTS orders (
-    id          uuid          PRIMARY KEY,
-    user_id     uuid          NOT NULL,
-    amount      numeric(12,2) NOT NULL CHECK (amount > 0),
-    status      text          NOT NULL DEFAULT 'PENDING'
-                              CHECK (status IN ('PENDING', 'COMPLETED', 'CANCELLED')),
-    created_at  timestamptz   NOT NULL DEFAULT now(),
-    updated_at  timestamptz   NOT NULL DEFAULT now()
+-- txoutbox schema version 1, for schema public
+BEGIN;
+CREATE TABLE IF NOT EXISTS "public".txoutbox_migrations (
+    version     integer     PRIMARY KEY,
+    name        text        NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
 );
+
+-- migration 1: outbox
+-- txoutbox migration 1: the outbox and the consumer's dedupe table.
+-- `"public"` is the Postgres schema the library's tables live in (default public).
 
 -- Events written in the same transaction as the change they describe. A row lives here until
 -- the broker has confirmed it; the relay then deletes it.
-CREATE TABLE IF NOT EXISTS outbox (
+CREATE TABLE IF NOT EXISTS "public".outbox (
     id              bigserial   PRIMARY KEY,           -- claim order (not commit order)
     message_id      uuid        NOT NULL UNIQUE,       -- AMQP message_id, the consumer's dedupe key
     aggregate_type  text        NOT NULL,
@@ -26,28 +27,41 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts        integer     NOT NULL DEFAULT 0,    -- failed publish attempts so far
     last_error      text,                              -- why the last attempt failed
     available_at    timestamptz NOT NULL DEFAULT now(), -- not claimed before this time (backoff)
-    failed_at       timestamptz                        -- set at RELAY_MAX_ATTEMPTS refusals: skipped
+    failed_at       timestamptz                        -- set after max_attempts refusals: skipped
                                                        -- until re-queued (set back to NULL)
 );
 
--- Databases created by an earlier version of this file gain the columns added since.
-ALTER TABLE outbox ADD COLUMN IF NOT EXISTS failed_at timestamptz;
+-- Databases created by an unversioned earlier schema gain the columns added since.
+ALTER TABLE "public".outbox ADD COLUMN IF NOT EXISTS failed_at timestamptz;
 
 -- The relay claims available rows in id order through the primary key; rows waiting for a
 -- retry (available_at in the future) or failed are rare and filtered on the way.
-CREATE INDEX IF NOT EXISTS outbox_failed_idx ON outbox (id) WHERE failed_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outbox_failed_idx ON "public".outbox (id) WHERE failed_at IS NOT NULL;
 
--- With RELAY_ORDERING=aggregate the relay looks for an earlier event of the same aggregate
--- before claiming a row.
-CREATE INDEX IF NOT EXISTS outbox_aggregate_idx ON outbox (aggregate_type, aggregate_id, id);
+-- With aggregate ordering the relay looks for an earlier event of the same aggregate before
+-- claiming a row.
+CREATE INDEX IF NOT EXISTS outbox_aggregate_idx ON "public".outbox (aggregate_type, aggregate_id, id);
 
 -- One row per message whose effect has committed: the consumer's dedupe table.
-CREATE TABLE IF NOT EXISTS processed_messages (
+CREATE TABLE IF NOT EXISTS "public".processed_messages (
     message_id    uuid        PRIMARY KEY,
     event_type    text,
     aggregate_id  text,
     processed_at  timestamptz NOT NULL DEFAULT now()
 );
 
-CREATE INDEX IF NOT EXISTS processed_messages_aggregate_idx ON processed_messages (aggregate_id);
-CREATE INDEX IF NOT EXISTS processed_messages_processed_at_idx ON processed_messages (processed_at);
+CREATE INDEX IF NOT EXISTS processed_messages_aggregate_idx ON "public".processed_messages (aggregate_id);
+CREATE INDEX IF NOT EXISTS processed_messages_processed_at_idx ON "public".processed_messages (processed_at);
+INSERT INTO "public".txoutbox_migrations (version, name) VALUES (1, 'outbox') ON CONFLICT (version) DO NOTHING;
+COMMIT;
+
+-- The order domain of the example service: its own table, beside the library's.
+CREATE TABLE IF NOT EXISTS orders (
+    id          uuid          PRIMARY KEY,
+    user_id     uuid          NOT NULL,
+    amount      numeric(12,2) NOT NULL CHECK (amount > 0),
+    status      text          NOT NULL DEFAULT 'PENDING'
+                              CHECK (status IN ('PENDING', 'COMPLETED', 'CANCELLED')),
+    created_at  timestamptz   NOT NULL DEFAULT now(),
+    updated_at  timestamptz   NOT NULL DEFAULT now()
+);

@@ -129,10 +129,14 @@ say "Postgres and RabbitMQ answer"
 
 # 2. Build.
 say "building the release binaries"
-cargo build --release --bins
-for bin in txoutbox-server txoutbox-consumer txoutbox-stress; do
+cargo build --release --workspace --bins
+for bin in txoutbox txoutbox-server txoutbox-consumer txoutbox-stress; do
     [[ -x "$BIN/$bin" ]] || die "$BIN/$bin was not built"
 done
+
+# The binaries check the schema and never change it: create the database and migrate first.
+say "creating the database if needed and applying the migrations"
+"$BIN/txoutbox" migrate --create-database
 
 # 3. Server and consumer.
 mkdir -p "$LOG_DIR"

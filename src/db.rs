@@ -1,4 +1,4 @@
-//! Postgres: connection settings, the pool, database creation and the embedded schema.
+//! Postgres: connection settings, the pool, and (for the CLI) database creation.
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
@@ -11,12 +11,6 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use crate::config::redact_url;
 use crate::{Error, Result};
-
-/// The schema, embedded so every binary can install it.
-pub const SCHEMA: &str = include_str!("../schema.sql");
-
-/// Advisory lock key held while the schema is applied (so concurrent starts do not race).
-const SCHEMA_LOCK_KEY: i64 = 0x7478_6f75_7462_6f78; // "txoutbox"
 
 /// A pool of blocking Postgres connections, each with its prepared statements.
 pub type Pool = r2d2::Pool<Manager>;
@@ -140,6 +134,9 @@ pub struct PoolOptions {
     pub checkout_timeout: Duration,
     /// Server-side limit for any one statement (default 30 s).
     pub statement_timeout: Duration,
+    /// Postgres schema holding the library's tables (default `public`); the pool's connections
+    /// search it first, then `public`. Letters, digits and `_` only.
+    pub schema: String,
 }
 
 impl Default for PoolOptions {
@@ -148,6 +145,7 @@ impl Default for PoolOptions {
             max_size: 24,
             checkout_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(30),
+            schema: crate::migrate::DEFAULT_SCHEMA.to_string(),
         }
     }
 }
@@ -175,15 +173,39 @@ pub fn parse_url(url: &str, statement_timeout: Duration) -> Result<postgres::Con
 }
 
 impl Database {
-    /// Creates the database if it does not exist, installs the schema, and opens the pool.
+    /// Opens the pool and checks that the library's tables are at the version it needs.
+    ///
+    /// Never creates the database nor changes the schema: when the tables are missing or
+    /// behind, the error says what to run (`txoutbox migrate`, or [`migrate::run`](crate::migrate::run)).
     pub fn connect(url: &str, options: &PoolOptions) -> Result<Self> {
-        let config = parse_url(url, options.statement_timeout)?;
-        ensure_database(&config, url)?;
-        let mut client = config
-            .connect(NoTls)
-            .map_err(|e| Error::db(format!("cannot connect to {}", redact_url(url)), e))?;
-        install_schema(&mut client)?;
+        if !is_plain_identifier(&options.schema) {
+            return Err(Error::Config(format!(
+                "PoolOptions::schema must be letters, digits and _ (not starting with a digit), got {:?}",
+                options.schema
+            )));
+        }
+        let mut config = parse_url(url, options.statement_timeout)?;
+        if options.schema != crate::migrate::DEFAULT_SCHEMA {
+            let search = format!(
+                "{} -c search_path={},public",
+                config.get_options().unwrap_or_default(),
+                options.schema
+            );
+            config.options(search.trim());
+        }
+        let mut client = config.connect(NoTls).map_err(|e| {
+            Error::db(
+                format!(
+                    "cannot connect to {} (is Postgres running, and does the database exist? \
+                     `txoutbox migrate --create-database` creates it)",
+                    redact_url(url)
+                ),
+                e,
+            )
+        })?;
+        let checked = crate::migrate::check(&mut client, &options.schema);
         let _ = client.close();
+        checked?;
         let manager = Manager(PostgresConnectionManager::new(config.clone(), NoTls));
         let health = Arc::new(AtomicBool::new(false));
         let pool = r2d2::Pool::builder()
@@ -244,20 +266,6 @@ impl Database {
     }
 }
 
-/// Applies [`SCHEMA`] in one transaction under an advisory lock. Safe to call on every start.
-pub fn install_schema(client: &mut Client) -> Result<()> {
-    let mut tx = client
-        .transaction()
-        .map_err(|e| Error::db("cannot install the schema", e))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
-        .map_err(|e| Error::db("cannot lock the schema for installation", e))?;
-    tx.batch_execute("SET LOCAL client_min_messages = warning")
-        .map_err(|e| Error::db("cannot install the schema", e))?;
-    tx.batch_execute(SCHEMA)
-        .map_err(|e| Error::db("cannot apply schema.sql", e))?;
-    tx.commit().map_err(|e| Error::db("cannot commit the schema", e))
-}
-
 /// Creates the database named in `config` when it does not exist, by connecting to the
 /// `postgres` maintenance database with the same credentials.
 pub fn ensure_database(config: &postgres::Config, url: &str) -> Result<()> {
@@ -311,4 +319,12 @@ pub fn ensure_database(config: &postgres::Config, url: &str) -> Result<()> {
 /// cannot take parameters.
 pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// True for a name that needs no quoting in SQL: `[A-Za-z_][A-Za-z0-9_]*`, at most 63 bytes.
+pub fn is_plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 63
 }

@@ -45,6 +45,7 @@ pub mod consumer;
 pub mod db;
 mod error;
 pub mod metrics;
+pub mod migrate;
 pub mod outbox;
 pub mod relay;
 pub mod retention;

@@ -18,7 +18,9 @@ Commands:
   failed retry <id> | --all       put failed events back in line for the relay
   dlq replay                      move dead-lettered messages back onto the main queue, once each
   purge-processed --older-than A  delete dedupe rows older than A (e.g. 7d, 12h), in small batches
-  migrate                         create the database if needed and apply schema.sql";
+  migrate [--create-database]     apply the library's migrations (and the example's orders
+          [--schema S]            table with --create-database); S defaults to public
+  migrate --print [--schema S]    print the migrations as plain SQL for your own migration tool";
 
 /// Everything it needs is in [`common::SERVICE_SETTINGS`].
 const SETTINGS: &[Setting] = &[];
@@ -35,6 +37,56 @@ fn main() {
     }
     common::init_logging();
     common::run(try_main);
+}
+
+/// `txoutbox migrate [--print] [--create-database] [--schema S]`.
+fn migrate(database_url: &str, flags: &[&str]) -> Result<(), String> {
+    let mut print = false;
+    let mut create_database = false;
+    let mut schema = txoutbox::migrate::DEFAULT_SCHEMA.to_string();
+    let mut rest = flags.iter();
+    while let Some(flag) = rest.next() {
+        match *flag {
+            "--print" => print = true,
+            "--create-database" => create_database = true,
+            "--schema" => schema = rest.next().ok_or("--schema needs a schema name")?.to_string(),
+            other => return Err(format!("migrate: unknown option {other:?}\n\n{USAGE}")),
+        }
+    }
+    if !txoutbox::db::is_plain_identifier(&schema) {
+        return Err(format!("--schema must be letters, digits and _, got {schema:?}"));
+    }
+    if print {
+        print!("{}", txoutbox::migrate::script(&schema));
+        return Ok(());
+    }
+    if create_database {
+        // The example deployment: database, library tables and the service's orders table.
+        txoutbox_service::orders::prepare_database(database_url).map_err(|e| e.to_string())?;
+        println!(
+            "database ready: txoutbox schema version {}",
+            txoutbox::migrate::CURRENT_VERSION
+        );
+        return Ok(());
+    }
+    let config =
+        txoutbox::db::parse_url(database_url, Duration::from_secs(300)).map_err(|e| e.to_string())?;
+    let mut client = config.connect(postgres::NoTls).map_err(|e| {
+        format!(
+            "cannot connect to {}: {e}",
+            txoutbox::config::redact_url(database_url)
+        )
+    })?;
+    let applied = txoutbox::migrate::run(&mut client, &schema).map_err(|e| e.to_string())?;
+    if applied.is_empty() {
+        println!(
+            "schema {schema} already at version {}",
+            txoutbox::migrate::CURRENT_VERSION
+        );
+    } else {
+        println!("schema {schema}: applied migration(s) {applied:?}");
+    }
+    Ok(())
 }
 
 fn try_main() -> Result<(), String> {
@@ -118,11 +170,7 @@ fn try_main() -> Result<(), String> {
             let deleted = admin::purge_processed(&mut **db.get().map_err(text)?, age, 1000).map_err(text)?;
             println!("deleted {deleted} processed_messages row(s) older than {age:?}");
         }
-        ["migrate"] => {
-            // Database::connect creates the database when missing and applies the schema.
-            connect()?;
-            println!("database ready and schema.sql applied (idempotent)");
-        }
+        ["migrate", flags @ ..] => migrate(&database_url, flags)?,
         _ => return Err(format!("unknown command {words:?}\n\n{USAGE}")),
     }
     Ok(())

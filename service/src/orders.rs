@@ -16,6 +16,34 @@ use txoutbox::{Error, Result};
 
 /// Aggregate type of order events.
 pub const AGGREGATE_TYPE: &str = "order";
+
+/// The service's own `orders` table (`CREATE TABLE IF NOT EXISTS`); the library's tables come
+/// from its migrations (`txoutbox migrate`).
+pub const TABLE: &str = include_str!("../schema/orders.sql");
+
+/// Creates the `orders` table when it does not exist: the service owns it, so its binaries
+/// apply it at start (the library's tables are only checked, never changed, at start).
+pub fn install_table(db: &txoutbox::Database) -> Result<()> {
+    db.get()?
+        .batch_execute(TABLE)
+        .map_err(|e| Error::db("cannot create the orders table", e))
+}
+
+/// Prepares a database for the service: creates it when missing, applies the library's
+/// migrations and the `orders` table. What `txoutbox migrate --create-database` and the
+/// harness run before starting the binaries.
+pub fn prepare_database(url: &str) -> Result<()> {
+    let config = txoutbox::db::parse_url(url, std::time::Duration::from_secs(60))?;
+    txoutbox::db::ensure_database(&config, url)?;
+    let mut client = config
+        .connect(postgres::NoTls)
+        .map_err(|e| Error::db("cannot connect to prepare the database", e))?;
+    txoutbox::migrate::run(&mut client, txoutbox::migrate::DEFAULT_SCHEMA)?;
+    client
+        .batch_execute(TABLE)
+        .map_err(|e| Error::db("cannot create the orders table", e))
+}
+
 /// Event written with every new order.
 pub const ORDER_CREATED: &str = "OrderCreated";
 /// Event written when an order is cancelled.

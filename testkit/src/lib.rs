@@ -45,6 +45,9 @@ fn unix_now() -> u64 {
 
 const DB_PREFIX: &str = "txo_test_";
 
+/// The example service's `orders` table (the service applies the same file).
+pub const ORDERS_TABLE: &str = include_str!("../../service/schema/orders.sql");
+
 fn admin_client() -> Client {
     let url = url_with_database(&base_database_url(), "postgres");
     Client::connect(&url, NoTls).expect("tests need Postgres: set DATABASE_URL or start it locally")
@@ -92,7 +95,17 @@ impl TestDb {
         sweep_stale_databases(&mut admin);
         let name = format!("{DB_PREFIX}{}_{}", unix_now(), unique_suffix());
         let url = url_with_database(&base_database_url(), &name);
-        let db = Database::connect(&url, &options).expect("cannot create the test database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("cannot create the test database");
+        let mut client = Client::connect(&url, NoTls).expect("cannot connect to the test database");
+        txoutbox::migrate::run(&mut client, &options.schema).expect("the migrations apply");
+        // The example service's own table, for the tests of the service and the harness.
+        client
+            .batch_execute(ORDERS_TABLE)
+            .expect("the orders table is created");
+        drop(client);
+        let db = Database::connect(&url, &options).expect("cannot open the test database");
         TestDb { name, url, db }
     }
 
@@ -362,4 +375,78 @@ pub fn workspace_binary(name: &str) -> String {
         path.display()
     );
     path.to_string_lossy().into_owned()
+}
+
+/// A database of this test's own with nothing in it (no migrations); dropped with the value.
+pub struct EmptyDb {
+    /// Its name.
+    pub name: String,
+    /// Its URL, as the test's superuser.
+    pub url: String,
+}
+
+impl EmptyDb {
+    /// Creates it.
+    pub fn new() -> EmptyDb {
+        let mut admin = admin_client();
+        let name = format!("{DB_PREFIX}{}_{}", unix_now(), unique_suffix());
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("cannot create the test database");
+        let url = url_with_database(&base_database_url(), &name);
+        EmptyDb { name, url }
+    }
+
+    /// A plain connection as the test's superuser.
+    pub fn client(&self) -> Client {
+        Client::connect(&self.url, NoTls).expect("cannot connect to the test database")
+    }
+}
+
+impl Drop for EmptyDb {
+    fn drop(&mut self) {
+        let mut admin = admin_client();
+        let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name));
+    }
+}
+
+/// A login role of this test's own (roles are cluster-wide); dropped with the value, after
+/// the databases it was granted rights in (drop those first).
+pub struct TestRole {
+    /// The role's name, also its password.
+    pub name: String,
+}
+
+impl TestRole {
+    /// Creates a role that can log in and nothing else.
+    pub fn new() -> TestRole {
+        let name = format!("txo_role_{}", unique_suffix());
+        admin_client()
+            .batch_execute(&format!(
+                "CREATE ROLE {name} LOGIN PASSWORD '{name}' NOSUPERUSER NOCREATEDB NOCREATEROLE"
+            ))
+            .expect("cannot create the test role");
+        TestRole { name }
+    }
+
+    /// `url` logged in as this role instead.
+    pub fn url_for(&self, url: &str) -> String {
+        let scheme_end = url.find("://").map_or(0, |i| i + 3);
+        let host_start = url[scheme_end..]
+            .find('@')
+            .map_or(scheme_end, |i| scheme_end + i + 1);
+        format!(
+            "{}{}:{}@{}",
+            &url[..scheme_end],
+            self.name,
+            self.name,
+            &url[host_start..]
+        )
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let _ = admin_client().batch_execute(&format!("DROP ROLE IF EXISTS {}", self.name));
+    }
 }

@@ -2,5 +2,7 @@
 
 mod admin;
 mod consumer;
+mod dependencies;
 mod examples;
+mod migrate;
 mod quorum;

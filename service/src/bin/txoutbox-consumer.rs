@@ -88,6 +88,7 @@ fn try_main() -> Result<(), String> {
     let retention = retention_from_env()?;
 
     let db = Database::connect(&database_url, &pool).map_err(|e| e.to_string())?;
+    orders::install_table(&db).map_err(|e| e.to_string())?;
     let purge = match retention {
         Some(config) => Some(retention::start(db.clone(), config).map_err(|e| e.to_string())?),
         None => None,

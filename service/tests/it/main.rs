@@ -7,4 +7,5 @@ mod openapi;
 mod ordering;
 mod parsing_properties;
 mod relay;
+mod schema;
 mod status_page;

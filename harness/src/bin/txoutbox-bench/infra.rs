@@ -96,6 +96,7 @@ impl Infra {
             statement_timeout: STATEMENT_TIMEOUT,
             ..PoolOptions::default()
         };
+        txoutbox_service::orders::prepare_database(&url)?;
         let db = Database::connect(&url, &options)?;
         Ok(FreshDb {
             admin_url: url_with_database(&self.base_url, "postgres"),

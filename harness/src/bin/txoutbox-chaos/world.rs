@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use postgres::Client;
-use txoutbox::{Database, Error, PoolOptions, Result, Topology};
+use txoutbox::{Error, Result, Topology};
 
 use crate::services::{connect_admin, Services};
 use txoutbox_harness::support::database::{
@@ -101,12 +101,8 @@ impl World {
             admin_url: url_with_database(&self.base_url, "postgres"),
             services,
         };
-        // Creates the database and the schema; the pool is not needed afterwards.
-        let options = PoolOptions {
-            max_size: 1,
-            ..PoolOptions::default()
-        };
-        drop(Database::connect(&db.url, &options)?);
+        // Creates the database, the library's tables and the service's orders table.
+        txoutbox_service::orders::prepare_database(&db.url)?;
         db.client()?
             .batch_execute(AUDIT)
             .map_err(|e| Error::db("cannot install the audit triggers", e))?;
