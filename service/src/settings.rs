@@ -19,7 +19,7 @@ pub const SERVICE_SETTINGS: &[Setting] = &[
     Setting {
         name: "DATABASE_URL",
         default: crate::config::DEFAULT_DATABASE_URL,
-        help: "Postgres URL; the database is created if missing",
+        help: "Postgres URL; its schema is checked, never changed (run `txoutbox migrate` first)",
     },
     Setting {
         name: "AMQP_URL",
