@@ -79,6 +79,8 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub db: Database,
+    /// Owns the database: dropped after the pool above, and drops the database with it.
+    _database: EmptyDb,
 }
 
 impl TestDb {
@@ -91,22 +93,21 @@ impl TestDb {
 
     pub fn with_pool(options: PoolOptions) -> TestDb {
         let _ = env_logger::builder().is_test(true).try_init();
-        let mut admin = admin_client();
-        sweep_stale_databases(&mut admin);
-        let name = format!("{DB_PREFIX}{}_{}", unix_now(), unique_suffix());
-        let url = url_with_database(&base_database_url(), &name);
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("cannot create the test database");
-        let mut client = Client::connect(&url, NoTls).expect("cannot connect to the test database");
+        let database = EmptyDb::new();
+        let mut client = database.client();
         txoutbox::migrate::run(&mut client, &options.schema).expect("the migrations apply");
         // The example service's own table, for the tests of the service and the harness.
         client
             .batch_execute(ORDERS_TABLE)
             .expect("the orders table is created");
         drop(client);
-        let db = Database::connect(&url, &options).expect("cannot open the test database");
-        TestDb { name, url, db }
+        let db = Database::connect(&database.url, &options).expect("cannot open the test database");
+        TestDb {
+            name: database.name.clone(),
+            url: database.url.clone(),
+            db,
+            _database: database,
+        }
     }
 
     /// A plain connection, outside the pool.
@@ -119,13 +120,6 @@ impl TestDb {
             .query_one(sql, &[])
             .expect("count query failed")
             .get(0)
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let mut admin = admin_client();
-        let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name));
     }
 }
 
@@ -389,6 +383,7 @@ impl EmptyDb {
     /// Creates it.
     pub fn new() -> EmptyDb {
         let mut admin = admin_client();
+        sweep_stale_databases(&mut admin);
         let name = format!("{DB_PREFIX}{}_{}", unix_now(), unique_suffix());
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
