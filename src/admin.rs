@@ -7,6 +7,7 @@ use amiquip::Publish;
 use postgres::GenericClient;
 
 use crate::broker::{self, Topology};
+use crate::schema::Schema;
 use crate::{Error, Result};
 
 /// What an operator looks at first.
@@ -29,7 +30,7 @@ const OUTBOX_STATUS: &str = "\
     SELECT count(*) FILTER (WHERE failed_at IS NULL),
            coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE failed_at IS NULL)), 0)::float8,
            count(*) FILTER (WHERE failed_at IS NOT NULL)
-    FROM outbox";
+    FROM {schema}.outbox";
 
 /// What the outbox holds, from one pass over it.
 pub struct OutboxSummary {
@@ -42,9 +43,9 @@ pub struct OutboxSummary {
 }
 
 /// Reads the [`OutboxSummary`] (one sequential pass over the outbox, which the relay keeps small).
-pub fn outbox_summary(client: &mut impl GenericClient) -> Result<OutboxSummary> {
+pub fn outbox_summary(client: &mut impl GenericClient, schema: &Schema) -> Result<OutboxSummary> {
     let row = client
-        .query_one(OUTBOX_STATUS, &[])
+        .query_one(schema.qualify(OUTBOX_STATUS).as_str(), &[])
         .map_err(|e| Error::db("cannot read the outbox status", e))?;
     Ok(OutboxSummary {
         backlog: row.get(0),
@@ -55,8 +56,13 @@ pub fn outbox_summary(client: &mut impl GenericClient) -> Result<OutboxSummary> 
 
 /// Reads the outbox figures from Postgres and the queue depths from RabbitMQ (left `None`
 /// when the broker cannot be reached, so status still works during a broker outage).
-pub fn status(client: &mut impl GenericClient, amqp_url: &str, topology: &Topology) -> Result<Status> {
-    let outbox = outbox_summary(client)?;
+pub fn status(
+    client: &mut impl GenericClient,
+    schema: &Schema,
+    amqp_url: &str,
+    topology: &Topology,
+) -> Result<Status> {
+    let outbox = outbox_summary(client, schema)?;
     let depths = queue_depths(amqp_url, topology);
     if let Err(e) = &depths {
         log::warn!("admin: queue depths unavailable: {e}");
@@ -135,20 +141,26 @@ pub fn replay_dead_letters(amqp_url: &str, topology: &Topology) -> Result<u32> {
 }
 
 const PURGE_PROCESSED_BATCH: &str = "\
-    DELETE FROM processed_messages
-    WHERE message_id IN (
-        SELECT message_id FROM processed_messages
+    DELETE FROM {schema}.processed_messages
+    WHERE (consumer, message_id) IN (
+        SELECT consumer, message_id FROM {schema}.processed_messages
         WHERE processed_at < now() - make_interval(secs => $1)
         LIMIT $2
         FOR UPDATE SKIP LOCKED)";
 
 /// Deletes dedupe rows older than `older_than`, `batch` rows per transaction so that no lock is
 /// held long. Only safe once no copy of those messages can arrive again. Returns rows deleted.
-pub fn purge_processed(client: &mut impl GenericClient, older_than: Duration, batch: i64) -> Result<u64> {
+pub fn purge_processed(
+    client: &mut impl GenericClient,
+    schema: &Schema,
+    older_than: Duration,
+    batch: i64,
+) -> Result<u64> {
+    let purge = schema.qualify(PURGE_PROCESSED_BATCH);
     let mut total = 0;
     loop {
         let deleted = client
-            .execute(PURGE_PROCESSED_BATCH, &[&older_than.as_secs_f64(), &batch])
+            .execute(purge.as_str(), &[&older_than.as_secs_f64(), &batch])
             .map_err(|e| Error::db("cannot purge processed messages", e))?;
         total += deleted;
         if deleted < batch as u64 {

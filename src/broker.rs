@@ -32,6 +32,9 @@ pub struct Topology {
     pub queue: String,
     /// Kind of the queue and its dead-letter queue. Default [`QueueType::Classic`].
     pub queue_type: QueueType,
+    /// True for a service that only publishes: its relay declares the exchange and no queue
+    /// (see [`Topology::publish_only`]).
+    pub publish_only: bool,
 }
 
 /// The kind of RabbitMQ queue to declare.
@@ -72,6 +75,7 @@ impl Default for Topology {
             exchange: "txoutbox.events".into(),
             queue: "order_events".into(),
             queue_type: QueueType::Classic,
+            publish_only: false,
         }
     }
 }
@@ -83,6 +87,19 @@ impl Topology {
             exchange: exchange.into(),
             queue: queue.into(),
             queue_type: QueueType::Classic,
+            publish_only: false,
+        }
+    }
+
+    /// Topology of a service that only publishes to `exchange`: its relay declares the
+    /// exchange and nothing else, and whoever consumes declares and binds their own queues.
+    /// Events no queue is bound for come back unroutable and end failed, with the reason.
+    pub fn publish_only(exchange: impl Into<String>) -> Self {
+        Topology {
+            exchange: exchange.into(),
+            queue: String::new(),
+            queue_type: QueueType::Classic,
+            publish_only: true,
         }
     }
 
@@ -101,11 +118,36 @@ impl Topology {
         format!("{}.dlq", self.queue)
     }
 
+    /// Declares the durable topic exchange the relay publishes to. Idempotent.
+    pub fn declare_exchange(&self, channel: &Channel) -> Result<()> {
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(ExchangeType::Topic, self.exchange.as_str(), options)
+            .map_err(|e| {
+                Error::broker(
+                    format!("cannot declare exchange {} on RabbitMQ", self.exchange),
+                    e,
+                )
+            })?;
+        Ok(())
+    }
+
     /// Declares the exchange, the queue and its dead-letter exchange and queue. Idempotent.
+    ///
+    /// Fails for a [`publish_only`](Self::publish_only) topology, which has no queue.
     ///
     /// Fails when a queue of the same name exists with other arguments, e.g. a classic queue
     /// where [`QueueType::Quorum`] is asked for: RabbitMQ cannot convert a queue in place.
     pub fn declare(&self, channel: &Channel) -> Result<()> {
+        if self.publish_only {
+            return Err(Error::Config(format!(
+                "topology of exchange {} is publish-only: it has no queue to consume from",
+                self.exchange
+            )));
+        }
         let durable_exchange = || ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -261,10 +303,17 @@ pub struct OutgoingEvent {
     pub aggregate_id: String,
     /// JSON body.
     pub body: Vec<u8>,
+    /// Exchange to publish to; `None`: the publisher's topology exchange.
+    pub exchange: Option<String>,
+    /// Routing key; `None`: the event type.
+    pub routing_key: Option<String>,
 }
 
 /// The reason in [`PublishOutcome::refused`] of an event the broker nacked.
 pub const NACKED: &str = "RabbitMQ refused the message (nack)";
+/// The start of the reason in [`PublishOutcome::refused`] of an event whose exchange does not
+/// exist; the exchange's name follows.
+pub const NO_EXCHANGE: &str = "no such exchange";
 /// The reason in [`PublishOutcome::refused`] of an event no queue was bound for.
 pub const UNROUTABLE: &str = "unroutable: no queue is bound for it";
 
@@ -277,46 +326,108 @@ pub struct PublishOutcome {
     pub refused: Vec<(i64, String)>,
 }
 
+/// Most exchanges other than its topology's a publisher remembers as existing.
+const MAX_KNOWN_EXCHANGES: usize = 1024;
+
 /// A channel in confirm mode that publishes batches and waits for every confirm.
 pub struct Publisher {
-    // Field order matters: the channel closes before its connection.
+    // Field order matters: the channels close before their connection.
     channel: Channel,
+    /// A second channel to check that an event's exchange exists before publishing to it:
+    /// publishing to a missing one would close the confirm channel with the whole batch.
+    probe: Option<Channel>,
     connection: Connection,
     confirms: Receiver<Confirm>,
     returns: Receiver<Return>,
     next_tag: u64,
     exchange: String,
+    /// Exchanges seen to exist on this connection.
+    known_exchanges: HashSet<String>,
 }
 
 impl Publisher {
-    /// Connects, declares `topology` and puts a fresh channel in confirm mode.
+    /// Connects, declares `topology` (only its exchange when it is
+    /// [`publish_only`](Topology::publish_only)) and puts a fresh channel in confirm mode.
     pub fn connect(url: &str, topology: &Topology) -> Result<Self> {
         let (connection, channel) = connect(url)?;
-        topology.declare(&channel)?;
+        if topology.publish_only {
+            topology.declare_exchange(&channel)?;
+        } else {
+            topology.declare(&channel)?;
+        }
         let returns = channel
             .listen_for_returns()
             .map_err(|e| Error::broker("cannot listen for returns", e))?;
         let confirms = enable_confirms(&channel)?;
         Ok(Publisher {
             channel,
+            probe: None,
             connection,
             confirms,
             returns,
             next_tag: 1,
             exchange: topology.exchange.clone(),
+            known_exchanges: HashSet::from([topology.exchange.clone()]),
         })
+    }
+
+    /// The exchanges of `events` that do not exist on the broker. `Err` only when the broker
+    /// could not be asked.
+    fn missing_exchanges(&mut self, events: &[OutgoingEvent]) -> Result<HashSet<String>> {
+        let mut missing = HashSet::new();
+        for name in events.iter().filter_map(|e| e.exchange.as_deref()) {
+            if self.known_exchanges.contains(name) || missing.contains(name) {
+                continue;
+            }
+            let probe = match self.probe.take() {
+                Some(probe) => probe,
+                None => self
+                    .connection
+                    .open_channel(None)
+                    .map_err(|e| Error::broker("cannot open a RabbitMQ channel", e))?,
+            };
+            match probe.exchange_declare_passive(name) {
+                Ok(_) => {
+                    if self.known_exchanges.len() >= MAX_KNOWN_EXCHANGES {
+                        self.known_exchanges.retain(|known| *known == self.exchange);
+                    }
+                    self.known_exchanges.insert(name.to_string());
+                    self.probe = Some(probe);
+                }
+                // The broker closed the probe channel: 404 when the exchange is not there.
+                Err(amiquip::Error::ServerClosedChannel { code: 404, .. }) => {
+                    missing.insert(name.to_string());
+                }
+                Err(e) => {
+                    return Err(Error::broker(
+                        format!("cannot check that exchange {name} exists"),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(missing)
     }
 
     /// Publishes every event (persistent, mandatory) and waits up to `timeout` for all confirms.
     ///
     /// Returns `Err` when the connection failed or a confirm did not arrive in time: nothing of
     /// the batch may then be treated as published, and the publisher should be dropped.
+    ///
+    /// An event whose exchange does not exist is not published: it is refused with the reason.
     pub fn publish_batch(&mut self, events: &[OutgoingEvent], timeout: Duration) -> Result<PublishOutcome> {
+        let missing = self.missing_exchanges(events)?;
+        let mut refused = Vec::new();
         let mut pending: BTreeMap<u64, usize> = BTreeMap::new();
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         for (index, event) in events.iter().enumerate() {
+            let exchange = event.exchange.as_deref().unwrap_or(&self.exchange);
+            if missing.contains(exchange) {
+                refused.push((event.key, format!("{NO_EXCHANGE}: {exchange}")));
+                continue;
+            }
             let mut headers = FieldTable::default();
             headers.insert(
                 "aggregate_type".into(),
@@ -335,13 +446,16 @@ impl Publisher {
                 .with_headers(headers);
             let publish = Publish {
                 body: &event.body,
-                routing_key: event.event_type.clone(),
+                routing_key: event
+                    .routing_key
+                    .clone()
+                    .unwrap_or_else(|| event.event_type.clone()),
                 mandatory: true,
                 immediate: false,
                 properties,
             };
             self.channel
-                .basic_publish(self.exchange.as_str(), publish)
+                .basic_publish(exchange, publish)
                 .map_err(|e| Error::broker("cannot publish to RabbitMQ", e))?;
             pending.insert(self.next_tag, index);
             self.next_tag += 1;
@@ -349,7 +463,6 @@ impl Publisher {
 
         let deadline = Instant::now() + timeout;
         let mut acked = Vec::with_capacity(events.len());
-        let mut refused = Vec::new();
         while !pending.is_empty() {
             let wait = deadline.saturating_duration_since(Instant::now());
             let confirm = match self.confirms.recv_timeout(wait) {
@@ -414,8 +527,11 @@ impl Publisher {
         Ok(outcome)
     }
 
-    /// Closes the channel and the connection.
+    /// Closes the channels and the connection (dropping the publisher does the same).
     pub fn close(self) {
+        if let Some(probe) = self.probe {
+            let _ = probe.close();
+        }
         let _ = self.channel.close();
         let _ = self.connection.close();
     }

@@ -43,7 +43,7 @@ pub enum RelayOrdering {
     /// aggregate is still in the outbox (being published, waiting for a retry, or failed).
     /// Other aggregates are not held up (`RELAY_ORDERING=aggregate`). Commit order is outbox id
     /// order only if concurrent writers of an aggregate take turns: see
-    /// [`enqueue_ordered`](crate::outbox::enqueue_ordered).
+    /// [`Outbox::enqueue_ordered`](crate::outbox::Outbox::enqueue_ordered).
     Aggregate,
 }
 
@@ -89,19 +89,19 @@ impl RelayConfig {
     pub fn validate(&self) -> Result<()> {
         if self.workers == 0 || self.workers > 64 {
             return Err(Error::Config(format!(
-                "RELAY_WORKERS must be 1..=64, got {}",
+                "RelayConfig::workers (RELAY_WORKERS) must be 1..=64, got {}",
                 self.workers
             )));
         }
         if self.max_attempts < 1 {
             return Err(Error::Config(format!(
-                "RELAY_MAX_ATTEMPTS must be at least 1, got {}",
+                "RelayConfig::max_attempts (RELAY_MAX_ATTEMPTS) must be at least 1, got {}",
                 self.max_attempts
             )));
         }
         if !(1..=10_000).contains(&self.batch_size) {
             return Err(Error::Config(format!(
-                "RELAY_BATCH must be 1..=10000, got {}",
+                "RelayConfig::batch_size (RELAY_BATCH) must be 1..=10000, got {}",
                 self.batch_size
             )));
         }
@@ -126,6 +126,11 @@ pub struct ConsumerConfig {
     pub min_backoff: Duration,
     /// Cap of the reconnect delay (default 10 s).
     pub max_backoff: Duration,
+    /// Name the consumer records processed message ids under (`CONSUMER_NAME`); `None`: its
+    /// queue's name. Consumers of different queues on one database keep apart which messages
+    /// each applied; two consumers with one name share that record (a second instance of one
+    /// consumer must use the same name).
+    pub name: Option<String>,
 }
 
 impl Default for ConsumerConfig {
@@ -137,6 +142,7 @@ impl Default for ConsumerConfig {
             retry_delay: Duration::from_millis(200),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            name: None,
         }
     }
 }
@@ -145,13 +151,24 @@ impl ConsumerConfig {
     /// Checks that the values can work together.
     pub fn validate(&self) -> Result<()> {
         if self.prefetch == 0 {
-            return Err(Error::Config("CONSUMER_PREFETCH must be at least 1".into()));
+            return Err(Error::Config(
+                "ConsumerConfig::prefetch (CONSUMER_PREFETCH) must be at least 1".into(),
+            ));
         }
         if self.batch_size == 0 || self.batch_size > usize::from(self.prefetch) {
             return Err(Error::Config(format!(
-                "CONSUMER_BATCH must be 1..=CONSUMER_PREFETCH ({}), got {}",
+                "ConsumerConfig::batch_size (CONSUMER_BATCH) must be 1..=prefetch ({}), got {}",
                 self.prefetch, self.batch_size
             )));
+        }
+        if self
+            .name
+            .as_deref()
+            .is_some_and(|n| n.is_empty() || n.len() > 200)
+        {
+            return Err(Error::Config(
+                "ConsumerConfig::name (CONSUMER_NAME) must be 1 to 200 bytes when set".into(),
+            ));
         }
         Ok(())
     }

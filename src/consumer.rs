@@ -2,6 +2,7 @@
 //! `processed_messages` in one transaction, and acknowledges only after that commit.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,11 +23,15 @@ use crate::metrics::{self, Reason, Registry};
 use crate::wakeup::{Backoff, FailureLog, Wakeup};
 use crate::{Error, Result};
 
-/// Records a batch of message ids in one statement; returns those not recorded before.
+/// Records a batch of message ids for consumer `$1` in one statement; returns those not
+/// recorded before, by this consumer or before schema version 2 (consumer '').
 const RECORD_PROCESSED: &str = "\
-    INSERT INTO processed_messages (message_id, event_type, aggregate_id)
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])
-    ON CONFLICT (message_id) DO NOTHING
+    INSERT INTO {schema}.processed_messages (consumer, message_id, event_type, aggregate_id)
+    SELECT $1, m.id, m.type, m.aggregate
+    FROM unnest($2::uuid[], $3::text[], $4::text[]) AS m(id, type, aggregate)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {schema}.processed_messages p WHERE p.consumer = '' AND p.message_id = m.id)
+    ON CONFLICT (consumer, message_id) DO NOTHING
     RETURNING message_id";
 
 /// A delivery that passed the envelope checks, as a handler sees it.
@@ -256,9 +261,19 @@ pub fn start<H: Handler + 'static>(
     handler: H,
 ) -> Result<ConsumerHandle> {
     config.validate()?;
+    if topology.publish_only {
+        return Err(Error::Config(format!(
+            "consumer::start needs a queue, and the topology of exchange {} is publish-only",
+            topology.exchange
+        )));
+    }
     let wakeup = Arc::new(Wakeup::default());
     let stats = Arc::new(ConsumerStats::default());
+    let name = config.name.clone().unwrap_or_else(|| topology.queue.clone());
+    let record_processed = db.schema().qualify(RECORD_PROCESSED);
     let mut worker = Worker {
+        name,
+        record_processed,
         db,
         amqp_url: amqp_url.to_string(),
         topology,
@@ -280,6 +295,10 @@ pub fn start<H: Handler + 'static>(
 }
 
 struct Worker<H> {
+    /// The consumer name processed ids are recorded under.
+    name: String,
+    /// [`RECORD_PROCESSED`] for the database's schema.
+    record_processed: String,
     db: Database,
     amqp_url: String,
     topology: Topology,
@@ -305,7 +324,8 @@ impl<H: Handler> Worker<H> {
         let mut backoff = Backoff::new(self.config.min_backoff, self.config.max_backoff);
         let mut failures = FailureLog::new("consumer");
         log::info!(
-            "consumer: started queue={} prefetch={}",
+            "consumer: started name={} queue={} prefetch={}",
+            self.name,
             self.topology.queue,
             self.config.prefetch
         );
@@ -540,7 +560,10 @@ impl<H: Handler> Worker<H> {
         let types: Vec<Option<&str>> = messages.iter().map(|m| m.event_type.as_deref()).collect();
         let aggregates: Vec<Option<&str>> = messages.iter().map(|m| m.aggregate_id.as_deref()).collect();
         let mut new_ids: HashSet<Uuid> = tx
-            .query(RECORD_PROCESSED, &[&ids, &types, &aggregates])
+            .query(
+                self.record_processed.as_str(),
+                &[&self.name, &ids, &types, &aggregates],
+            )
             .map_err(db("cannot record processed messages"))?
             .iter()
             .map(|row| row.get(0))
@@ -552,8 +575,16 @@ impl<H: Handler> Worker<H> {
             .filter(|m| new_ids.remove(&m.message_id))
             .collect();
         if !new.is_empty() {
-            self.handler
-                .handle_batch(&mut tx, &new)
+            // A panicking handler fails its batch like an error (the transaction rolls back)
+            // instead of ending the consumer thread; the message is retried, then dead-lettered.
+            let handler = &mut self.handler;
+            std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle_batch(&mut tx, &new)))
+                .unwrap_or_else(|panic| {
+                    Err(HandlerError::transient(format!(
+                        "the handler panicked: {}",
+                        panic_message(panic.as_ref())
+                    )))
+                })
                 .map_err(ApplyError::Handler)?;
         }
         let applied = new.len() as u64;
@@ -563,6 +594,15 @@ impl<H: Handler> Worker<H> {
         metrics::observe_since(&self.stats.transaction_duration, started);
         Ok((applied, duplicates))
     }
+}
+
+/// The text a panic was raised with, when it was a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 enum ApplyError {

@@ -1,4 +1,5 @@
-//! Postgres: connection settings, the pool, and (for the CLI) database creation.
+//! Postgres: connection settings, the pool (the library's own or the embedder's), and (for the
+//! CLI) database creation.
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
@@ -10,29 +11,34 @@ use postgres::{Client, NoTls, Statement};
 use r2d2_postgres::PostgresConnectionManager;
 
 use crate::config::redact_url;
+use crate::outbox::Outbox;
+use crate::schema::Schema;
 use crate::{Error, Result};
 
-/// A pool of blocking Postgres connections, each with its prepared statements.
+/// The library's own pool of blocking Postgres connections, each with its prepared statements.
 pub type Pool = r2d2::Pool<Manager>;
-
-/// A connection checked out of a [`Pool`]; derefs to [`postgres::Client`].
-pub type PooledClient = r2d2::PooledConnection<Manager>;
 
 /// A Postgres connection that keeps the statements it prepared, so that a hot statement is
 /// parsed and planned once per connection instead of once per use.
 pub struct Connection {
     client: Client,
-    statements: HashMap<&'static str, Statement>,
+    statements: HashMap<String, Statement>,
 }
+
+/// Most statements one pooled connection keeps prepared; past it, the cache starts over.
+const MAX_PREPARED: usize = 256;
 
 impl Connection {
     /// The prepared form of `sql` on this connection, preparing it on first use.
-    pub fn prepared(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
+    pub fn prepared(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
         }
         let statement = self.client.prepare(sql)?;
-        self.statements.insert(sql, statement.clone());
+        if self.statements.len() >= MAX_PREPARED {
+            self.statements.clear();
+        }
+        self.statements.insert(sql.to_string(), statement.clone());
         Ok(statement)
     }
 }
@@ -108,19 +114,90 @@ impl r2d2::HandleEvent for PoolEvents {
     }
 }
 
-/// Where the database is and how to reach it: the pool for short transactions, and the parsed
-/// config for dedicated connections (LISTEN).
+/// A pool the embedder already has, lending [`postgres::Client`]s: any
+/// `r2d2::Pool<M>` whose connections are `postgres::Client`s (`r2d2_postgres` with any TLS
+/// connector) is one. See [`Database::from_pool`].
+pub trait ClientPool: Send + Sync + 'static {
+    /// A connection for one short transaction, returned to the pool when dropped.
+    fn checkout(&self) -> Result<Box<dyn DerefMut<Target = Client> + Send>>;
+}
+
+impl<M> ClientPool for r2d2::Pool<M>
+where
+    M: r2d2::ManageConnection<Connection = Client>,
+{
+    fn checkout(&self) -> Result<Box<dyn DerefMut<Target = Client> + Send>> {
+        let client = self
+            .get()
+            .map_err(|e| Error::pool("no database connection available in the caller's pool", e))?;
+        Ok(Box::new(client))
+    }
+}
+
+/// A connection checked out of the [`Database`]'s pool; derefs to [`postgres::Client`] and
+/// goes back to the pool when dropped.
+pub struct PooledClient(Checkout);
+
+// The library's own pool is the common case: its connection stays unboxed, so a checkout
+// allocates nothing.
+#[allow(clippy::large_enum_variant)]
+enum Checkout {
+    Own(r2d2::PooledConnection<Manager>),
+    Lent(Box<dyn DerefMut<Target = Client> + Send>),
+}
+
+impl PooledClient {
+    /// The prepared form of `sql` on this connection: kept per connection of the library's own
+    /// pool, prepared anew on each call with a pool of the caller's.
+    pub fn prepared(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+        match &mut self.0 {
+            Checkout::Own(connection) => connection.prepared(sql),
+            Checkout::Lent(client) => client.prepare(sql),
+        }
+    }
+}
+
+impl Deref for PooledClient {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        match &self.0 {
+            Checkout::Own(connection) => connection,
+            Checkout::Lent(client) => client,
+        }
+    }
+}
+
+impl DerefMut for PooledClient {
+    fn deref_mut(&mut self) -> &mut Client {
+        match &mut self.0 {
+            Checkout::Own(connection) => connection,
+            Checkout::Lent(client) => client,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Source {
+    Own(Pool),
+    Lent(Arc<dyn ClientPool>),
+}
+
+/// Where the database is and how to reach it: a pool for short transactions (the library's
+/// own, or the caller's), the connection settings for dedicated connections (relay workers,
+/// LISTEN), and the schema of the library's tables.
 #[derive(Clone)]
 pub struct Database {
     config: postgres::Config,
-    pool: Pool,
+    source: Source,
     url: String,
+    outbox: Arc<Outbox>,
 }
 
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Database")
             .field("url", &redact_url(&self.url))
+            .field("schema", self.schema())
             .finish()
     }
 }
@@ -128,14 +205,14 @@ impl std::fmt::Debug for Database {
 /// Options for [`Database::connect`].
 #[derive(Clone, Debug)]
 pub struct PoolOptions {
-    /// Most connections the pool opens (`DB_POOL_SIZE`; default 24).
+    /// Most connections the pool opens (default 24).
     pub max_size: u32,
     /// How long a caller waits for a free connection before an error (default 2 s).
     pub checkout_timeout: Duration,
     /// Server-side limit for any one statement (default 30 s).
     pub statement_timeout: Duration,
-    /// Postgres schema holding the library's tables (default `public`); the pool's connections
-    /// search it first, then `public`. Letters, digits and `_` only.
+    /// Postgres schema holding the library's tables (default `public`). Letters, digits and
+    /// `_` only.
     pub schema: String,
 }
 
@@ -147,6 +224,21 @@ impl Default for PoolOptions {
             statement_timeout: Duration::from_secs(30),
             schema: crate::migrate::DEFAULT_SCHEMA.to_string(),
         }
+    }
+}
+
+impl PoolOptions {
+    /// Checks the values, naming the field that is wrong.
+    pub fn validate(&self) -> Result<Schema> {
+        if self.max_size == 0 {
+            return Err(Error::Config("PoolOptions::max_size must be at least 1".into()));
+        }
+        if self.checkout_timeout.is_zero() {
+            return Err(Error::Config(
+                "PoolOptions::checkout_timeout must be more than zero".into(),
+            ));
+        }
+        Schema::new(&self.schema).map_err(|e| Error::Config(format!("PoolOptions::schema: {e}")))
     }
 }
 
@@ -173,26 +265,13 @@ pub fn parse_url(url: &str, statement_timeout: Duration) -> Result<postgres::Con
 }
 
 impl Database {
-    /// Opens the pool and checks that the library's tables are at the version it needs.
+    /// Opens the library's own pool and checks that its tables are at the version it needs.
     ///
     /// Never creates the database nor changes the schema: when the tables are missing or
     /// behind, the error says what to run (`txoutbox migrate`, or [`migrate::run`](crate::migrate::run)).
     pub fn connect(url: &str, options: &PoolOptions) -> Result<Self> {
-        if !is_plain_identifier(&options.schema) {
-            return Err(Error::Config(format!(
-                "PoolOptions::schema must be letters, digits and _ (not starting with a digit), got {:?}",
-                options.schema
-            )));
-        }
-        let mut config = parse_url(url, options.statement_timeout)?;
-        if options.schema != crate::migrate::DEFAULT_SCHEMA {
-            let search = format!(
-                "{} -c search_path={},public",
-                config.get_options().unwrap_or_default(),
-                options.schema
-            );
-            config.options(search.trim());
-        }
+        let schema = options.validate()?;
+        let config = parse_url(url, options.statement_timeout)?;
         let mut client = config.connect(NoTls).map_err(|e| {
             Error::db(
                 format!(
@@ -203,7 +282,7 @@ impl Database {
                 e,
             )
         })?;
-        let checked = crate::migrate::check(&mut client, &options.schema);
+        let checked = crate::migrate::check(&mut client, schema.name());
         let _ = client.close();
         checked?;
         let manager = Manager(PostgresConnectionManager::new(config.clone(), NoTls));
@@ -219,21 +298,59 @@ impl Database {
             .map_err(|e| Error::pool(format!("cannot open a connection pool to {}", redact_url(url)), e))?;
         Ok(Database {
             config,
-            pool,
+            source: Source::Own(pool),
             url: url.to_string(),
+            outbox: Arc::new(Outbox::new(schema)),
         })
     }
 
-    /// The pool for short transactions.
-    pub fn pool(&self) -> &Pool {
-        &self.pool
+    /// Uses the caller's pool for short transactions (consumer, metrics, retention, admin),
+    /// after checking the library's tables in `schema` are at the version it needs.
+    ///
+    /// `url` still says how to open the few dedicated connections the relay keeps (one per
+    /// worker and one for LISTEN), which must not come from a shared pool: they hold session
+    /// settings and a LISTEN for their whole life. A consume-only service never opens them.
+    ///
+    /// ```no_run
+    /// # fn demo() -> txoutbox::Result<()> {
+    /// let url = "postgres://app@127.0.0.1/app";
+    /// let manager = r2d2_postgres::PostgresConnectionManager::new(url.parse().unwrap(), postgres::NoTls);
+    /// let pool = r2d2::Pool::builder().max_size(16).build(manager).unwrap();
+    /// let db = txoutbox::Database::from_pool(url, pool.clone(), txoutbox::Schema::default())?;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_pool(url: &str, pool: impl ClientPool, schema: Schema) -> Result<Self> {
+        let config = parse_url(url, PoolOptions::default().statement_timeout)?;
+        let mut client = pool.checkout()?;
+        crate::migrate::check(&mut **client, schema.name())?;
+        drop(client);
+        Ok(Database {
+            config,
+            source: Source::Lent(Arc::new(pool)),
+            url: url.to_string(),
+            outbox: Arc::new(Outbox::new(schema)),
+        })
+    }
+
+    /// The schema of the library's tables.
+    pub fn schema(&self) -> &Schema {
+        self.outbox.schema()
+    }
+
+    /// The outbox in this database's schema: enqueue events with it.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 
     /// A connection from the pool, or an error after the pool's checkout timeout.
     pub fn get(&self) -> Result<PooledClient> {
-        self.pool
-            .get()
-            .map_err(|e| Error::pool("no database connection available", e))
+        match &self.source {
+            Source::Own(pool) => pool
+                .get()
+                .map(|c| PooledClient(Checkout::Own(c)))
+                .map_err(|e| Error::pool("no database connection available", e)),
+            Source::Lent(pool) => pool.checkout().map(|c| PooledClient(Checkout::Lent(c))),
+        }
     }
 
     /// Runs `read` in a transaction of a pooled connection whose statements may take at most

@@ -49,6 +49,7 @@ pub mod migrate;
 pub mod outbox;
 pub mod relay;
 pub mod retention;
+pub mod schema;
 pub mod wakeup;
 
 pub use broker::{QueueType, Topology};
@@ -56,4 +57,5 @@ pub use config::{ConsumerConfig, RelayConfig, RelayOrdering};
 pub use consumer::{Handler, HandlerError, Message};
 pub use db::{Database, PoolOptions};
 pub use error::{is_transient_db_error, Error, Result};
-pub use outbox::{enqueue, NewEvent};
+pub use outbox::{enqueue, enqueue_many, enqueue_ordered, NewEvent, Outbox};
+pub use schema::Schema;

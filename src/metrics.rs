@@ -107,8 +107,9 @@ struct OutboxGauges {
 impl OutboxGauges {
     fn read(&self) -> Result<OutboxSummary> {
         let context = "cannot read the outbox backlog";
-        self.db
-            .read_bounded(OUTBOX_QUERY_TIMEOUT, context, |tx| outbox_summary(tx))
+        self.db.read_bounded(OUTBOX_QUERY_TIMEOUT, context, |tx| {
+            outbox_summary(tx, self.db.schema())
+        })
     }
 }
 

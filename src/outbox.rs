@@ -1,12 +1,16 @@
-//! The write side: recording an event inside the caller's own transaction.
+//! The write side: recording events inside the caller's own transaction.
 
-use postgres::{GenericClient, ToStatement, Transaction};
+use std::sync::LazyLock;
+
+use postgres::{GenericClient, ToStatement};
 use uuid::Uuid;
 
+use crate::schema::Schema;
 use crate::{Error, Result};
 
-/// Channel the relay LISTENs on; [`enqueue`] notifies it, and Postgres delivers the
-/// notification only when the caller's transaction commits.
+/// Channel the relay LISTENs on; [`Outbox::enqueue`] notifies it, and Postgres delivers the
+/// notification only when the caller's transaction commits. One channel for every schema: a
+/// relay woken by another schema's event finds nothing and waits again.
 pub const NOTIFY_CHANNEL: &str = "txoutbox_outbox";
 
 /// Takes the transaction-scoped advisory lock of an aggregate given as `$1` (type) and `$2`
@@ -14,40 +18,43 @@ pub const NOTIFY_CHANNEL: &str = "txoutbox_outbox";
 pub const LOCK_AGGREGATE: &str = "\
     SELECT pg_advisory_xact_lock(hashtextextended(length($1::text) || ':' || $1::text || $2::text, 0))";
 
-/// Inserts an event and notifies [`NOTIFY_CHANNEL`] (delivered at commit). Takes no aggregate
-/// lock (see [`enqueue_ordered`]).
-pub const INSERT_EVENT_AND_NOTIFY: &str = "\
-    WITH inserted AS (
-        INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
-        VALUES ($1, $2, $3, $4, $5)
-        RETURNING id
-    )
-    SELECT pg_notify('txoutbox_outbox', '') FROM inserted";
+const COLUMNS: &str = "message_id, aggregate_type, aggregate_id, event_type, payload, exchange, routing_key";
 
-/// Inserts an event without a notification or aggregate lock.
-pub const INSERT_EVENT: &str = "\
-    INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
-    VALUES ($1, $2, $3, $4, $5)";
+/// One event: parameters `$1..$7` in [`COLUMNS`] order.
+const INSERT_ONE: &str = "\
+    INSERT INTO {schema}.outbox ({columns})
+    VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
-/// Takes the aggregate's lock (as [`LOCK_AGGREGATE`]), then inserts the event and notifies, in
-/// one statement: the materialised CTE runs first, so the row's id is drawn under the lock.
-const LOCK_AND_INSERT_EVENT_AND_NOTIFY: &str = "\
-    WITH locked AS MATERIALIZED (
-        SELECT pg_advisory_xact_lock(hashtextextended(length($2::text) || ':' || $2::text || $3::text, 0))
-    ), inserted AS (
-        INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
-        SELECT $1::uuid, $2::text, $3::text, $4::text, $5::jsonb FROM locked
-        RETURNING id
-    )
-    SELECT pg_notify('txoutbox_outbox', '') FROM inserted";
-
-/// [`LOCK_AND_INSERT_EVENT_AND_NOTIFY`] without the notification.
-const LOCK_AND_INSERT_EVENT: &str = "\
+/// One event under its aggregate's lock: the materialised CTE runs first, so the row's id is
+/// drawn under the lock.
+const INSERT_ONE_ORDERED: &str = "\
     WITH locked AS MATERIALIZED (
         SELECT pg_advisory_xact_lock(hashtextextended(length($2::text) || ':' || $2::text || $3::text, 0))
     )
-    INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
-    SELECT $1::uuid, $2::text, $3::text, $4::text, $5::jsonb FROM locked";
+    INSERT INTO {schema}.outbox ({columns})
+    SELECT $1::uuid, $2::text, $3::text, $4::text, $5::jsonb, $6::text, $7::text FROM locked";
+
+/// Many events from arrays `$1..$7`, ids drawn in the order given.
+const INSERT_MANY: &str = "\
+    INSERT INTO {schema}.outbox ({columns})
+    SELECT e.m, e.at, e.ai, e.et, e.p, e.ex, e.rk
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[])
+         WITH ORDINALITY AS e(m, at, ai, et, p, ex, rk, n)
+    ORDER BY e.n";
+
+/// [`INSERT_MANY`] after locking each distinct aggregate, in sorted order (so two such
+/// statements cannot deadlock on each other).
+const INSERT_MANY_ORDERED: &str = "\
+    WITH locked AS MATERIALIZED (
+        SELECT count(pg_advisory_xact_lock(hashtextextended(length(k.t) || ':' || k.t || k.i, 0))) AS n
+        FROM (SELECT DISTINCT t, i FROM unnest($2::text[], $3::text[]) AS a(t, i) ORDER BY t, i) k
+    )
+    INSERT INTO {schema}.outbox ({columns})
+    SELECT e.m, e.at, e.ai, e.et, e.p, e.ex, e.rk
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[])
+         WITH ORDINALITY AS e(m, at, ai, et, p, ex, rk, n)
+         CROSS JOIN locked
+    ORDER BY e.n";
 
 /// An event to publish once the transaction that records it commits.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,14 +65,20 @@ pub struct NewEvent {
     pub aggregate_type: String,
     /// Id of that entity; sent as the `aggregate_id` header.
     pub aggregate_id: String,
-    /// Event name, e.g. `OrderCreated`: the AMQP `type` and routing key.
+    /// Event name, e.g. `OrderCreated`: the AMQP `type`, and the routing key unless
+    /// [`routing_key`](Self::routing_key) is set.
     pub event_type: String,
     /// JSON body of the message.
     pub payload: serde_json::Value,
+    /// Exchange to publish to; `None`: the relay's [`Topology::exchange`](crate::Topology::exchange).
+    pub exchange: Option<String>,
+    /// Routing key; `None`: the event type.
+    pub routing_key: Option<String>,
 }
 
 impl NewEvent {
-    /// An event with a fresh time-ordered message id (UUIDv7).
+    /// An event with a fresh time-ordered message id (UUIDv7), published to the relay's
+    /// exchange with the event type as routing key.
     pub fn new(
         aggregate_type: impl Into<String>,
         aggregate_id: impl Into<String>,
@@ -78,94 +91,242 @@ impl NewEvent {
             aggregate_id: aggregate_id.into(),
             event_type: event_type.into(),
             payload,
+            exchange: None,
+            routing_key: None,
+        }
+    }
+
+    /// The same event, published to `exchange` (which must exist on the broker: the relay
+    /// marks the event failed, with the reason, when it does not).
+    pub fn to_exchange(self, exchange: impl Into<String>) -> Self {
+        NewEvent {
+            exchange: Some(exchange.into()),
+            ..self
+        }
+    }
+
+    /// The same event, published with `routing_key` instead of its event type.
+    pub fn with_routing_key(self, routing_key: impl Into<String>) -> Self {
+        NewEvent {
+            routing_key: Some(routing_key.into()),
+            ..self
         }
     }
 }
 
-/// Records `event` in the outbox as part of the caller's transaction `tx`.
+/// The outbox table of one [`Schema`], and the statements that write to it.
 ///
-/// Nothing is sent now. If `tx` commits, the relay publishes the event (at least once, until the
-/// broker confirms it); if `tx` rolls back, the event never existed. The relay is woken by a
-/// notification that Postgres delivers at commit.
+/// Every method takes the caller's client: a [`postgres::Transaction`], or a
+/// [`postgres::Client`] (pooled or not) inside the caller's own `BEGIN`. On a client in
+/// autocommit the insert is a transaction of its own, which is rarely what the caller wants.
+/// Nothing is sent at once: if the caller's transaction commits, the relay publishes each
+/// event (at least once, until the broker confirms it); if it rolls back, the events never
+/// existed.
 ///
-/// With a relay publishing in aggregate order
-/// ([`RelayOrdering::Aggregate`](crate::config::RelayOrdering::Aggregate)), events of an
-/// aggregate that several transactions may write at once must get their outbox ids in commit
-/// order: write them with [`enqueue_ordered`], or have those transactions lock a row of the
-/// aggregate first (as cancelling an order locks the order's row).
-///
-/// ```no_run
-/// # fn demo(client: &mut postgres::Client) -> txoutbox::Result<()> {
-/// use txoutbox::{enqueue, NewEvent};
-/// let mut tx = client.transaction().map_err(|e| txoutbox::Error::db("begin", e))?;
-/// // ... the caller's own writes on `tx` ...
-/// enqueue(&mut tx, &NewEvent::new("invoice", "42", "InvoiceSent", serde_json::json!({"id": 42})))?;
-/// tx.commit().map_err(|e| txoutbox::Error::db("commit", e))?;
-/// # Ok(()) }
-/// ```
-pub fn enqueue(tx: &mut Transaction<'_>, event: &NewEvent) -> Result<()> {
-    insert_event(tx, INSERT_EVENT_AND_NOTIFY, event)
+/// [`Database::outbox`](crate::Database::outbox) gives the one of the database's schema; the
+/// free functions [`enqueue`], [`enqueue_ordered`] and [`enqueue_many`] use the `public` one.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    schema: Schema,
+    notify: bool,
+    insert_one: String,
+    insert_one_ordered: String,
+    insert_many: String,
+    insert_many_ordered: String,
 }
 
-/// Like [`enqueue`], taking the aggregate's lock first, so that outbox id order is commit
-/// order among the events of one aggregate, which a relay with
-/// [`RelayOrdering::Aggregate`](crate::config::RelayOrdering::Aggregate) publishes in.
-///
-/// The lock is a transaction-scoped advisory lock on a 64-bit hash of the event's
-/// `aggregate_type` and `aggregate_id` (`pg_advisory_xact_lock`), held until `tx` ends and
-/// taken in the same statement as the insert, so the row's id is drawn under it. Writers of
-/// one aggregate take turns; writers of different aggregates do not wait for each other
-/// (barring a hash collision, which only costs a wait). Caveats:
-///
-/// - A transaction that enqueues for several aggregates can deadlock with another that locks
-///   the same aggregates in another order; Postgres then aborts one of them (SQLSTATE `40P01`,
-///   retryable). Enqueue in a fixed order (e.g. sorted by aggregate) to avoid it, and take the
-///   aggregate's lock before locking rows that other transactions lock after enqueuing.
-/// - Each distinct aggregate holds one entry of Postgres' lock table until `tx` ends: a
-///   transaction enqueuing for many thousands of distinct aggregates can fail with "out of
-///   shared memory" (raise `max_locks_per_transaction`, or split it).
-pub fn enqueue_ordered(tx: &mut Transaction<'_>, event: &NewEvent) -> Result<()> {
-    insert_event(tx, LOCK_AND_INSERT_EVENT_AND_NOTIFY, event)
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox::new(Schema::default())
+    }
 }
 
-/// Like [`enqueue`], without the notification.
-///
-/// Postgres serializes the commits of transactions that NOTIFY, which caps how many of them
-/// commit per second. Use this when the relay runs in the same process and the caller wakes it
-/// after the commit ([`Waker::wake`](crate::relay::Waker::wake)), or when a relay finding the
-/// event at its next poll is soon enough.
-pub fn enqueue_silently(tx: &mut Transaction<'_>, event: &NewEvent) -> Result<()> {
-    insert_event(tx, INSERT_EVENT, event)
+impl Outbox {
+    /// The outbox in `schema`, notifying the relay at commit.
+    pub fn new(schema: Schema) -> Outbox {
+        Outbox::render(schema, true)
+    }
+
+    /// The same outbox without the notification at commit.
+    ///
+    /// Postgres serializes the commits of transactions that NOTIFY, which caps how many of them
+    /// commit per second. Use this when the relay runs in the same process and the caller wakes
+    /// it after the commit ([`Waker::wake`](crate::relay::Waker::wake)), or when a relay finding
+    /// the event at its next poll is soon enough.
+    pub fn without_notify(self) -> Outbox {
+        Outbox::render(self.schema, false)
+    }
+
+    fn render(schema: Schema, notify: bool) -> Outbox {
+        let sql = |template: &str| {
+            let insert = schema.qualify(&template.replace("{columns}", COLUMNS));
+            if !notify {
+                return insert;
+            }
+            // Postgres folds equal notifications of one transaction into one.
+            format!(
+                "WITH inserted AS ({insert} RETURNING 1) \
+                 SELECT pg_notify('{NOTIFY_CHANNEL}', '') WHERE EXISTS (SELECT 1 FROM inserted)"
+            )
+        };
+        Outbox {
+            insert_one: sql(INSERT_ONE),
+            insert_one_ordered: sql(INSERT_ONE_ORDERED),
+            insert_many: sql(INSERT_MANY),
+            insert_many_ordered: sql(INSERT_MANY_ORDERED),
+            schema,
+            notify,
+        }
+    }
+
+    /// The schema this outbox lives in.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// Whether the inserts notify the relay at commit.
+    pub fn notifies(&self) -> bool {
+        self.notify
+    }
+
+    /// Records `event` in the caller's transaction.
+    ///
+    /// With a relay publishing in aggregate order
+    /// ([`RelayOrdering::Aggregate`](crate::config::RelayOrdering::Aggregate)), events of an
+    /// aggregate that several transactions may write at once must get their outbox ids in
+    /// commit order: write them with [`enqueue_ordered`](Self::enqueue_ordered), or have those
+    /// transactions lock a row of the aggregate first.
+    ///
+    /// ```no_run
+    /// # fn demo(db: &txoutbox::Database, client: &mut postgres::Client) -> txoutbox::Result<()> {
+    /// use txoutbox::NewEvent;
+    /// let mut tx = client.transaction().map_err(|e| txoutbox::Error::db("begin", e))?;
+    /// // ... the caller's own writes on `tx` ...
+    /// let event = NewEvent::new("invoice", "42", "InvoiceSent", serde_json::json!({"id": 42}));
+    /// db.outbox().enqueue(&mut tx, &event)?;
+    /// tx.commit().map_err(|e| txoutbox::Error::db("commit", e))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn enqueue(&self, client: &mut impl GenericClient, event: &NewEvent) -> Result<()> {
+        insert_event(client, self.insert_one.as_str(), event)
+    }
+
+    /// Like [`enqueue`](Self::enqueue), taking the aggregate's lock first, so that outbox id
+    /// order is commit order among the events of one aggregate, which a relay with
+    /// [`RelayOrdering::Aggregate`](crate::config::RelayOrdering::Aggregate) publishes in.
+    ///
+    /// The lock is a transaction-scoped advisory lock on a 64-bit hash of the event's
+    /// `aggregate_type` and `aggregate_id` (`pg_advisory_xact_lock`), held until the
+    /// transaction ends and taken in the same statement as the insert, so the row's id is drawn
+    /// under it. Writers of one aggregate take turns; writers of different aggregates do not
+    /// wait for each other (barring a hash collision, which only costs a wait). Caveats:
+    ///
+    /// - A transaction that enqueues for several aggregates can deadlock with another that
+    ///   locks the same aggregates in another order; Postgres then aborts one of them (SQLSTATE
+    ///   `40P01`, retryable). Enqueue in a fixed order, or all at once with
+    ///   [`enqueue_many_ordered`](Self::enqueue_many_ordered), which locks in sorted order.
+    /// - Each distinct aggregate holds one entry of Postgres' lock table until the transaction
+    ///   ends: one enqueuing for many thousands of distinct aggregates can fail with "out of
+    ///   shared memory" (raise `max_locks_per_transaction`, or split it).
+    pub fn enqueue_ordered(&self, client: &mut impl GenericClient, event: &NewEvent) -> Result<()> {
+        insert_event(client, self.insert_one_ordered.as_str(), event)
+    }
+
+    /// Records every event of `events` in one statement, their outbox ids in the order given:
+    /// all of them, or none and an error. Returns how many were recorded.
+    pub fn enqueue_many(&self, client: &mut impl GenericClient, events: &[NewEvent]) -> Result<u64> {
+        insert_events(client, &self.insert_many, events)
+    }
+
+    /// [`enqueue_many`](Self::enqueue_many) under the lock of each aggregate involved (see
+    /// [`enqueue_ordered`](Self::enqueue_ordered)), taken in sorted order.
+    pub fn enqueue_many_ordered(&self, client: &mut impl GenericClient, events: &[NewEvent]) -> Result<u64> {
+        insert_events(client, &self.insert_many_ordered, events)
+    }
+
+    /// The statement [`enqueue`](Self::enqueue) (or, with `ordered`,
+    /// [`enqueue_ordered`](Self::enqueue_ordered)) runs, for callers that prepare it once per
+    /// connection and record with [`insert_event`].
+    pub fn insert_sql(&self, ordered: bool) -> &str {
+        if ordered {
+            &self.insert_one_ordered
+        } else {
+            &self.insert_one
+        }
+    }
 }
 
-/// Like [`enqueue_ordered`], without the notification (see [`enqueue_silently`]).
-pub fn enqueue_ordered_silently(tx: &mut Transaction<'_>, event: &NewEvent) -> Result<()> {
-    insert_event(tx, LOCK_AND_INSERT_EVENT, event)
+static PUBLIC: LazyLock<Outbox> = LazyLock::new(Outbox::default);
+
+/// [`Outbox::enqueue`] on the outbox in schema `public`.
+pub fn enqueue(client: &mut impl GenericClient, event: &NewEvent) -> Result<()> {
+    PUBLIC.enqueue(client, event)
 }
 
-/// Inserts `event` with `statement`: one of the insert statements above (parameters message
-/// id, aggregate type, aggregate id, event type, payload), as text or prepared.
-pub fn insert_event<S>(tx: &mut Transaction<'_>, statement: &S, event: &NewEvent) -> Result<()>
+/// [`Outbox::enqueue_ordered`] on the outbox in schema `public`.
+pub fn enqueue_ordered(client: &mut impl GenericClient, event: &NewEvent) -> Result<()> {
+    PUBLIC.enqueue_ordered(client, event)
+}
+
+/// [`Outbox::enqueue_many`] on the outbox in schema `public`.
+pub fn enqueue_many(client: &mut impl GenericClient, events: &[NewEvent]) -> Result<u64> {
+    PUBLIC.enqueue_many(client, events)
+}
+
+/// Inserts `event` with `statement`: [`Outbox::insert_sql`], as text or prepared.
+pub fn insert_event<S>(client: &mut impl GenericClient, statement: &S, event: &NewEvent) -> Result<()>
 where
     S: ToStatement + ?Sized,
 {
-    tx.execute(
-        statement,
-        &[
-            &event.message_id,
-            &event.aggregate_type,
-            &event.aggregate_id,
-            &event.event_type,
-            &event.payload,
-        ],
-    )
-    .map_err(|e| {
-        Error::db(
-            format!("cannot enqueue {} event {}", event.event_type, event.message_id),
-            e,
+    client
+        .execute(
+            statement,
+            &[
+                &event.message_id,
+                &event.aggregate_type,
+                &event.aggregate_id,
+                &event.event_type,
+                &event.payload,
+                &event.exchange,
+                &event.routing_key,
+            ],
         )
-    })?;
+        .map_err(|e| {
+            Error::db(
+                format!("cannot enqueue {} event {}", event.event_type, event.message_id),
+                e,
+            )
+        })?;
     Ok(())
+}
+
+fn insert_events(client: &mut impl GenericClient, statement: &str, events: &[NewEvent]) -> Result<u64> {
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = events.iter().map(|e| e.message_id).collect();
+    let aggregate_types: Vec<&str> = events.iter().map(|e| e.aggregate_type.as_str()).collect();
+    let aggregate_ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
+    let event_types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
+    let exchanges: Vec<Option<&str>> = events.iter().map(|e| e.exchange.as_deref()).collect();
+    let routing_keys: Vec<Option<&str>> = events.iter().map(|e| e.routing_key.as_deref()).collect();
+    client
+        .execute(
+            statement,
+            &[
+                &ids,
+                &aggregate_types,
+                &aggregate_ids,
+                &event_types,
+                &payloads,
+                &exchanges,
+                &routing_keys,
+            ],
+        )
+        .map_err(|e| Error::db(format!("cannot enqueue {} events", events.len()), e))?;
+    // One statement: every event was recorded, or none (and the error says why).
+    Ok(events.len() as u64)
 }
 
 /// An event the relay gave up on after `RELAY_MAX_ATTEMPTS` refusals.
@@ -187,43 +348,43 @@ pub struct FailedEvent {
 
 const SELECT_FAILED: &str = "\
     SELECT id, message_id, event_type, aggregate_id, attempts, last_error
-    FROM outbox WHERE failed_at IS NOT NULL ORDER BY id LIMIT $1";
+    FROM {schema}.outbox WHERE failed_at IS NOT NULL ORDER BY id LIMIT $1";
 
 const REQUEUE_FAILED: &str = "\
-    UPDATE outbox SET failed_at = NULL, attempts = 0, available_at = now()
+    UPDATE {schema}.outbox SET failed_at = NULL, attempts = 0, available_at = now()
     WHERE failed_at IS NOT NULL AND ($1::bigint IS NULL OR id = $1)";
 
-/// Up to `limit` failed events, oldest first.
-pub fn failed_events(client: &mut impl GenericClient, limit: i64) -> Result<Vec<FailedEvent>> {
-    let rows = client
-        .query(SELECT_FAILED, &[&limit])
-        .map_err(|e| Error::db("cannot list failed events", e))?;
-    Ok(rows
-        .iter()
-        .map(|row| FailedEvent {
-            id: row.get(0),
-            message_id: row.get(1),
-            event_type: row.get(2),
-            aggregate_id: row.get(3),
-            attempts: row.get(4),
-            last_error: row.get(5),
-        })
-        .collect())
-}
+impl Outbox {
+    /// Up to `limit` failed events, oldest first.
+    pub fn failed_events(&self, client: &mut impl GenericClient, limit: i64) -> Result<Vec<FailedEvent>> {
+        let rows = client
+            .query(self.schema.qualify(SELECT_FAILED).as_str(), &[&limit])
+            .map_err(|e| Error::db("cannot list failed events", e))?;
+        Ok(rows
+            .iter()
+            .map(|row| FailedEvent {
+                id: row.get(0),
+                message_id: row.get(1),
+                event_type: row.get(2),
+                aggregate_id: row.get(3),
+                attempts: row.get(4),
+                last_error: row.get(5),
+            })
+            .collect())
+    }
 
-/// Puts failed events back in line for the relay with a fresh attempt count: the one with
-/// outbox id `id`, or all of them with `None`. Returns how many were re-queued. Notifies the
-/// relay, so a listening relay picks them up at once.
-pub fn requeue_failed(client: &mut impl GenericClient, id: Option<i64>) -> Result<u64> {
-    let mut tx = client
-        .transaction()
-        .map_err(|e| Error::db("cannot re-queue failed events", e))?;
-    let count = tx
-        .execute(REQUEUE_FAILED, &[&id])
-        .map_err(|e| Error::db("cannot re-queue failed events", e))?;
-    tx.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
-        .map_err(|e| Error::db("cannot notify the relay", e))?;
-    tx.commit()
-        .map_err(|e| Error::db("cannot re-queue failed events", e))?;
-    Ok(count)
+    /// Puts failed events back in line for the relay with a fresh attempt count: the one with
+    /// outbox id `id`, or all of them with `None`. Returns how many were re-queued. Notifies
+    /// the relay, so a listening relay picks them up at once.
+    pub fn requeue_failed(&self, client: &mut impl GenericClient, id: Option<i64>) -> Result<u64> {
+        let context = "cannot re-queue failed events";
+        let mut tx = client.transaction().map_err(|e| Error::db(context, e))?;
+        let count = tx
+            .execute(self.schema.qualify(REQUEUE_FAILED).as_str(), &[&id])
+            .map_err(|e| Error::db(context, e))?;
+        tx.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+            .map_err(|e| Error::db("cannot notify the relay", e))?;
+        tx.commit().map_err(|e| Error::db(context, e))?;
+        Ok(count)
+    }
 }

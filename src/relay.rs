@@ -1,6 +1,7 @@
 //! The relay: worker threads that claim outbox rows with `FOR UPDATE SKIP LOCKED`, publish
 //! them with confirms, and delete them in the same transaction once the broker confirmed.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -25,8 +26,8 @@ use postgres::Statement;
 /// Available rows in outbox order; rows other workers hold are skipped, not waited for.
 const CLAIM: &str = "\
     SELECT id, message_id::text, aggregate_type, aggregate_id, event_type, payload::text,
-           extract(epoch FROM clock_timestamp() - created_at)::float8
-    FROM outbox
+           extract(epoch FROM clock_timestamp() - created_at)::float8, exchange, routing_key
+    FROM {schema}.outbox
     WHERE available_at <= now() AND failed_at IS NULL
     ORDER BY id
     LIMIT $1
@@ -37,7 +38,7 @@ const CLAIM: &str = "\
 /// worker, waiting for a retry, failed). So at most one event per aggregate is in flight, and
 /// the next one is claimed only after the broker confirmed the previous one and its row was
 /// deleted. Ids follow commit order within an aggregate when its writers take turns:
-/// [`enqueue_ordered`](crate::outbox::enqueue_ordered) or a lock on the aggregate's row.
+/// [`Outbox::enqueue_ordered`](crate::outbox::Outbox::enqueue_ordered) or a lock on the aggregate's row.
 ///
 /// One index probe (`outbox_aggregate_idx`) per row looked at, and only the oldest `$2` rows are
 /// looked at (enough for every worker's batch and a few more, see [`ordered_window`]): cheap
@@ -48,12 +49,12 @@ const CLAIM: &str = "\
 /// seconds on a backlog of one aggregate.
 const CLAIM_IN_AGGREGATE_ORDER: &str = "\
     SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
-           extract(epoch FROM clock_timestamp() - o.created_at)::float8
-    FROM outbox o
-    WHERE o.id <= (SELECT max(id) FROM (SELECT id FROM outbox ORDER BY id LIMIT $2) oldest)
+           extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key
+    FROM {schema}.outbox o
+    WHERE o.id <= (SELECT max(id) FROM (SELECT id FROM {schema}.outbox ORDER BY id LIMIT $2) oldest)
       AND o.available_at <= now() AND o.failed_at IS NULL
       AND o.id = (
-          SELECT e.id FROM outbox e
+          SELECT e.id FROM {schema}.outbox e
           WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id = o.aggregate_id
           ORDER BY e.aggregate_type, e.aggregate_id, e.id
           LIMIT 1
@@ -66,9 +67,9 @@ const CLAIM_IN_AGGREGATE_ORDER: &str = "\
 /// whatever the mix of aggregates), minus the rows `$2` this round claimed already.
 const CLAIM_AGGREGATE_HEADS: &str = "\
     SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
-           extract(epoch FROM clock_timestamp() - o.created_at)::float8
-    FROM outbox o
-    WHERE o.id IN (SELECT min(id) FROM outbox GROUP BY aggregate_type, aggregate_id)
+           extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key
+    FROM {schema}.outbox o
+    WHERE o.id IN (SELECT min(id) FROM {schema}.outbox GROUP BY aggregate_type, aggregate_id)
       AND o.id <> ALL($2)
       AND o.available_at <= now() AND o.failed_at IS NULL
     ORDER BY o.id
@@ -81,12 +82,12 @@ fn ordered_window(config: &RelayConfig) -> i64 {
     config.batch_size * (config.workers as i64 + 3)
 }
 
-const DELETE_CONFIRMED: &str = "DELETE FROM outbox WHERE id = ANY($1)";
+const DELETE_CONFIRMED: &str = "DELETE FROM {schema}.outbox WHERE id = ANY($1)";
 
 /// A refused row waits `retry_delay * 2^attempts` (capped at an hour) before its next try;
 /// at `max_attempts` it is marked failed and no longer claimed. Returns whether it failed.
 const POSTPONE_REFUSED: &str = "\
-    UPDATE outbox
+    UPDATE {schema}.outbox
     SET attempts = attempts + 1,
         last_error = $2,
         available_at = now() + least(make_interval(secs => $3::float8 * 2 ^ attempts), interval '1 hour'),
@@ -106,6 +107,7 @@ pub struct RelayStats {
     failed: Counter,
     batches: AtomicU64,
     connected: Gauge,
+    dead_workers: Gauge,
     batch_size: Histogram,
     batch_duration: Histogram,
     confirm_latency: LatencyHistogram,
@@ -129,6 +131,7 @@ impl Default for RelayStats {
             failed: Counter::default(),
             batches: AtomicU64::new(0),
             connected: Gauge::default(),
+            dead_workers: Gauge::default(),
             batch_size: Histogram::new(BATCH_SIZE_BUCKETS),
             batch_duration: metrics::seconds_histogram(),
             confirm_latency: LatencyHistogram::default(),
@@ -139,7 +142,7 @@ impl Default for RelayStats {
 impl RelayStats {
     /// Adds this relay's metrics to `registry` (once per registry): `txoutbox_events_published_total`,
     /// `txoutbox_publish_failures_total{reason}`, `txoutbox_events_failed_total`,
-    /// `txoutbox_relay_connected_workers`, `txoutbox_relay_batch_size` and
+    /// `txoutbox_relay_connected_workers`, `txoutbox_relay_dead_workers`, `txoutbox_relay_batch_size` and
     /// `txoutbox_relay_batch_duration_seconds`. They keep counting after the call.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
@@ -162,6 +165,11 @@ impl RelayStats {
             "txoutbox_relay_connected_workers",
             "Relay workers currently connected to RabbitMQ",
             self.connected.clone(),
+        );
+        registry.register(
+            "txoutbox_relay_dead_workers",
+            "Relay worker threads that ended with a panic (see the log); restart the process",
+            self.dead_workers.clone(),
         );
         registry.register(
             "txoutbox_relay_batch_size",
@@ -197,6 +205,10 @@ impl RelayStats {
     pub fn connected_workers(&self) -> u64 {
         self.connected.get().max(0) as u64
     }
+    /// Worker threads that ended with a panic.
+    pub fn dead_workers(&self) -> u64 {
+        self.dead_workers.get().max(0) as u64
+    }
     /// Rounds that published at least one event.
     pub fn batches(&self) -> u64 {
         self.batches.load(Ordering::Relaxed)
@@ -213,7 +225,7 @@ pub struct RelayHandle {
 /// Wakes an idle relay at once; cheap to clone and to call.
 ///
 /// For producers in the relay's own process that enqueue with
-/// [`enqueue_silently`](crate::outbox::enqueue_silently): call [`wake`](Self::wake) after the
+/// [`Outbox::without_notify`](crate::outbox::Outbox::without_notify): call [`wake`](Self::wake) after the
 /// commit instead of paying for a Postgres NOTIFY.
 #[derive(Clone, Debug)]
 pub struct Waker(Arc<Wakeup>);
@@ -233,8 +245,15 @@ pub struct RelayHealth {
 }
 
 impl RelayHealth {
-    /// `Ok` when at least one worker is connected to the broker, else why not.
+    /// `Ok` when at least one worker is connected to the broker and none has died, else why not.
     pub fn check(&self) -> Result<(), String> {
+        let dead = self.stats.dead_workers();
+        if dead > 0 {
+            return Err(format!(
+                "relay: {dead} of its {} workers ended with a panic (see the log); restart the process",
+                self.workers
+            ));
+        }
         match self.stats.connected_workers() {
             0 => Err(format!(
                 "relay: none of its {} workers is connected to RabbitMQ",
@@ -375,7 +394,16 @@ pub fn start(db: Database, amqp_url: &str, topology: Topology, config: RelayConf
         threads.push(
             std::thread::Builder::new()
                 .name(format!("relay-{worker}"))
-                .spawn(move || worker_loop(worker, &shared))
+                .spawn(move || {
+                    let run = std::panic::catch_unwind(AssertUnwindSafe(|| worker_loop(worker, &shared)));
+                    if run.is_err() {
+                        shared.stats.dead_workers.inc();
+                        log::error!(
+                            "relay[{worker}]: the worker ended with a panic (above); its rows are \
+                             left to the other workers, and health reports it until a restart"
+                        );
+                    }
+                })
                 .map_err(spawn_error)?,
         );
     }
@@ -439,7 +467,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
     let config = &shared.config;
     let mut backoff = Backoff::new(config.min_backoff, config.max_backoff);
     let mut failures = FailureLog::new(format!("relay[{worker}]"));
-    let mut publisher: Option<Publisher> = None;
+    let mut publisher: Option<Connected<'_>> = None;
     let mut db: Option<RelayDb> = None;
     while !shared.wakeup.is_stopping() {
         if db.is_none() {
@@ -454,10 +482,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
         }
         if publisher.is_none() {
             match Publisher::connect(&shared.amqp_url, &shared.topology) {
-                Ok(p) => {
-                    shared.stats.connected.inc();
-                    publisher = Some(p);
-                }
+                Ok(p) => publisher = Some(Connected::new(p, &shared.stats.connected)),
                 Err(e) => {
                     failures.failed(e);
                     shared.wakeup.sleep(backoff.next_delay());
@@ -469,7 +494,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
             continue;
         };
         let seen = shared.wakeup.start_looking();
-        match run_round(shared, connection, active) {
+        match run_round(shared, connection, &mut active.publisher) {
             Ok(claimed) => {
                 failures.recovered();
                 backoff.reset();
@@ -487,10 +512,8 @@ fn worker_loop(worker: usize, shared: &Shared) {
             }
             Err(RoundError::Broker(e)) => {
                 failures.failed(format!("{e}; rows stay in the outbox"));
-                if let Some(broken) = publisher.take() {
-                    shared.stats.connected.dec();
-                    broken.close();
-                }
+                // Closed and uncounted when dropped.
+                publisher = None;
                 shared.wakeup.sleep(backoff.next_delay());
             }
             Err(RoundError::Db(e)) => {
@@ -502,9 +525,26 @@ fn worker_loop(worker: usize, shared: &Shared) {
             }
         }
     }
-    if let Some(p) = publisher {
-        shared.stats.connected.dec();
-        p.close();
+    drop(publisher);
+}
+
+/// A worker's publisher, counted in the connected-workers gauge while it lives; uncounted and
+/// closed (amiquip closes channels and connections it drops) when dropped, also by a panic.
+struct Connected<'a> {
+    publisher: Publisher,
+    gauge: &'a Gauge,
+}
+
+impl<'a> Connected<'a> {
+    fn new(publisher: Publisher, gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Connected { publisher, gauge }
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
 
@@ -530,6 +570,7 @@ struct RelayDb {
 impl RelayDb {
     fn connect(db: &Database, ordering: RelayOrdering) -> Result<RelayDb> {
         let mut client = db.dedicated()?;
+        let schema = db.schema();
         let context = "cannot prepare the relay's statements";
         client
             .batch_execute("SET synchronous_commit = off")
@@ -538,20 +579,22 @@ impl RelayDb {
             RelayOrdering::None => CLAIM,
             RelayOrdering::Aggregate => CLAIM_IN_AGGREGATE_ORDER,
         };
-        let claim = client.prepare(claim).map_err(|e| Error::db(context, e))?;
+        let claim = client
+            .prepare(&schema.qualify(claim))
+            .map_err(|e| Error::db(context, e))?;
         let claim_heads = match ordering {
             RelayOrdering::None => None,
             RelayOrdering::Aggregate => Some(
                 client
-                    .prepare(CLAIM_AGGREGATE_HEADS)
+                    .prepare(&schema.qualify(CLAIM_AGGREGATE_HEADS))
                     .map_err(|e| Error::db(context, e))?,
             ),
         };
         let delete = client
-            .prepare(DELETE_CONFIRMED)
+            .prepare(&schema.qualify(DELETE_CONFIRMED))
             .map_err(|e| Error::db(context, e))?;
         let postpone = client
-            .prepare(POSTPONE_REFUSED)
+            .prepare(&schema.qualify(POSTPONE_REFUSED))
             .map_err(|e| Error::db(context, e))?;
         Ok(RelayDb {
             client,
@@ -605,6 +648,8 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
             aggregate_id: row.get(3),
             event_type: row.get(4),
             body: row.get::<_, String>(5).into_bytes(),
+            exchange: row.get(7),
+            routing_key: row.get(8),
         });
     }
     let stats = &shared.stats;
@@ -646,6 +691,7 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
     for (_, reason) in &outcome.refused {
         match reason.as_str() {
             broker::UNROUTABLE => stats.unroutable.inc(),
+            r if r.starts_with(broker::NO_EXCHANGE) => stats.unroutable.inc(),
             _ => stats.nacked.inc(),
         };
     }

@@ -103,7 +103,7 @@ pub fn start(db: Database, config: RetentionConfig) -> Result<RetentionHandle> {
 fn purge_once(db: &Database, config: &RetentionConfig, stats: &RetentionStats) {
     let result = db
         .get()
-        .and_then(|mut client| admin::purge_processed(&mut **client, config.keep, config.batch));
+        .and_then(|mut client| admin::purge_processed(&mut *client, db.schema(), config.keep, config.batch));
     match result {
         Ok(purged) => {
             stats.runs.fetch_add(1, Ordering::Relaxed);

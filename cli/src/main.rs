@@ -7,7 +7,7 @@ use txoutbox_service::settings as common;
 use std::time::Duration;
 
 use common::{env_or, Setting};
-use txoutbox::{admin, outbox, Database, PoolOptions};
+use txoutbox::{admin, Database, PoolOptions};
 use txoutbox_service::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
 
 const USAGE: &str = "txoutbox <command>
@@ -109,7 +109,8 @@ fn try_main() -> Result<(), String> {
     match words.as_slice() {
         ["status"] => {
             let db = connect()?;
-            let s = admin::status(&mut **db.get().map_err(text)?, &amqp_url, &topology).map_err(text)?;
+            let s = admin::status(&mut *db.get().map_err(text)?, db.schema(), &amqp_url, &topology)
+                .map_err(text)?;
             let depth =
                 |d: Option<u32>| d.map_or("unknown (broker unreachable)".to_string(), |d| d.to_string());
             println!("outbox backlog:      {}", s.backlog);
@@ -127,7 +128,10 @@ fn try_main() -> Result<(), String> {
                 _ => return Err(format!("unexpected arguments {rest:?}\n\n{USAGE}")),
             };
             let db = connect()?;
-            let failed = outbox::failed_events(&mut **db.get().map_err(text)?, limit).map_err(text)?;
+            let failed = db
+                .outbox()
+                .failed_events(&mut *db.get().map_err(text)?, limit)
+                .map_err(text)?;
             println!(
                 "{:>10}  {:<36}  {:<20}  {:>8}  last error",
                 "id", "message_id", "event_type", "attempts"
@@ -153,7 +157,10 @@ fn try_main() -> Result<(), String> {
                 ),
             };
             let db = connect()?;
-            let count = outbox::requeue_failed(&mut **db.get().map_err(text)?, id).map_err(text)?;
+            let count = db
+                .outbox()
+                .requeue_failed(&mut *db.get().map_err(text)?, id)
+                .map_err(text)?;
             println!("re-queued {count} failed event(s)");
         }
         ["dlq", "replay"] => {
@@ -167,7 +174,8 @@ fn try_main() -> Result<(), String> {
         ["purge-processed", "--older-than", age] => {
             let age: Duration = admin::parse_age(age).map_err(text)?;
             let db = connect()?;
-            let deleted = admin::purge_processed(&mut **db.get().map_err(text)?, age, 1000).map_err(text)?;
+            let deleted = admin::purge_processed(&mut *db.get().map_err(text)?, db.schema(), age, 1000)
+                .map_err(text)?;
             println!("deleted {deleted} processed_messages row(s) older than {age:?}");
         }
         ["migrate", flags @ ..] => migrate(&database_url, flags)?,

@@ -18,6 +18,7 @@ use crate::orders::{self, Announce, Cancellation};
 use crate::status::{self, Sampler, StatusPage};
 use txoutbox::db::Database;
 use txoutbox::metrics::{self, Registry};
+use txoutbox::outbox::Outbox;
 use txoutbox::relay::RelayHealth;
 use txoutbox::{Error, Result};
 
@@ -98,6 +99,7 @@ pub fn serve_with_relay(
         relay.stats().register(&mut registry);
     }
     let api = Arc::new(Api {
+        outbox: announce.outbox(db.outbox()),
         db,
         relay,
         status,
@@ -189,6 +191,8 @@ struct Api {
     registry: Registry,
     api_token: Option<Secret>,
     announce: Announce,
+    /// The database's outbox, notifying or not as `announce` needs.
+    outbox: Outbox,
     max_body_bytes: usize,
 }
 
@@ -308,7 +312,7 @@ impl Api {
         let result = self
             .db
             .get()
-            .and_then(|mut client| orders::create(&mut client, &new_order, &self.announce));
+            .and_then(|mut client| orders::create(&mut client, &self.outbox, &new_order, &self.announce));
         match result {
             Ok(order) => {
                 self.metrics.order_created();
@@ -330,7 +334,7 @@ impl Api {
         let result = self
             .db
             .get()
-            .and_then(|mut client| orders::cancel(&mut client, id, &self.announce));
+            .and_then(|mut client| orders::cancel(&mut client, &self.outbox, id, &self.announce));
         match result {
             Ok(Cancellation::Cancelled(order)) => Reply::json(200, order.to_json()),
             Ok(Cancellation::AlreadyCancelled(order)) => Reply::json(

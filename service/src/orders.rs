@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use txoutbox::consumer::{Handler, HandlerError, Message};
-use txoutbox::db::Connection;
-use txoutbox::outbox::{self, enqueue, NewEvent};
+use txoutbox::db::PooledClient;
+use txoutbox::outbox::{self, NewEvent, Outbox};
 use txoutbox::relay::Waker;
 use txoutbox::{Error, Result};
 
@@ -250,23 +250,37 @@ pub enum Announce {
     Wake(Waker),
 }
 
-/// The outbox insert that suits `announce`: with a NOTIFY, or silent for an in-process wake.
-fn prepared_insert_event(
-    conn: &mut Connection,
-    announce: &Announce,
-) -> std::result::Result<Statement, postgres::Error> {
-    match announce {
-        Announce::Notify => conn.prepared(outbox::INSERT_EVENT_AND_NOTIFY),
-        Announce::Wake(_) => conn.prepared(outbox::INSERT_EVENT),
+impl Announce {
+    /// `outbox` as this announcement needs it: with the NOTIFY at commit, or without for an
+    /// in-process wake.
+    pub fn outbox(&self, outbox: &Outbox) -> Outbox {
+        match self {
+            Announce::Notify => outbox.clone(),
+            Announce::Wake(_) => outbox.clone().without_notify(),
+        }
     }
 }
 
+/// The outbox insert, prepared on this connection.
+fn prepared_insert_event(
+    conn: &mut PooledClient,
+    outbox: &Outbox,
+) -> std::result::Result<Statement, postgres::Error> {
+    conn.prepared(outbox.insert_sql(false))
+}
+
 /// Inserts the order and its `OrderCreated` event in one transaction, commits it, and
-/// announces the event to the relay. Statements are prepared once per connection.
-pub fn create(conn: &mut Connection, new: &NewOrder, announce: &Announce) -> Result<Order> {
+/// announces the event to the relay. Statements are prepared once per connection. `outbox` is
+/// [`Announce::outbox`] of the database's.
+pub fn create(
+    conn: &mut PooledClient,
+    outbox: &Outbox,
+    new: &NewOrder,
+    announce: &Announce,
+) -> Result<Order> {
     let prepare = |e| Error::db("cannot prepare the order statements", e);
     let insert_order = conn.prepared(INSERT_ORDER).map_err(prepare)?;
-    let insert_event = prepared_insert_event(conn, announce).map_err(prepare)?;
+    let insert_event = prepared_insert_event(conn, outbox).map_err(prepare)?;
     let mut tx = conn
         .transaction()
         .map_err(|e| Error::db("cannot begin the order transaction", e))?;
@@ -279,10 +293,11 @@ pub fn create(conn: &mut Connection, new: &NewOrder, announce: &Announce) -> Res
     Ok(order)
 }
 
-/// Inserts the order and enqueues its `OrderCreated` event on the caller's transaction.
-pub fn insert(tx: &mut Transaction<'_>, new: &NewOrder) -> Result<Order> {
+/// Inserts the order and enqueues its `OrderCreated` event in `outbox` on the caller's
+/// transaction.
+pub fn insert(tx: &mut Transaction<'_>, outbox: &Outbox, new: &NewOrder) -> Result<Order> {
     let order = insert_order_row(tx, INSERT_ORDER, new)?;
-    enqueue(tx, &created_event(&order))?;
+    outbox.enqueue(tx, &created_event(&order))?;
     Ok(order)
 }
 
@@ -324,17 +339,22 @@ pub enum Cancellation {
 /// Cancels an order (`PENDING` or `COMPLETED`) and writes its `OrderCancelled` event in the same
 /// transaction, commits, and announces the event to the relay.
 ///
-/// The transaction first takes the order's aggregate lock (the one [`outbox::enqueue_ordered`] takes), then the
+/// The transaction first takes the order's aggregate lock (the one [`Outbox::enqueue_ordered`] takes), then the
 /// row lock of its update, so concurrent cancels of one order are serialised (the second finds it
 /// cancelled) and the event's outbox id comes after every earlier event of the order: with
 /// [`RelayOrdering::Aggregate`](txoutbox::RelayOrdering::Aggregate) it is published after
 /// the order's `OrderCreated`.
-pub fn cancel(conn: &mut Connection, id: Uuid, announce: &Announce) -> Result<Cancellation> {
+pub fn cancel(
+    conn: &mut PooledClient,
+    outbox: &Outbox,
+    id: Uuid,
+    announce: &Announce,
+) -> Result<Cancellation> {
     let prepare = |e| Error::db("cannot prepare the order statements", e);
     let lock = conn.prepared(outbox::LOCK_AGGREGATE).map_err(prepare)?;
     let cancel_order = conn.prepared(CANCEL_ORDER).map_err(prepare)?;
     let select_order = conn.prepared(SELECT_ORDER).map_err(prepare)?;
-    let insert_event = prepared_insert_event(conn, announce).map_err(prepare)?;
+    let insert_event = prepared_insert_event(conn, outbox).map_err(prepare)?;
     let mut tx = conn
         .transaction()
         .map_err(|e| Error::db("cannot begin the cancel transaction", e))?;
@@ -376,7 +396,7 @@ fn cancelled_event(order: &Order) -> NewEvent {
 }
 
 /// The order with this id, if any.
-pub fn get(conn: &mut Connection, id: Uuid) -> Result<Option<Order>> {
+pub fn get(conn: &mut PooledClient, id: Uuid) -> Result<Option<Order>> {
     let select = conn
         .prepared(SELECT_ORDER)
         .map_err(|e| Error::db("cannot prepare the order query", e))?;

@@ -172,7 +172,7 @@ impl StatusPage {
             {
                 orders.insert(row.get(0), json!(row.get::<_, i64>(1)));
             }
-            let outbox = outbox_summary(tx)?;
+            let outbox = outbox_summary(tx, self.db.schema())?;
             Ok(json!({
                 "orders": orders,
                 "outbox": {

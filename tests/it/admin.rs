@@ -30,7 +30,7 @@ fn status_reports_backlog_failed_and_queue_depths() {
         broker.ready_main() == 1
     });
 
-    let status = admin::status(&mut client, &broker.url, &broker.topology).unwrap();
+    let status = admin::status(&mut client, &Default::default(), &broker.url, &broker.topology).unwrap();
     assert_eq!((status.backlog, status.failed), (2, 1));
     assert!(status.oldest_age_secs >= 0.0);
     assert_eq!((status.queue_depth, status.dlq_depth), (Some(1), Some(0)));
@@ -80,7 +80,13 @@ fn purging_processed_messages_keeps_the_recent_ones() {
              SELECT gen_random_uuid() FROM generate_series(1, 10);",
         )
         .unwrap();
-    let deleted = admin::purge_processed(&mut client, Duration::from_secs(7 * 86_400), 1000).unwrap();
+    let deleted = admin::purge_processed(
+        &mut client,
+        &Default::default(),
+        Duration::from_secs(7 * 86_400),
+        1000,
+    )
+    .unwrap();
     assert_eq!(deleted, 2500);
     assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 10);
 }

@@ -237,10 +237,14 @@ fn a_failed_event_blocks_only_its_own_aggregate_until_it_is_requeued() {
     );
 
     route_everything(&broker, &channel);
-    let failed = txoutbox::outbox::failed_events(&mut client, 10).unwrap();
+    let failed = txoutbox::Outbox::default()
+        .failed_events(&mut client, 10)
+        .unwrap();
     assert_eq!(failed.len(), 1);
     assert_eq!(
-        txoutbox::outbox::requeue_failed(&mut client, Some(failed[0].id)).unwrap(),
+        txoutbox::Outbox::default()
+            .requeue_failed(&mut client, Some(failed[0].id))
+            .unwrap(),
         1
     );
     wait_until(

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::json;
-use txoutbox::outbox::enqueue_silently;
 use txoutbox::{enqueue, relay, NewEvent, RelayConfig};
 use txoutbox_service::orders::{self, Amount, NewOrder};
 use txoutbox_testkit::{wait_until, Policy, TestBroker, TestDb};
@@ -44,7 +43,7 @@ fn an_order_is_not_written_when_its_outbox_insert_fails() {
         amount: Amount::parse("10.00").unwrap(),
     };
     let mut conn = t.db.get().unwrap();
-    let result = orders::create(&mut conn, &new, &orders::Announce::Notify);
+    let result = orders::create(&mut conn, t.db.outbox(), &new, &orders::Announce::Notify);
     let error = result.expect_err("the order must fail when its event cannot be written");
     assert!(error.to_string().contains("outbox refused by test"), "{error}");
     assert_eq!(t.count("SELECT count(*) FROM orders"), 0);
@@ -322,7 +321,11 @@ fn a_waker_wakes_an_idle_relay_for_silently_enqueued_events() {
     for n in 1..=3u64 {
         let mut client = t.client();
         let mut tx = client.transaction().unwrap();
-        enqueue_silently(&mut tx, &event(n as usize)).unwrap();
+        t.db.outbox()
+            .clone()
+            .without_notify()
+            .enqueue(&mut tx, &event(n as usize))
+            .unwrap();
         tx.commit().unwrap();
         waker.wake();
         wait_until("the woken relay publishes the event", WAIT, || {
@@ -344,7 +347,11 @@ fn a_silent_event_nobody_announces_is_found_by_the_poll() {
     wait_idle(&relay);
     let mut client = t.client();
     let mut tx = client.transaction().unwrap();
-    enqueue_silently(&mut tx, &event(1)).unwrap();
+    t.db.outbox()
+        .clone()
+        .without_notify()
+        .enqueue(&mut tx, &event(1))
+        .unwrap();
     tx.commit().unwrap();
     wait_until("the poll finds the event", WAIT, || {
         relay.stats().published() == 1
@@ -393,7 +400,7 @@ fn an_event_refused_too_often_is_marked_failed_without_blocking_the_rest_and_can
     wait_until("the good events behind it are published", WAIT, || {
         relay.stats().published() == 5
     });
-    let failed = txoutbox::outbox::failed_events(&mut client, 10).unwrap();
+    let failed = t.db.outbox().failed_events(&mut client, 10).unwrap();
     assert_eq!(failed.len(), 1);
     assert_eq!((failed[0].event_type.as_str(), failed[0].attempts), ("Bad", 2));
     assert!(failed[0]
@@ -410,7 +417,9 @@ fn an_event_refused_too_often_is_marked_failed_without_blocking_the_rest_and_can
         .queue_bind(queue, exchange, "#", Default::default())
         .unwrap();
     assert_eq!(
-        txoutbox::outbox::requeue_failed(&mut client, Some(failed[0].id)).unwrap(),
+        t.db.outbox()
+            .requeue_failed(&mut client, Some(failed[0].id))
+            .unwrap(),
         1
     );
     wait_until("the re-queued event is published", WAIT, || {

@@ -92,6 +92,8 @@ impl SampleEvent {
                 aggregate_id: Uuid::new_v4().to_string(),
                 event_type: self.event_type.clone(),
                 body: self.body.clone(),
+                exchange: None,
+                routing_key: None,
             })
             .collect()
     }
@@ -118,11 +120,12 @@ pub fn database(
     let fresh = infra.fresh_db("dbceiling", connections as u32)?;
     let broker = infra.fresh_broker("dbceiling")?;
     let announce = Stack::announce_without_relay(&fresh, &broker, &infra.amqp_url)?;
+    let outbox = announce.outbox(fresh.db.outbox());
     // Every connection opened and its statements prepared (one order each) before timing.
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections {
         let mut client = fresh.db.get()?;
-        orders::create(&mut client, &random_order()?, &announce)?;
+        orders::create(&mut client, &outbox, &random_order()?, &announce)?;
         clients.push(client);
     }
     let warm_up = connections as u64;
@@ -135,15 +138,15 @@ pub fn database(
     let (errors, elapsed, cpu) = thread::scope(|scope| -> Result<(Vec<String>, Duration, CpuUsage)> {
         let mut threads = Vec::with_capacity(connections);
         for (index, mut client) in clients.into_iter().enumerate() {
-            let (barrier, commits, announce) = (&barrier, &commits, &announce);
+            let (barrier, commits, announce, outbox) = (&barrier, &commits, &announce, &outbox);
             let thread = thread::Builder::new()
                 .name(format!("bench-db-{index}"))
                 .spawn_scoped(scope, move || -> Option<String> {
                     barrier.wait();
                     let deadline = Instant::now() + plan.db_ceiling;
                     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-                        let created =
-                            random_order().and_then(|order| orders::create(&mut client, &order, announce));
+                        let created = random_order()
+                            .and_then(|order| orders::create(&mut client, outbox, &order, announce));
                         match created {
                             Ok(_) => commits.fetch_add(1, Ordering::Relaxed),
                             Err(e) => return Some(e.to_string()),
