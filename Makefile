@@ -1,6 +1,6 @@
 # txoutbox: `make help` lists the targets.
 #
-# Settings reach the binaries through the environment (see README.md, or any binary's --help):
+# Settings reach the binaries through the environment (see docs/operating.md, or any binary's --help):
 #   make server RELAY_WORKERS=8      # a make variable given on the command line is exported too
 #   make stress ORDERS=1000 CONCURRENCY=16
 

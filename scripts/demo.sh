@@ -11,7 +11,7 @@
 #
 # Environment: ORDERS, CONCURRENCY, STRESS_TIMEOUT (seconds, passed as --timeout),
 # SERVER_START_TIMEOUT (seconds, default 60), and every setting the binaries read
-# (DATABASE_URL, AMQP_URL, HTTP_ADDR, ...; see README.md).
+# (DATABASE_URL, AMQP_URL, HTTP_ADDR, ...; see docs/operating.md).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -255,7 +255,7 @@ pub(crate) fn is_undrainable(request: &Request) -> bool {
 /// The only way around that in its public API is to take the connection's streams out of the
 /// request (`upgrade`) and never drop them. That keeps one connection thread and socket
 /// parked for good per such request: a bounded cost an attacker pays per request, instead of
-/// the process. A reverse proxy with a body limit in front avoids even that (see README).
+/// the process. A reverse proxy with a body limit in front avoids even that (docs/operating.md).
 pub(crate) fn answer_without_draining(request: Request, response: Response<std::io::Cursor<Vec<u8>>>) {
     let count = UNDRAINED.fetch_add(1, Ordering::Relaxed) + 1;
     log::warn!(

@@ -34,7 +34,7 @@ const CACHE_PER_QUERY_TIME: u32 = 10;
 /// Bound on the status queries: the page must answer fast even on a slow database.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One pass over `orders`: a scan of the table, cheap at thousands of rows (see README).
+/// One pass over `orders`: a scan of the table, cheap at thousands of rows (docs/operating.md, Status page).
 const ORDERS_BY_STATUS: &str = "SELECT status, count(*) FROM orders GROUP BY status";
 
 /// Order statuses the page always shows, even at zero.

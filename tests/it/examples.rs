@@ -4,7 +4,7 @@ use std::process::Command;
 
 use txoutbox_testkit::{amqp_url, TestBroker, TestDb};
 
-/// The embedding guide's program (README, Embedding) runs as documented.
+/// The embedding guide's program (docs/embedding.md) runs as documented.
 #[test]
 fn the_embedding_example_runs_its_invoices_through_to_sent() {
     let t = TestDb::new();

@@ -1,5 +1,6 @@
 //! Integration tests, one binary for the crate (each module a file beside this one).
 
+mod docs;
 mod http;
 mod http_connections;
 mod metrics;
