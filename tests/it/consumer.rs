@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use postgres::Transaction;
 use serde_json::json;
-use txoutbox::{consumer, ConsumerConfig, HandlerError, Message};
+use txoutbox::{
+    consumer, enqueue_many, relay, ConsumerConfig, HandlerError, Message, NewEvent, RelayConfig, Topology,
+};
 use txoutbox_testkit::{wait_until, TestBroker, TestDb};
 use uuid::Uuid;
 
@@ -311,4 +313,189 @@ fn a_message_that_keeps_failing_is_dead_lettered_after_its_retries() {
         reasons[0].contains("failed 4 times") && reasons[0].contains("keeps failing"),
         "{reasons:?}"
     );
+}
+
+#[test]
+fn a_panicking_handler_is_contained_its_message_dead_lettered_and_the_consumer_lives_on() {
+    let t = TestDb::new();
+    with_effects_table(&t);
+    let broker = TestBroker::new();
+    for n in 1..=3 {
+        broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(n));
+    }
+    let handler = |tx: &mut Transaction<'_>, message: &Message| -> Result<(), HandlerError> {
+        if message.payload["n"] == 2 {
+            panic!("the handler cannot cope with n = 2 (test)");
+        }
+        record_effect(tx, message)
+    };
+    let config = ConsumerConfig {
+        max_retries: 2,
+        ..config()
+    };
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config,
+        handler,
+    )
+    .unwrap();
+    let dlq = broker.topology.dead_letter_queue();
+    wait_until(
+        "the others are applied and the panicking one dead-lettered",
+        WAIT,
+        || handle.stats().applied() == 2 && broker.ready(&dlq) == 1,
+    );
+    // The consumer thread survived: a later message is applied.
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(4));
+    wait_until("a later message is applied", WAIT, || {
+        handle.stats().applied() == 3
+    });
+    handle.stop();
+    assert_eq!(t.count("SELECT count(*) FROM effects"), 3);
+    assert_eq!(
+        t.count("SELECT count(*) FROM effects WHERE n = 2"),
+        0,
+        "the panic rolled back"
+    );
+    let reasons = dead_letter_reasons(&broker);
+    assert!(
+        reasons[0].contains("failed 3 times")
+            && reasons[0].contains("the handler panicked: the handler cannot cope"),
+        "{reasons:?}"
+    );
+}
+
+/// Two consumers of two queues bound to one exchange, on one database (say invoices and
+/// audit): each applies every event once; neither takes the other's record as its own.
+#[test]
+fn two_consumers_of_two_queues_on_one_database_each_apply_every_event_once() {
+    let t = TestDb::new();
+    t.client()
+        .batch_execute("CREATE TABLE effects (consumer text NOT NULL, message_id uuid NOT NULL)")
+        .unwrap();
+    let invoices = TestBroker::new();
+    let audit = Topology::new(
+        invoices.topology.exchange.clone(),
+        format!("{}.audit", invoices.topology.queue),
+    );
+    let effect = |name: &'static str| {
+        move |tx: &mut Transaction<'_>, message: &Message| -> Result<(), HandlerError> {
+            tx.execute(
+                "INSERT INTO effects (consumer, message_id) VALUES ($1, $2)",
+                &[&name, &message.message_id],
+            )?;
+            Ok(())
+        }
+    };
+    let first = consumer::start(
+        t.db.clone(),
+        &invoices.url,
+        invoices.topology.clone(),
+        config(),
+        effect("invoices"),
+    )
+    .unwrap();
+    let second = consumer::start(
+        t.db.clone(),
+        &invoices.url,
+        audit.clone(),
+        config(),
+        effect("audit"),
+    )
+    .unwrap();
+    // A failed passive declare closes its channel: ask on a fresh one each time.
+    wait_until("the audit consumer declared its queue", WAIT, || {
+        let (connection, channel) = txoutbox::broker::connect(&invoices.url).unwrap();
+        let declared = channel.queue_declare_passive(audit.queue.as_str()).is_ok();
+        let _ = connection.close();
+        declared
+    });
+
+    let mut client = t.client();
+    let mut tx = client.transaction().unwrap();
+    let events: Vec<NewEvent> = (0..20)
+        .map(|n| NewEvent::new("invoice", n.to_string(), "InvoiceSent", json!({ "n": n })))
+        .collect();
+    enqueue_many(&mut tx, &events).unwrap();
+    tx.commit().unwrap();
+    let relay = relay::start(
+        t.db.clone(),
+        &invoices.url,
+        invoices.topology.clone(),
+        RelayConfig {
+            workers: 1,
+            poll_interval: Duration::from_millis(50),
+            ..RelayConfig::default()
+        },
+    )
+    .unwrap();
+    wait_until("both consumers applied all 20", WAIT, || {
+        first.stats().applied() == 20 && second.stats().applied() == 20
+    });
+    let duplicates = first.stats().duplicates() + second.stats().duplicates();
+    relay.stop();
+    first.stop();
+    second.stop();
+    assert_eq!(duplicates, 0);
+    assert_eq!(
+        t.count("SELECT count(*) FROM effects WHERE consumer = 'invoices'"),
+        20
+    );
+    assert_eq!(
+        t.count("SELECT count(*) FROM effects WHERE consumer = 'audit'"),
+        20
+    );
+    assert_eq!(
+        t.count("SELECT count(DISTINCT (consumer, message_id)) FROM effects"),
+        40,
+        "no event applied twice by one consumer"
+    );
+    assert_eq!(
+        t.count(&format!(
+            "SELECT count(*) FROM processed_messages WHERE consumer IN ('{}', '{}')",
+            invoices.topology.queue, audit.queue
+        )),
+        40,
+        "each consumer records under its queue's name"
+    );
+    // The audit topology's queues are this test's to remove (the exchange goes with `invoices`).
+    let (connection, channel) = txoutbox::broker::connect(&invoices.url).unwrap();
+    for queue in [audit.queue.clone(), audit.dead_letter_queue()] {
+        let _ = channel.queue_delete(queue.as_str(), Default::default());
+    }
+    let _ = channel.exchange_delete(audit.dead_letter_exchange().as_str(), false);
+    let _ = connection.close();
+}
+
+/// Rows recorded before schema version 2 have no consumer name: they count as processed for
+/// every consumer, so an upgrade does not apply an old message again.
+#[test]
+fn a_message_recorded_before_the_upgrade_is_not_applied_again() {
+    let t = TestDb::new();
+    with_effects_table(&t);
+    let broker = TestBroker::new();
+    let id = Uuid::new_v4();
+    t.client()
+        .execute(
+            "INSERT INTO processed_messages (consumer, message_id) VALUES ('', $1)",
+            &[&id],
+        )
+        .unwrap();
+    broker.publish_raw(Some(&id.to_string()), "TestHappened", &body(1));
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        record_effect,
+    )
+    .unwrap();
+    wait_until("the redelivery is settled as a duplicate", WAIT, || {
+        handle.stats().duplicates() == 1
+    });
+    handle.stop();
+    assert_eq!(t.count("SELECT count(*) FROM effects"), 0);
+    assert_eq!(broker.ready_main(), 0);
 }

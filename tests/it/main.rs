@@ -3,6 +3,9 @@
 mod admin;
 mod consumer;
 mod dependencies;
+mod destinations;
 mod examples;
 mod migrate;
+mod outbox;
+mod pool;
 mod quorum;

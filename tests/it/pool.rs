@@ -1,0 +1,144 @@
+//! Bring your own pool: a `Database` over the caller's r2d2 pool; a relay worker that dies
+//! shows in health and metrics.
+
+use std::time::Duration;
+
+use postgres::NoTls;
+use r2d2_postgres::PostgresConnectionManager;
+use serde_json::json;
+use txoutbox::{
+    consumer, enqueue, relay, ConsumerConfig, Database, HandlerError, Message, NewEvent, RelayConfig, Schema,
+};
+use txoutbox_testkit::{wait_until, EmptyDb, TestBroker, TestDb};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn callers_pool(url: &str, size: u32) -> r2d2::Pool<PostgresConnectionManager<NoTls>> {
+    let manager = PostgresConnectionManager::new(url.parse().unwrap(), NoTls);
+    r2d2::Pool::builder()
+        .max_size(size)
+        .connection_timeout(Duration::from_millis(500))
+        .build(manager)
+        .unwrap()
+}
+
+#[test]
+fn a_database_over_the_callers_pool_runs_the_relay_and_the_consumer() {
+    let t = TestDb::new();
+    t.client()
+        .batch_execute("CREATE TABLE seen (message_id uuid PRIMARY KEY)")
+        .unwrap();
+    let pool = callers_pool(&t.url, 3);
+    let db = Database::from_pool(&t.url, pool.clone(), Schema::default()).unwrap();
+    let broker = TestBroker::new();
+
+    let mut client = pool.get().unwrap();
+    let mut tx = client.transaction().unwrap();
+    for n in 0..10 {
+        enqueue(
+            &mut tx,
+            &NewEvent::new("thing", n.to_string(), "ThingDone", json!({ "n": n })),
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    drop(client);
+
+    let relay = relay::start(
+        db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        RelayConfig {
+            workers: 1,
+            poll_interval: Duration::from_millis(50),
+            ..RelayConfig::default()
+        },
+    )
+    .unwrap();
+    let handler = |tx: &mut postgres::Transaction<'_>, m: &Message| -> Result<(), HandlerError> {
+        tx.execute("INSERT INTO seen (message_id) VALUES ($1)", &[&m.message_id])?;
+        Ok(())
+    };
+    let consumer = consumer::start(
+        db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        ConsumerConfig::default(),
+        handler,
+    )
+    .unwrap();
+    wait_until("all ten are applied", WAIT, || consumer.stats().applied() == 10);
+    consumer.stop();
+    relay.stop();
+    assert_eq!(t.count("SELECT count(*) FROM seen"), 10);
+    assert!(
+        pool.state().connections >= 1,
+        "the consumer's transactions came from the caller's pool"
+    );
+
+    // An exhausted pool of the caller's gives an error that says whose pool it was.
+    let held: Vec<_> = (0..3).map(|_| pool.get().unwrap()).collect();
+    let error = db.get().err().expect("no connection left");
+    assert!(error.to_string().contains("caller's pool"), "{error}");
+    drop(held);
+}
+
+#[test]
+fn a_database_over_the_callers_pool_checks_the_schema_first() {
+    let empty = EmptyDb::new();
+    let pool = callers_pool(&empty.url, 1);
+    let error = Database::from_pool(&empty.url, pool, Schema::default()).unwrap_err();
+    assert!(error.to_string().contains("txoutbox migrate"), "{error}");
+}
+
+/// A worker that panics (here: the outbox's `exchange` column changed type under it, so reading
+/// a claimed row fails a type check) is reported dead by health and metrics, not counted as
+/// connected.
+#[test]
+fn a_relay_worker_that_panics_shows_in_health_and_metrics() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    t.client()
+        .batch_execute("ALTER TABLE outbox ALTER COLUMN exchange TYPE integer USING NULL")
+        .unwrap();
+    t.client()
+        .execute(
+            "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
+             VALUES (gen_random_uuid(), 'thing', '1', 'ThingDone', '{}')",
+            &[],
+        )
+        .unwrap();
+    let relay = relay::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        RelayConfig {
+            workers: 2,
+            poll_interval: Duration::from_millis(50),
+            ..RelayConfig::default()
+        },
+    )
+    .unwrap();
+    wait_until("both workers died", WAIT, || relay.stats().dead_workers() == 2);
+    let health = relay.health();
+    let why = health
+        .check()
+        .expect_err("a relay with dead workers is not healthy");
+    assert!(why.contains("2 of its 2 workers ended with a panic"), "{why}");
+    assert_eq!(
+        relay.stats().connected_workers(),
+        0,
+        "a dead worker is not counted as connected"
+    );
+    let mut registry = txoutbox::metrics::Registry::default();
+    relay.stats().register(&mut registry);
+    let text = txoutbox::metrics::encode(&registry);
+    assert!(text.contains("txoutbox_relay_dead_workers 2"), "{text}");
+    assert!(text.contains("txoutbox_relay_connected_workers 0"), "{text}");
+    relay.stop();
+    assert_eq!(
+        t.count("SELECT count(*) FROM outbox"),
+        1,
+        "the row stays for a fixed relay"
+    );
+}
