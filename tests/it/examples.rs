@@ -27,3 +27,66 @@ fn the_embedding_example_runs_its_invoices_through_to_sent() {
     assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 100);
     assert_eq!(t.count("SELECT count(*) FROM outbox"), 0);
 }
+
+fn run_example(name: &str, env: &[(&str, &str)]) -> String {
+    let output = Command::new(env!("CARGO"))
+        .args(["run", "--quiet", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("cargo runs the example");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "example {name} failed:\n{stdout}\n{stderr}"
+    );
+    stdout
+}
+
+/// The publish-only service (plain postgres client, relay declaring only its exchange) feeds
+/// the consume-only service (its own r2d2 pool, its own consumer name) through one exchange.
+#[test]
+fn the_publish_only_example_feeds_the_consume_only_example() {
+    let t = TestDb::new();
+    // The consumer's queue, bound to the exchange, exists before anything is published.
+    let broker = TestBroker::new();
+    let url = amqp_url();
+    let (exchange, queue) = (broker.topology.exchange.as_str(), broker.topology.queue.as_str());
+    let published = run_example(
+        "publish_only",
+        &[
+            ("DATABASE_URL", &t.url),
+            ("AMQP_URL", &url),
+            ("AMQP_EXCHANGE", exchange),
+            ("COUNT", "10"),
+        ],
+    );
+    assert!(published.contains("published 10 events"), "{published}");
+    assert_eq!(
+        t.count("SELECT count(*) FROM shipments"),
+        10,
+        "the rolled-back one is not there"
+    );
+    assert_eq!(t.count("SELECT count(*) FROM outbox"), 0);
+    assert_eq!(broker.ready_main(), 10);
+
+    let applied = run_example(
+        "consume_only",
+        &[
+            ("DATABASE_URL", &t.url),
+            ("AMQP_URL", &url),
+            ("AMQP_EXCHANGE", exchange),
+            ("AMQP_QUEUE", queue),
+            ("EXPECT", "10"),
+        ],
+    );
+    assert!(applied.contains("applied 10 events"), "{applied}");
+    assert_eq!(t.count("SELECT count(*) FROM shipment_log"), 10);
+    assert_eq!(
+        t.count("SELECT count(*) FROM processed_messages WHERE consumer = 'shipment-log'"),
+        10
+    );
+    assert_eq!(broker.ready_main(), 0);
+}
