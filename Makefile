@@ -26,7 +26,7 @@ COMPOSE_AMQP_URL := amqp://txoutbox:txoutbox@127.0.0.1:5672/%2f
 COMPOSE_DATABASE_URL := postgres://postgres:postgres@127.0.0.1:5432/txoutbox
 -include $(COMPOSE_ENV)
 
-.PHONY: help up down build migrate server consumer stress demo bench bench-quick chaos chaos-quick test fmt lint
+.PHONY: help up down build migrate server consumer stress demo bench bench-quick chaos chaos-quick test library-check fmt lint
 
 help: ## list the targets (the default)
 	@echo "txoutbox: transactional outbox for Postgres and RabbitMQ"
@@ -107,7 +107,12 @@ test: ## every test against the real Postgres and RabbitMQ (DATABASE_URL, AMQP_U
 		echo "+ $(CARGO) test --workspace --no-fail-fast   (cargo-nextest is not installed)"; \
 		$(CARGO) test --workspace --no-fail-fast || status=$$?; \
 	fi; \
+	$(MAKE) --no-print-directory library-check || status=$$?; \
 	exit $$status
+
+library-check: ## the library's rustdoc builds with warnings denied, and it packages
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc -p txoutbox --no-deps --quiet
+	$(CARGO) package -p txoutbox --allow-dirty --quiet
 
 fmt: ## format the code
 	$(CARGO) fmt

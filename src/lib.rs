@@ -2,13 +2,16 @@
 //!
 //! A transactional outbox for Postgres and RabbitMQ, synchronous and thread-pool based.
 //!
-//! - [`enqueue`] writes an event inside the caller's own Postgres transaction: it is
-//!   published if and only if that transaction commits.
+//! - [`Outbox::enqueue`] (and [`enqueue`], for tables in schema `public`) writes an event on
+//!   the caller's own Postgres transaction or client: it is published if and only if that
+//!   transaction commits. [`Outbox::enqueue_many`] writes a batch in one statement.
 //! - [`relay::start`] runs worker threads that claim outbox rows with `FOR UPDATE SKIP LOCKED`,
 //!   publish them with publisher confirms, and delete them only after the broker confirmed.
 //! - [`consumer::start`] applies each delivery through a [`Handler`] in a transaction that also
-//!   records the message id in `processed_messages`, and acks only after that commit: a
-//!   redelivered message has no second effect.
+//!   records the message id in `processed_messages` under the consumer's name, and acks only
+//!   after that commit: a redelivered message has no second effect.
+//! - [`migrate`] owns the tables: [`Database::connect`] and [`Database::from_pool`] only check
+//!   their version.
 //! - [`metrics`] exposes what the relay and the consumer count (their `stats().register(..)`)
 //!   and the outbox backlog in the Prometheus text format.
 //!

@@ -60,7 +60,7 @@ const SECONDS_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// A histogram of durations in seconds, with [`SECONDS_BUCKETS`].
+/// A histogram of durations in seconds, with buckets from 0.5 ms to 10 s.
 pub fn seconds_histogram() -> Histogram {
     Histogram::new(SECONDS_BUCKETS)
 }

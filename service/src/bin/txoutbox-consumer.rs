@@ -29,6 +29,11 @@ const SETTINGS: &[Setting] = &[
         help: "redeliveries after a transient handler failure before dead-lettering",
     },
     Setting {
+        name: "CONSUMER_NAME",
+        default: "the queue's name",
+        help: "name processed message ids are recorded under (instances of one consumer share it)",
+    },
+    Setting {
         name: "PROCESSED_RETENTION",
         default: "7d",
         help: "age after which processed_messages rows are purged (d, h, m, s; `off` keeps them)",
@@ -69,6 +74,9 @@ fn try_main() -> Result<(), String> {
         prefetch: env_parse("CONSUMER_PREFETCH", 256)?,
         batch_size: env_parse("CONSUMER_BATCH", 100)?,
         max_retries: env_parse("CONSUMER_MAX_RETRIES", 5)?,
+        name: std::env::var("CONSUMER_NAME")
+            .ok()
+            .filter(|name| !name.is_empty()),
         ..ConsumerConfig::default()
     };
     let pool = PoolOptions {
