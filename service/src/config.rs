@@ -27,7 +27,22 @@ pub struct HttpConfig {
     pub idle_timeout: Duration,
     /// How long a shutdown waits for requests in hand before leaving them (default 8 s).
     pub shutdown_grace: Duration,
+    /// Open client connections at most (`HTTP_MAX_CONNECTIONS`, default 256); past it a new
+    /// connection gets 503 and is closed at once.
+    pub max_connections: usize,
+    /// Time from a request's first byte to its last (`HTTP_REQUEST_TIMEOUT`, default 10 s);
+    /// a request still arriving then gets 408 and the connection is closed.
+    pub request_timeout: Duration,
+    /// Largest request head, request line and header fields (`HTTP_MAX_HEADER_BYTES`, default
+    /// 32 KiB); larger gets 431.
+    pub max_header_bytes: usize,
 }
+
+/// Most header fields in one request; more get 431.
+pub const MAX_HEADERS: usize = 100;
+
+/// How long a handler has to answer before the client gets 503.
+const HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for HttpConfig {
     fn default() -> Self {
@@ -38,6 +53,9 @@ impl Default for HttpConfig {
             api_token: None,
             idle_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(8),
+            max_connections: 256,
+            request_timeout: Duration::from_secs(10),
+            max_header_bytes: 32 * 1024,
         }
     }
 }
@@ -54,7 +72,37 @@ impl HttpConfig {
         if self.idle_timeout.is_zero() {
             return Err(Error::Config("the HTTP idle timeout must be more than 0".into()));
         }
+        if !(1..=100_000).contains(&self.max_connections) {
+            return Err(Error::Config(format!(
+                "HTTP_MAX_CONNECTIONS must be 1..=100000, got {}",
+                self.max_connections
+            )));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(Error::Config("HTTP_REQUEST_TIMEOUT must be more than 0".into()));
+        }
+        if !(1024..=1024 * 1024).contains(&self.max_header_bytes) {
+            return Err(Error::Config(format!(
+                "HTTP_MAX_HEADER_BYTES must be 1024..=1048576, got {}",
+                self.max_header_bytes
+            )));
+        }
         Ok(())
+    }
+
+    /// What the gate allows clients: these settings, and as many connections to the handlers
+    /// as two per handler thread.
+    pub(crate) fn gate_limits(&self) -> crate::gate::Limits {
+        crate::gate::Limits {
+            max_connections: self.max_connections,
+            max_header_bytes: self.max_header_bytes,
+            max_headers: MAX_HEADERS,
+            max_body_bytes: self.max_body_bytes,
+            request_timeout: self.request_timeout,
+            idle_timeout: self.idle_timeout,
+            handler_timeout: HANDLER_TIMEOUT,
+            upstream_connections: self.threads * 2,
+        }
     }
 }
 

@@ -1,21 +1,22 @@
-//! The tiny_http front: the listening socket and what it takes to keep tiny_http 0.12 serving
-//! under hostile or unlucky conditions its own code does not handle (see ../shared/stack.md):
-//! an accept loop that dies on its first error or panics when a descriptor runs out, a
-//! connection pool that can strand a new connection, and a request drop that aborts the
-//! process on an absurd `Content-Length`.
+//! The front: the gate that owns the public socket (see [`crate::gate`]) and the tiny_http
+//! server behind it on a private Unix socket, with what it takes to keep tiny_http 0.12
+//! serving (see ../shared/stack.md): an accept loop that dies on its first error or panics when
+//! a descriptor runs out, and a connection pool that can strand a new connection.
 
-use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tiny_http::{Request, Response, Server};
+use tiny_http::{Request, Server};
 
+use crate::gate::{Gate, GateStats, Limits};
 use txoutbox::{Error, Result};
 
-/// How often the kicker opens and closes a connection to the server.
+/// How often the kicker opens and closes a connection to tiny_http.
 const KICK_INTERVAL: Duration = Duration::from_millis(25);
 
 /// How often a listener without kicks checks for a tiny_http panic.
@@ -24,24 +25,21 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 /// Pause before rebuilding a server whose accept loop died (e.g. out of file descriptors).
 const RESTART_PAUSE: Duration = Duration::from_millis(100);
 
-/// Declared bodies above this are never drained (see [`answer_without_draining`]).
-const UNDRAINABLE_BODY_BYTES: usize = 1 << 30;
-
-/// Requests answered without draining their body so far (each parks one connection thread).
-static UNDRAINED: AtomicUsize = AtomicUsize::new(0);
-
 /// Panics raised inside tiny_http's code so far (see [`watch_tiny_http_panics`]).
 static TINY_HTTP_PANICS: AtomicUsize = AtomicUsize::new(0);
 
 /// The server currently accepting, shared by the request threads and the kicker.
 type CurrentServer = Arc<RwLock<Arc<Server>>>;
 
-/// The listening socket and the tiny_http server currently accepting on it.
+/// The gate on the public socket and the tiny_http server currently accepting behind it.
 pub(crate) struct Front {
-    /// Our own handle on the socket: it outlives a tiny_http accept loop that died, so a new
-    /// server can take over the same port with no gap in which it is closed.
-    listener: TcpListener,
     addr: SocketAddr,
+    gate: Mutex<Gate>,
+    /// Our own handle on tiny_http's socket: it outlives a tiny_http accept loop that died, so
+    /// a new server can take over with no gap.
+    listener: UnixListener,
+    /// Removed (with its directory) when the front is dropped.
+    _socket: PrivateSocket,
     current: CurrentServer,
     stopping: AtomicBool,
     kicker_stop: Arc<AtomicBool>,
@@ -49,34 +47,37 @@ pub(crate) struct Front {
 }
 
 impl Front {
-    /// Binds `addr` (the value of the setting named `setting`, for errors) and starts accepting.
-    /// A connection silent for `idle_timeout` while the server reads from it (or that takes no
-    /// data for as long while it writes) fails its I/O.
-    pub(crate) fn bind(setting: &str, addr: &str, idle_timeout: Duration) -> Result<Front> {
-        Self::bind_with(setting, addr, idle_timeout, true)
-    }
-
-    /// Like [`bind`](Self::bind) without the kicker's connections (see [`start_kicker`]), for a
-    /// listener with a few sequential clients, such as a metrics scraper: it saves 40
-    /// connections a second.
-    pub(crate) fn bind_unkicked(setting: &str, addr: &str, idle_timeout: Duration) -> Result<Front> {
-        Self::bind_with(setting, addr, idle_timeout, false)
-    }
-
-    fn bind_with(setting: &str, addr: &str, idle_timeout: Duration, kick: bool) -> Result<Front> {
+    /// Binds `addr` (the value of the setting named `setting`, for errors) and starts the gate
+    /// in front of a tiny_http server on a private Unix socket. With `kick`, a thread keeps
+    /// tiny_http's connection pool from stranding a new connection (see [`start_kicker`]); a
+    /// listener with a few sequential clients, such as a metrics scraper, does without.
+    pub(crate) fn bind(
+        setting: &str,
+        addr: &str,
+        limits: Limits,
+        stats: GateStats,
+        kick: bool,
+    ) -> Result<Front> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::Config(format!("cannot listen on {setting} {addr}: {e}")))?;
-        set_connection_timeouts(&listener, idle_timeout)?;
-        let local = listener
-            .local_addr()
-            .map_err(|e| Error::Config(format!("cannot read the address of {setting} {addr}: {e}")))?;
+        let socket = PrivateSocket::new()?;
+        let upstream = UnixListener::bind(socket.path())
+            .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", socket.path().display())))?;
         watch_tiny_http_panics();
-        let current = Arc::new(RwLock::new(Arc::new(new_server(&listener)?)));
+        let current = Arc::new(RwLock::new(Arc::new(new_server(&upstream)?)));
         let kicker_stop = Arc::new(AtomicBool::new(false));
-        let kicker = start_kicker(local, current.clone(), kicker_stop.clone(), kick)?;
+        let kicker = start_kicker(
+            socket.path().to_path_buf(),
+            current.clone(),
+            kicker_stop.clone(),
+            kick,
+        )?;
+        let gate = Gate::start(listener, socket.path().to_path_buf(), limits, stats)?;
         Ok(Front {
-            listener,
-            addr: local,
+            addr: gate.addr(),
+            gate: Mutex::new(gate),
+            listener: upstream,
+            _socket: socket,
             current,
             stopping: AtomicBool::new(false),
             kicker_stop,
@@ -106,6 +107,7 @@ impl Front {
     /// [`next_request`](Self::next_request).
     pub(crate) fn stop(&self, handlers: usize) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.gate.lock().unwrap_or_else(|p| p.into_inner()).stop();
         let server = self.server();
         // Each unblock() queues one wake-up for one thread in recv().
         for _ in 0..handlers {
@@ -166,18 +168,11 @@ impl Front {
 /// wakes a request thread, which sees the error and starts a new server on the same socket.
 /// Without `kick` it only watches, every [`WATCH_INTERVAL`].
 fn start_kicker(
-    addr: SocketAddr,
+    target: PathBuf,
     current: CurrentServer,
     stop: Arc<AtomicBool>,
     kick: bool,
 ) -> Result<JoinHandle<()>> {
-    let target = match addr {
-        SocketAddr::V4(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
-        SocketAddr::V6(a) if a.ip().is_unspecified() => {
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
-        }
-        other => other,
-    };
     std::thread::Builder::new()
         .name("http-kicker".into())
         .spawn(move || {
@@ -193,24 +188,13 @@ fn start_kicker(
                     std::thread::sleep(WATCH_INTERVAL);
                     continue;
                 }
-                if let Ok(stream) = TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+                if let Ok(stream) = UnixStream::connect(&target) {
                     drop(stream);
                 }
                 std::thread::sleep(KICK_INTERVAL);
             }
         })
         .map_err(|e| Error::Other(format!("cannot start an HTTP thread: {e}")))
-}
-
-/// Sets the read and write timeouts on the listening socket, from which Linux copies them to
-/// every accepted connection: tiny_http gives no access to a connection's socket, and without
-/// a timeout a client that stops sending mid-body holds a handler thread for good.
-fn set_connection_timeouts(listener: &TcpListener, timeout: Duration) -> Result<()> {
-    let socket = socket2::SockRef::from(listener);
-    socket
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| socket.set_write_timeout(Some(timeout)))
-        .map_err(|e| Error::Other(format!("cannot set timeouts on the HTTP socket: {e}")))
 }
 
 fn current_server(current: &CurrentServer) -> Arc<Server> {
@@ -234,37 +218,46 @@ fn watch_tiny_http_panics() {
     });
 }
 
-fn new_server(listener: &TcpListener) -> Result<Server> {
+fn new_server(listener: &UnixListener) -> Result<Server> {
     let clone = listener
         .try_clone()
         .map_err(|e| Error::Other(format!("cannot share the HTTP socket: {e}")))?;
     Server::from_listener(clone, None).map_err(|e| Error::Other(format!("cannot start the HTTP server: {e}")))
 }
 
-/// True when the request declares a body too large to let tiny_http drain.
-pub(crate) fn is_undrainable(request: &Request) -> bool {
-    request
-        .body_length()
-        .is_some_and(|len| len > UNDRAINABLE_BODY_BYTES)
+/// A Unix socket path in a directory only this user may enter, so that nobody reaches
+/// tiny_http except through the gate. Both are removed when dropped.
+pub(crate) struct PrivateSocket {
+    dir: PathBuf,
+    path: PathBuf,
 }
 
-/// Answers a request whose declared body is absurdly large, without letting tiny_http drain it.
-///
-/// Dropping a tiny_http 0.12 request allocates a buffer as large as the unread part of the
-/// declared body to drain it, and an allocation of, say, 2^50 bytes aborts the whole process.
-/// The only way around that in its public API is to take the connection's streams out of the
-/// request (`upgrade`) and never drop them. That keeps one connection thread and socket
-/// parked for good per such request: a bounded cost an attacker pays per request, instead of
-/// the process. A reverse proxy with a body limit in front avoids even that (docs/operating.md).
-pub(crate) fn answer_without_draining(request: Request, response: Response<std::io::Cursor<Vec<u8>>>) {
-    let count = UNDRAINED.fetch_add(1, Ordering::Relaxed) + 1;
-    log::warn!(
-        "http: request from {:?} declares a {} byte body; answered without draining \
-         (connection parked, {count} so far)",
-        request.remote_addr(),
-        request.body_length().unwrap_or(0)
-    );
-    let mut stream = request.upgrade("close", response);
-    let _ = stream.flush();
-    std::mem::forget(stream);
+impl PrivateSocket {
+    fn new() -> Result<PrivateSocket> {
+        use std::os::unix::fs::DirBuilderExt;
+        static SEQUENCE: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "txoutbox-http-{}-{}-{}",
+            std::process::id(),
+            SEQUENCE.fetch_add(1, Ordering::Relaxed),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join("http.sock");
+        Ok(PrivateSocket { dir, path })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PrivateSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }

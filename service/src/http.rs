@@ -11,8 +11,9 @@ use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, StatusCode};
 use uuid::Uuid;
 
-use crate::config::{HttpConfig, Secret};
-use crate::front::{self, Front};
+use crate::config::{HttpConfig, Secret, MAX_HEADERS};
+use crate::front::Front;
+use crate::gate::GateStats;
 use crate::metrics::HttpMetrics;
 use crate::orders::{self, Announce, Cancellation};
 use crate::status::{self, Sampler, StatusPage};
@@ -89,11 +90,19 @@ pub fn serve_with_relay(
     relay: Option<RelayHealth>,
 ) -> Result<HttpHandle> {
     config.validate()?;
-    let front = Arc::new(Front::bind("HTTP_ADDR", &config.addr, config.idle_timeout)?);
+    let gate_stats = GateStats::default();
+    let front = Arc::new(Front::bind(
+        "HTTP_ADDR",
+        &config.addr,
+        config.gate_limits(),
+        gate_stats.clone(),
+        true,
+    )?);
     let (status, sampler) = StatusPage::start(db.clone(), relay.clone())?;
     let metrics = HttpMetrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    gate_stats.register(&mut registry);
     metrics::register_outbox_gauges(&mut registry, db.clone());
     if let Some(relay) = &relay {
         relay.stats().register(&mut registry);
@@ -212,9 +221,7 @@ impl Api {
         if let Some((name, value)) = reply.header {
             response.add_header(header(name, value));
         }
-        if front::is_undrainable(&request) {
-            front::answer_without_draining(request, response);
-        } else if let Err(e) = request.respond(response) {
+        if let Err(e) = request.respond(response) {
             log::debug!("http: cannot send the response: {e}");
         }
         self.metrics
@@ -395,9 +402,6 @@ fn method_label(method: &Method) -> &'static str {
         Method::NonStandard(_) => "other",
     }
 }
-
-/// Requests with more header fields than this get 431 (tiny_http itself has no limit).
-const MAX_HEADERS: usize = 100;
 
 /// 503 when the database is away (the client may retry), 500 otherwise.
 fn failure(what: &str, error: &Error) -> Reply {

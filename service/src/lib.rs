@@ -8,6 +8,7 @@
 
 pub mod config;
 mod front;
+mod gate;
 pub mod http;
 pub mod metrics;
 pub mod orders;

@@ -15,7 +15,8 @@ use tiny_http::{Header, Method, Response, StatusCode};
 use txoutbox::metrics::{encode, seconds_histogram, Registry, CONTENT_TYPE};
 use txoutbox::{Error, Result};
 
-use crate::front::{self, Front};
+use crate::front::Front;
+use crate::gate::{GateStats, Limits};
 
 /// Labels of an HTTP request: the route template (never the raw path), method and status.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,7 +103,17 @@ pub struct MetricsServer {
 /// `GET /healthz` answering 200 while the process runs. One thread answers the requests; a
 /// scraper silent for [`SCRAPER_IDLE_TIMEOUT`] is disconnected so it cannot hold that thread.
 pub fn serve(setting: &str, addr: &str, registry: Registry) -> Result<MetricsServer> {
-    let front = Arc::new(Front::bind_unkicked(setting, addr, SCRAPER_IDLE_TIMEOUT)?);
+    let limits = Limits {
+        max_connections: 32,
+        max_header_bytes: 16 * 1024,
+        max_headers: crate::config::MAX_HEADERS,
+        max_body_bytes: 0,
+        request_timeout: SCRAPER_IDLE_TIMEOUT,
+        idle_timeout: SCRAPER_IDLE_TIMEOUT,
+        handler_timeout: Duration::from_secs(30),
+        upstream_connections: 1,
+    };
+    let front = Arc::new(Front::bind(setting, addr, limits, GateStats::default(), false)?);
     let server = front.clone();
     let thread = std::thread::Builder::new()
         .name("metrics".into())
@@ -168,9 +179,7 @@ fn answer(request: tiny_http::Request, registry: &Registry) {
     if let Some(allow) = allow {
         response.add_header(ascii_header("Allow", allow));
     }
-    if front::is_undrainable(&request) {
-        front::answer_without_draining(request, response);
-    } else if let Err(e) = request.respond(response) {
+    if let Err(e) = request.respond(response) {
         log::debug!("metrics: cannot send the response: {e}");
     }
 }

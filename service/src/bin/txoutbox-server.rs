@@ -3,6 +3,8 @@
 use txoutbox_service::settings as common;
 
 use common::{env_or, env_parse, Setting};
+use std::time::Duration;
+
 use txoutbox::{relay, Database, PoolOptions, RelayConfig, RelayOrdering};
 use txoutbox_service::config::{Secret, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
 use txoutbox_service::{http, orders, HttpConfig};
@@ -17,6 +19,21 @@ const SETTINGS: &[Setting] = &[
         name: "HTTP_THREADS",
         default: "16",
         help: "request handler threads",
+    },
+    Setting {
+        name: "HTTP_MAX_CONNECTIONS",
+        default: "256",
+        help: "open client connections at most; past it a new one gets 503 and is closed at once",
+    },
+    Setting {
+        name: "HTTP_REQUEST_TIMEOUT",
+        default: "10",
+        help: "seconds from a request's first byte to its last; slower gets 408 and a close",
+    },
+    Setting {
+        name: "HTTP_MAX_HEADER_BYTES",
+        default: "32768",
+        help: "largest request head (request line and header fields); larger gets 431",
     },
     Setting {
         name: "API_TOKEN",
@@ -69,6 +86,9 @@ fn try_main() -> Result<(), String> {
     let http_config = HttpConfig {
         addr: env_or("HTTP_ADDR", "127.0.0.1:8080"),
         threads: env_parse("HTTP_THREADS", 16)?,
+        max_connections: env_parse("HTTP_MAX_CONNECTIONS", 256)?,
+        request_timeout: Duration::from_secs(env_parse("HTTP_REQUEST_TIMEOUT", 10)?),
+        max_header_bytes: env_parse("HTTP_MAX_HEADER_BYTES", 32 * 1024)?,
         api_token: std::env::var("API_TOKEN")
             .ok()
             .filter(|t| !t.is_empty())

@@ -226,7 +226,7 @@ fn each_bad_input_gets_its_status_and_writes_nothing() {
         "POST /orders HTTP/1.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked",
         b"10\r\n{\"user_id\":\"x\",\"\r\n0\r\n\r\n",
     );
-    assert_eq!(reply.status, 400, "chunked invalid body");
+    assert_eq!(reply.status, 411, "chunked: a Content-Length is required");
 
     let reply = slow_post(addr, br#"{"user_id":"nope","amount":"1.00"}"#);
     assert_eq!(reply.status, 400, "slow body, invalid once complete");
