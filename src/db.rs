@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 use r2d2_postgres::PostgresConnectionManager;
 
 use crate::config::redact_url;
+use crate::tls::{PgConnector, PgTls};
 use crate::{Error, Result};
 
 /// A pool of blocking Postgres connections, each with its prepared statements.
@@ -52,7 +53,7 @@ impl DerefMut for Connection {
 
 /// r2d2 manager of [`Connection`]s, delegating connection checks to r2d2_postgres.
 #[derive(Debug)]
-pub struct Manager(PostgresConnectionManager<NoTls>);
+pub struct Manager(PostgresConnectionManager<PgConnector>);
 
 impl r2d2::ManageConnection for Manager {
     type Connection = Connection;
@@ -115,6 +116,7 @@ pub struct Database {
     config: postgres::Config,
     pool: Pool,
     url: String,
+    tls: PgTls,
 }
 
 impl std::fmt::Debug for Database {
@@ -151,9 +153,16 @@ impl Default for PoolOptions {
 }
 
 /// Parses a `postgres://` URL (or key=value string) and adds the timeouts txoutbox relies on:
-/// a connect timeout, TCP keepalives, and the given statement timeout.
+/// a connect timeout, TCP keepalives, and the given statement timeout. The TLS keys
+/// (`sslmode=verify-full` etc., see [`crate::tls`]) need [`parse_url_tls`]'s connector.
 pub fn parse_url(url: &str, statement_timeout: Duration) -> Result<postgres::Config> {
-    let mut config: postgres::Config = url.parse().map_err(|e: postgres::Error| {
+    parse_url_tls(url, statement_timeout).map(|(config, _)| config)
+}
+
+/// [`parse_url`], with the connector for the URL's TLS settings (pass it to `connect`).
+pub fn parse_url_tls(url: &str, statement_timeout: Duration) -> Result<(postgres::Config, PgTls)> {
+    let (rest, tls) = PgTls::from_url(url)?;
+    let mut config: postgres::Config = rest.parse().map_err(|e: postgres::Error| {
         Error::Config(format!(
             "DATABASE_URL {} is not a valid Postgres URL: {e}",
             redact_url(url)
@@ -169,7 +178,17 @@ pub fn parse_url(url: &str, statement_timeout: Duration) -> Result<postgres::Con
         statement_timeout.as_millis()
     );
     config.options(options.trim());
-    Ok(config)
+    tls.apply(&mut config);
+    Ok((config, tls))
+}
+
+/// A connection outside any pool to the database of `url`, with its TLS settings.
+pub fn connect_url(url: &str, statement_timeout: Duration) -> Result<Client> {
+    let (config, tls) = parse_url_tls(url, statement_timeout)?;
+    config.connect(tls.connector()).map_err(|e| {
+        let advice = tls.explain(&e, &config);
+        Error::db(format!("cannot connect to {}{advice}", redact_url(url)), e)
+    })
 }
 
 impl Database {
@@ -184,7 +203,7 @@ impl Database {
                 options.schema
             )));
         }
-        let mut config = parse_url(url, options.statement_timeout)?;
+        let (mut config, tls) = parse_url_tls(url, options.statement_timeout)?;
         if options.schema != crate::migrate::DEFAULT_SCHEMA {
             let search = format!(
                 "{} -c search_path={},public",
@@ -193,12 +212,13 @@ impl Database {
             );
             config.options(search.trim());
         }
-        let mut client = config.connect(NoTls).map_err(|e| {
+        let mut client = config.connect(tls.connector()).map_err(|e| {
             Error::db(
                 format!(
                     "cannot connect to {} (is Postgres running, and does the database exist? \
-                     `txoutbox migrate --create-database` creates it)",
-                    redact_url(url)
+                     `txoutbox migrate --create-database` creates it){}",
+                    redact_url(url),
+                    tls.explain(&e, &config)
                 ),
                 e,
             )
@@ -206,7 +226,7 @@ impl Database {
         let checked = crate::migrate::check(&mut client, &options.schema);
         let _ = client.close();
         checked?;
-        let manager = Manager(PostgresConnectionManager::new(config.clone(), NoTls));
+        let manager = Manager(PostgresConnectionManager::new(config.clone(), tls.connector()));
         let health = Arc::new(AtomicBool::new(false));
         let pool = r2d2::Pool::builder()
             .max_size(options.max_size)
@@ -221,6 +241,7 @@ impl Database {
             config,
             pool,
             url: url.to_string(),
+            tls,
         })
     }
 
@@ -255,9 +276,10 @@ impl Database {
 
     /// A new connection outside the pool (for LISTEN, which must not return to a pool).
     pub fn dedicated(&self) -> Result<Client> {
-        self.config
-            .connect(NoTls)
-            .map_err(|e| Error::db(format!("cannot connect to {}", redact_url(&self.url)), e))
+        self.config.connect(self.tls.connector()).map_err(|e| {
+            let advice = self.tls.explain(&e, &self.config);
+            Error::db(format!("cannot connect to {}{advice}", redact_url(&self.url)), e)
+        })
     }
 
     /// The parsed connection settings.
@@ -270,7 +292,8 @@ impl Database {
 /// `postgres` maintenance database with the same credentials.
 pub fn ensure_database(config: &postgres::Config, url: &str) -> Result<()> {
     let name = config.get_dbname().unwrap_or("postgres").to_string();
-    match config.connect(NoTls) {
+    let (_, tls) = PgTls::from_url(url)?;
+    match config.connect(tls.connector()) {
         Ok(client) => {
             let _ = client.close();
             return Ok(());
@@ -279,8 +302,9 @@ pub fn ensure_database(config: &postgres::Config, url: &str) -> Result<()> {
         Err(e) => {
             return Err(Error::db(
                 format!(
-                    "cannot connect to {} (is Postgres running? `make up` starts one)",
-                    redact_url(url)
+                    "cannot connect to {} (is Postgres running? `make up` starts one){}",
+                    redact_url(url),
+                    tls.explain(&e, config)
                 ),
                 e,
             ))
@@ -289,7 +313,7 @@ pub fn ensure_database(config: &postgres::Config, url: &str) -> Result<()> {
     let mut admin_config = config.clone();
     admin_config.dbname("postgres");
     let how = format!("create it by hand with: createdb {name}  (or psql -c 'CREATE DATABASE \"{name}\"')");
-    let mut admin = admin_config.connect(NoTls).map_err(|e| {
+    let mut admin = admin_config.connect(tls.connector()).map_err(|e| {
         Error::db(
             format!("database {name} does not exist and the server refused a maintenance connection; {how}"),
             e,

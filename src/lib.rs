@@ -49,6 +49,7 @@ pub mod migrate;
 pub mod outbox;
 pub mod relay;
 pub mod retention;
+pub mod tls;
 pub mod wakeup;
 
 pub use broker::{QueueType, Topology};
