@@ -6,3 +6,4 @@ mod dependencies;
 mod examples;
 mod migrate;
 mod quorum;
+mod tls;
