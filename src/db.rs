@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postgres::{Client, Statement};
-use r2d2_postgres::PostgresConnectionManager;
 
 use crate::config::redact_url;
-use crate::tls::{PgConnector, PgTls};
+use crate::tls::PgTls;
 use crate::{Error, Result};
 
 /// A pool of blocking Postgres connections, each with its prepared statements.
@@ -51,9 +50,12 @@ impl DerefMut for Connection {
     }
 }
 
-/// r2d2 manager of [`Connection`]s, delegating connection checks to r2d2_postgres.
+/// r2d2 manager of [`Connection`]s (with the URL's TLS settings).
 #[derive(Debug)]
-pub struct Manager(PostgresConnectionManager<PgConnector>);
+pub struct Manager {
+    config: postgres::Config,
+    tls: PgTls,
+}
 
 impl r2d2::ManageConnection for Manager {
     type Connection = Connection;
@@ -61,17 +63,17 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> Result<Connection, postgres::Error> {
         Ok(Connection {
-            client: self.0.connect()?,
+            client: self.tls.connect(&self.config)?,
             statements: HashMap::new(),
         })
     }
 
     fn is_valid(&self, conn: &mut Connection) -> Result<(), postgres::Error> {
-        self.0.is_valid(&mut conn.client)
+        conn.client.simple_query("").map(|_| ())
     }
 
     fn has_broken(&self, conn: &mut Connection) -> bool {
-        self.0.has_broken(&mut conn.client)
+        conn.client.is_closed()
     }
 }
 
@@ -185,7 +187,7 @@ pub fn parse_url_tls(url: &str, statement_timeout: Duration) -> Result<(postgres
 /// A connection outside any pool to the database of `url`, with its TLS settings.
 pub fn connect_url(url: &str, statement_timeout: Duration) -> Result<Client> {
     let (config, tls) = parse_url_tls(url, statement_timeout)?;
-    config.connect(tls.connector()).map_err(|e| {
+    tls.connect(&config).map_err(|e| {
         let advice = tls.explain(&e, &config);
         Error::db(format!("cannot connect to {}{advice}", redact_url(url)), e)
     })
@@ -212,7 +214,7 @@ impl Database {
             );
             config.options(search.trim());
         }
-        let mut client = config.connect(tls.connector()).map_err(|e| {
+        let mut client = tls.connect(&config).map_err(|e| {
             Error::db(
                 format!(
                     "cannot connect to {} (is Postgres running, and does the database exist? \
@@ -226,7 +228,10 @@ impl Database {
         let checked = crate::migrate::check(&mut client, &options.schema);
         let _ = client.close();
         checked?;
-        let manager = Manager(PostgresConnectionManager::new(config.clone(), tls.connector()));
+        let manager = Manager {
+            config: config.clone(),
+            tls: tls.clone(),
+        };
         let health = Arc::new(AtomicBool::new(false));
         let pool = r2d2::Pool::builder()
             .max_size(options.max_size)
@@ -276,7 +281,7 @@ impl Database {
 
     /// A new connection outside the pool (for LISTEN, which must not return to a pool).
     pub fn dedicated(&self) -> Result<Client> {
-        self.config.connect(self.tls.connector()).map_err(|e| {
+        self.tls.connect(&self.config).map_err(|e| {
             let advice = self.tls.explain(&e, &self.config);
             Error::db(format!("cannot connect to {}{advice}", redact_url(&self.url)), e)
         })
@@ -293,7 +298,7 @@ impl Database {
 pub fn ensure_database(config: &postgres::Config, url: &str) -> Result<()> {
     let name = config.get_dbname().unwrap_or("postgres").to_string();
     let (_, tls) = PgTls::from_url(url)?;
-    match config.connect(tls.connector()) {
+    match tls.connect(config) {
         Ok(client) => {
             let _ = client.close();
             return Ok(());
@@ -313,7 +318,7 @@ pub fn ensure_database(config: &postgres::Config, url: &str) -> Result<()> {
     let mut admin_config = config.clone();
     admin_config.dbname("postgres");
     let how = format!("create it by hand with: createdb {name}  (or psql -c 'CREATE DATABASE \"{name}\"')");
-    let mut admin = admin_config.connect(tls.connector()).map_err(|e| {
+    let mut admin = tls.connect(&admin_config).map_err(|e| {
         Error::db(
             format!("database {name} does not exist and the server refused a maintenance connection; {how}"),
             e,

@@ -67,11 +67,12 @@ pub struct PgTlsSettings {
     pub root_cert: Option<RootCert>,
 }
 
-/// A `DATABASE_URL`'s TLS settings with the connector they need.
+/// A `DATABASE_URL`'s TLS settings with the connector they need (none without TLS: building
+/// one loads the system's trust store, tens of milliseconds).
 #[derive(Clone)]
 pub struct PgTls {
     settings: PgTlsSettings,
-    connector: PgConnector,
+    connector: Option<PgConnector>,
 }
 
 impl fmt::Debug for PgTls {
@@ -85,7 +86,10 @@ impl PgTls {
     /// URL (for `postgres::Config`'s parser) and the settings; apply them with [`apply`](Self::apply).
     pub fn from_url(url: &str) -> Result<(String, PgTls)> {
         let (rest, settings) = split_postgres_url(url)?;
-        let connector = PgConnector(MakeTlsConnector::new(pg_connector(&settings)?));
+        let connector = match settings.mode {
+            SslMode::Unset | SslMode::Disable => None,
+            _ => Some(PgConnector(MakeTlsConnector::new(pg_connector(&settings)?))),
+        };
         Ok((rest, PgTls { settings, connector }))
     }
 
@@ -105,9 +109,13 @@ impl PgTls {
         });
     }
 
-    /// The connector to pass to `postgres::Config::connect`.
-    pub fn connector(&self) -> PgConnector {
-        self.connector.clone()
+    /// Connects with `config` (to which [`apply`](Self::apply) was applied): over TLS as the
+    /// settings say, or plainly, with no TLS code on the way.
+    pub fn connect(&self, config: &postgres::Config) -> Result<postgres::Client, postgres::Error> {
+        match &self.connector {
+            Some(connector) => config.connect(connector.clone()),
+            None => config.connect(postgres::NoTls),
+        }
     }
 
     /// What to do about a failed connection when TLS caused it, as `"; ..."` to append to the
@@ -358,23 +366,16 @@ fn build(builder: &native_tls::TlsConnectorBuilder) -> Result<native_tls::TlsCon
         .map_err(|e| Error::Other(format!("cannot set up TLS: {e}")))
 }
 
-/// The native-tls connector for Postgres settings (see the module's table).
+/// The native-tls connector for Postgres settings with TLS (see the module's table).
 fn pg_connector(settings: &PgTlsSettings) -> Result<native_tls::TlsConnector> {
     let mut builder = native_tls::TlsConnector::builder();
-    match settings.mode {
-        // Never used for a handshake; no trust store to load.
-        SslMode::Unset | SslMode::Disable => {
-            builder.disable_built_in_roots(true);
-        }
-        mode => {
-            let verify_chain =
-                matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) || settings.root_cert.is_some();
-            builder.danger_accept_invalid_certs(!verify_chain);
-            builder.danger_accept_invalid_hostnames(mode != SslMode::VerifyFull);
-            if let Some(RootCert::File(path)) = &settings.root_cert {
-                trust_only(&mut builder, path, "sslrootcert")?;
-            }
-        }
+    let mode = settings.mode;
+    let verify_chain =
+        matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) || settings.root_cert.is_some();
+    builder.danger_accept_invalid_certs(!verify_chain);
+    builder.danger_accept_invalid_hostnames(mode != SslMode::VerifyFull);
+    if let Some(RootCert::File(path)) = &settings.root_cert {
+        trust_only(&mut builder, path, "sslrootcert")?;
     }
     build(&builder)
 }
