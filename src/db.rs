@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use postgres::{Client, NoTls, Statement};
-use r2d2_postgres::PostgresConnectionManager;
+use postgres::{Client, Statement};
 
 use crate::config::redact_url;
 use crate::outbox::Outbox;
 use crate::schema::Schema;
+use crate::tls::PgTls;
 use crate::{Error, Result};
 
 /// The library's own pool of blocking Postgres connections, each with its prepared statements.
@@ -56,9 +56,12 @@ impl DerefMut for Connection {
     }
 }
 
-/// r2d2 manager of [`Connection`]s, delegating connection checks to r2d2_postgres.
+/// r2d2 manager of [`Connection`]s (with the URL's TLS settings).
 #[derive(Debug)]
-pub struct Manager(PostgresConnectionManager<NoTls>);
+pub struct Manager {
+    config: postgres::Config,
+    tls: PgTls,
+}
 
 impl r2d2::ManageConnection for Manager {
     type Connection = Connection;
@@ -66,17 +69,17 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> Result<Connection, postgres::Error> {
         Ok(Connection {
-            client: self.0.connect()?,
+            client: self.tls.connect(&self.config)?,
             statements: HashMap::new(),
         })
     }
 
     fn is_valid(&self, conn: &mut Connection) -> Result<(), postgres::Error> {
-        self.0.is_valid(&mut conn.client)
+        conn.client.simple_query("").map(|_| ())
     }
 
     fn has_broken(&self, conn: &mut Connection) -> bool {
-        self.0.has_broken(&mut conn.client)
+        conn.client.is_closed()
     }
 }
 
@@ -191,6 +194,7 @@ pub struct Database {
     source: Source,
     url: String,
     outbox: Arc<Outbox>,
+    tls: PgTls,
 }
 
 impl std::fmt::Debug for Database {
@@ -243,9 +247,16 @@ impl PoolOptions {
 }
 
 /// Parses a `postgres://` URL (or key=value string) and adds the timeouts txoutbox relies on:
-/// a connect timeout, TCP keepalives, and the given statement timeout.
+/// a connect timeout, TCP keepalives, and the given statement timeout. The TLS keys
+/// (`sslmode=verify-full` etc., see [`crate::tls`]) need [`parse_url_tls`]'s connector.
 pub fn parse_url(url: &str, statement_timeout: Duration) -> Result<postgres::Config> {
-    let mut config: postgres::Config = url.parse().map_err(|e: postgres::Error| {
+    parse_url_tls(url, statement_timeout).map(|(config, _)| config)
+}
+
+/// [`parse_url`], with the connector for the URL's TLS settings (pass it to `connect`).
+pub fn parse_url_tls(url: &str, statement_timeout: Duration) -> Result<(postgres::Config, PgTls)> {
+    let (rest, tls) = PgTls::from_url(url)?;
+    let mut config: postgres::Config = rest.parse().map_err(|e: postgres::Error| {
         Error::Config(format!(
             "DATABASE_URL {} is not a valid Postgres URL: {e}",
             redact_url(url)
@@ -261,7 +272,17 @@ pub fn parse_url(url: &str, statement_timeout: Duration) -> Result<postgres::Con
         statement_timeout.as_millis()
     );
     config.options(options.trim());
-    Ok(config)
+    tls.apply(&mut config);
+    Ok((config, tls))
+}
+
+/// A connection outside any pool to the database of `url`, with its TLS settings.
+pub fn connect_url(url: &str, statement_timeout: Duration) -> Result<Client> {
+    let (config, tls) = parse_url_tls(url, statement_timeout)?;
+    tls.connect(&config).map_err(|e| {
+        let advice = tls.explain(&e, &config);
+        Error::db(format!("cannot connect to {}{advice}", redact_url(url)), e)
+    })
 }
 
 impl Database {
@@ -271,13 +292,14 @@ impl Database {
     /// behind, the error says what to run (`txoutbox migrate`, or [`migrate::run`](crate::migrate::run)).
     pub fn connect(url: &str, options: &PoolOptions) -> Result<Self> {
         let schema = options.validate()?;
-        let config = parse_url(url, options.statement_timeout)?;
-        let mut client = config.connect(NoTls).map_err(|e| {
+        let (config, tls) = parse_url_tls(url, options.statement_timeout)?;
+        let mut client = tls.connect(&config).map_err(|e| {
             Error::db(
                 format!(
                     "cannot connect to {} (is Postgres running, and does the database exist? \
-                     `txoutbox migrate --create-database` creates it)",
-                    redact_url(url)
+                     `txoutbox migrate --create-database` creates it){}",
+                    redact_url(url),
+                    tls.explain(&e, &config)
                 ),
                 e,
             )
@@ -285,7 +307,10 @@ impl Database {
         let checked = crate::migrate::check(&mut client, schema.name());
         let _ = client.close();
         checked?;
-        let manager = Manager(PostgresConnectionManager::new(config.clone(), NoTls));
+        let manager = Manager {
+            config: config.clone(),
+            tls: tls.clone(),
+        };
         let health = Arc::new(AtomicBool::new(false));
         let pool = r2d2::Pool::builder()
             .max_size(options.max_size)
@@ -301,6 +326,7 @@ impl Database {
             source: Source::Own(pool),
             url: url.to_string(),
             outbox: Arc::new(Outbox::new(schema)),
+            tls,
         })
     }
 
@@ -309,7 +335,8 @@ impl Database {
     ///
     /// `url` still says how to open the few dedicated connections the relay keeps (one per
     /// worker and one for LISTEN), which must not come from a shared pool: they hold session
-    /// settings and a LISTEN for their whole life. A consume-only service never opens them.
+    /// settings and a LISTEN for their whole life. Its `sslmode` and `sslrootcert` apply to
+    /// them as in [`connect`](Self::connect). A consume-only service never opens them.
     ///
     /// ```no_run
     /// # fn demo() -> txoutbox::Result<()> {
@@ -320,7 +347,7 @@ impl Database {
     /// # Ok(()) }
     /// ```
     pub fn from_pool(url: &str, pool: impl ClientPool, schema: Schema) -> Result<Self> {
-        let config = parse_url(url, PoolOptions::default().statement_timeout)?;
+        let (config, tls) = parse_url_tls(url, PoolOptions::default().statement_timeout)?;
         let mut client = pool.checkout()?;
         crate::migrate::check(&mut **client, schema.name())?;
         drop(client);
@@ -329,6 +356,7 @@ impl Database {
             source: Source::Lent(Arc::new(pool)),
             url: url.to_string(),
             outbox: Arc::new(Outbox::new(schema)),
+            tls,
         })
     }
 
@@ -372,9 +400,10 @@ impl Database {
 
     /// A new connection outside the pool (for LISTEN, which must not return to a pool).
     pub fn dedicated(&self) -> Result<Client> {
-        self.config
-            .connect(NoTls)
-            .map_err(|e| Error::db(format!("cannot connect to {}", redact_url(&self.url)), e))
+        self.tls.connect(&self.config).map_err(|e| {
+            let advice = self.tls.explain(&e, &self.config);
+            Error::db(format!("cannot connect to {}{advice}", redact_url(&self.url)), e)
+        })
     }
 
     /// The parsed connection settings.
@@ -387,7 +416,8 @@ impl Database {
 /// `postgres` maintenance database with the same credentials.
 pub fn ensure_database(config: &postgres::Config, url: &str) -> Result<()> {
     let name = config.get_dbname().unwrap_or("postgres").to_string();
-    match config.connect(NoTls) {
+    let (_, tls) = PgTls::from_url(url)?;
+    match tls.connect(config) {
         Ok(client) => {
             let _ = client.close();
             return Ok(());
@@ -396,8 +426,9 @@ pub fn ensure_database(config: &postgres::Config, url: &str) -> Result<()> {
         Err(e) => {
             return Err(Error::db(
                 format!(
-                    "cannot connect to {} (is Postgres running? `make up` starts one)",
-                    redact_url(url)
+                    "cannot connect to {} (is Postgres running? `make up` starts one){}",
+                    redact_url(url),
+                    tls.explain(&e, config)
                 ),
                 e,
             ))
@@ -406,7 +437,7 @@ pub fn ensure_database(config: &postgres::Config, url: &str) -> Result<()> {
     let mut admin_config = config.clone();
     admin_config.dbname("postgres");
     let how = format!("create it by hand with: createdb {name}  (or psql -c 'CREATE DATABASE \"{name}\"')");
-    let mut admin = admin_config.connect(NoTls).map_err(|e| {
+    let mut admin = tls.connect(&admin_config).map_err(|e| {
         Error::db(
             format!("database {name} does not exist and the server refused a maintenance connection; {how}"),
             e,

@@ -53,6 +53,7 @@ pub mod outbox;
 pub mod relay;
 pub mod retention;
 pub mod schema;
+pub mod tls;
 pub mod wakeup;
 
 pub use broker::{QueueType, Topology};

@@ -69,14 +69,8 @@ fn migrate(database_url: &str, flags: &[&str]) -> Result<(), String> {
         );
         return Ok(());
     }
-    let config =
-        txoutbox::db::parse_url(database_url, Duration::from_secs(300)).map_err(|e| e.to_string())?;
-    let mut client = config.connect(postgres::NoTls).map_err(|e| {
-        format!(
-            "cannot connect to {}: {e}",
-            txoutbox::config::redact_url(database_url)
-        )
-    })?;
+    let mut client =
+        txoutbox::db::connect_url(database_url, Duration::from_secs(300)).map_err(|e| e.to_string())?;
     let applied = txoutbox::migrate::run(&mut client, &schema).map_err(|e| e.to_string())?;
     if applied.is_empty() {
         println!(

@@ -35,9 +35,7 @@ pub fn install_table(db: &txoutbox::Database) -> Result<()> {
 pub fn prepare_database(url: &str) -> Result<()> {
     let config = txoutbox::db::parse_url(url, std::time::Duration::from_secs(60))?;
     txoutbox::db::ensure_database(&config, url)?;
-    let mut client = config
-        .connect(postgres::NoTls)
-        .map_err(|e| Error::db("cannot connect to prepare the database", e))?;
+    let mut client = txoutbox::db::connect_url(url, std::time::Duration::from_secs(60))?;
     txoutbox::migrate::run(&mut client, txoutbox::migrate::DEFAULT_SCHEMA)?;
     client
         .batch_execute(TABLE)

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use amiquip::{AmqpProperties, Channel, Connection, Publish};
 use postgres::{Client, NoTls};
 use txoutbox::{Database, PoolOptions, QueueType, Topology};
+
+pub mod tls;
 use uuid::Uuid;
 
 /// Admin URL: any database on the test server; tests create their own databases beside it.

@@ -9,3 +9,4 @@ mod migrate;
 mod outbox;
 mod pool;
 mod quorum;
+mod tls;
