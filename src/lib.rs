@@ -9,6 +9,8 @@
 //! - [`consumer::start`] applies each delivery through a [`Handler`] in a transaction that also
 //!   records the message id in `processed_messages`, and acks only after that commit: a
 //!   redelivered message has no second effect.
+//! - With the `diesel` feature, `Outbox::enqueue_diesel` (module `diesel`) does the same inside
+//!   a `diesel::PgConnection::transaction`.
 //! - [`metrics`] exposes what the relay and the consumer count (their `stats().register(..)`)
 //!   and the outbox backlog in the Prometheus text format.
 //!
@@ -43,6 +45,9 @@ pub mod broker;
 pub mod config;
 pub mod consumer;
 pub mod db;
+/// Available with the `diesel` feature: [`Outbox::enqueue_diesel`] on a `diesel::PgConnection`.
+#[cfg(feature = "diesel")]
+pub mod diesel;
 mod error;
 pub mod metrics;
 pub mod migrate;

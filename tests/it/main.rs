@@ -3,6 +3,8 @@
 mod admin;
 mod consumer;
 mod dependencies;
+#[cfg(feature = "diesel")]
+mod diesel;
 mod examples;
 mod migrate;
 mod quorum;
