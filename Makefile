@@ -93,7 +93,9 @@ chaos-quick: ## the short form of every chaos case (~1 min), as CI runs it
 	$(MAKE) --no-print-directory chaos CHAOS_ARGS="--quick $(CHAOS_ARGS)"
 
 # nextest runs each test in its own process but no doctests, so those follow; plain
-# `cargo test` runs them itself. Everything runs even after a failure; the status says if any.
+# `cargo test` runs them itself. Feature `diesel` is off in the workspace run (the tests of
+# examples/diesel.rs build it with the feature); its own tests and doctests run after, on the
+# library alone, reusing that build. Everything runs even after a failure; the status says if any.
 test: ## every test against the real Postgres and RabbitMQ (DATABASE_URL, AMQP_URL)
 	@status=0; \
 	echo "+ $(CARGO) build --workspace --bins"; \
@@ -101,11 +103,17 @@ test: ## every test against the real Postgres and RabbitMQ (DATABASE_URL, AMQP_U
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo "+ $(CARGO) nextest run --workspace --no-fail-fast"; \
 		$(CARGO) nextest run --workspace --no-fail-fast || status=$$?; \
+		echo "+ $(CARGO) nextest run -p txoutbox --features diesel --no-fail-fast -E 'test(/^diesel::/)'"; \
+		$(CARGO) nextest run -p txoutbox --features diesel --no-fail-fast -E 'test(/^diesel::/)' || status=$$?; \
 		echo "+ $(CARGO) test --workspace --doc"; \
 		$(CARGO) test --workspace --doc || status=$$?; \
+		echo "+ $(CARGO) test -p txoutbox --doc --features diesel -- diesel"; \
+		$(CARGO) test -p txoutbox --doc --features diesel -- diesel || status=$$?; \
 	else \
 		echo "+ $(CARGO) test --workspace --no-fail-fast   (cargo-nextest is not installed)"; \
 		$(CARGO) test --workspace --no-fail-fast || status=$$?; \
+		echo "+ $(CARGO) test -p txoutbox --features diesel --test it --no-fail-fast -- diesel::"; \
+		$(CARGO) test -p txoutbox --features diesel --test it --no-fail-fast -- diesel:: || status=$$?; \
 	fi; \
 	$(MAKE) --no-print-directory library-check || status=$$?; \
 	exit $$status
@@ -117,10 +125,12 @@ library-check: ## the library's rustdoc builds with warnings denied, and it pack
 fmt: ## format the code
 	$(CARGO) fmt
 
-lint: ## cargo fmt --check, and cargo clippy --all-targets -- -D warnings
+lint: ## cargo fmt --check, and cargo clippy --all-targets -- -D warnings, without and with feature diesel
 	@status=0; \
 	echo "+ $(CARGO) fmt --check"; \
 	$(CARGO) fmt --check || status=$$?; \
 	echo "+ $(CARGO) clippy --workspace --all-targets -- -D warnings"; \
 	$(CARGO) clippy --workspace --all-targets -- -D warnings || status=$$?; \
+	echo "+ $(CARGO) clippy --workspace --all-targets --features txoutbox/diesel -- -D warnings"; \
+	$(CARGO) clippy --workspace --all-targets --features txoutbox/diesel -- -D warnings || status=$$?; \
 	exit $$status

@@ -27,6 +27,14 @@ pub enum Error {
         /// The client's error (boxed: it is large).
         source: Box<amiquip::Error>,
     },
+    /// A diesel call failed (feature `diesel`); `context` says what we were doing.
+    #[cfg(feature = "diesel")]
+    Diesel {
+        /// What txoutbox (or, through `?` in a diesel transaction, the caller) was doing.
+        context: String,
+        /// diesel's error.
+        source: ::diesel::result::Error,
+    },
     /// A setting has a value txoutbox cannot use.
     Config(String),
     /// Anything else, already phrased for a person.
@@ -61,12 +69,32 @@ impl Error {
         }
     }
 
+    /// Wraps a diesel error with what we were doing (feature `diesel`).
+    #[cfg(feature = "diesel")]
+    pub fn diesel(context: impl Into<String>, source: ::diesel::result::Error) -> Self {
+        Error::Diesel {
+            context: context.into(),
+            source,
+        }
+    }
+
     /// True when the database is unreachable or the call may succeed if simply retried
     /// (connection lost, pool exhausted, serialization failure, deadlock, shutdown).
     pub fn is_unavailable(&self) -> bool {
         match self {
             Error::Pool { .. } => true,
             Error::Db { source, .. } => is_transient_db_error(source),
+            #[cfg(feature = "diesel")]
+            Error::Diesel { source, .. } => {
+                use ::diesel::result::{DatabaseErrorKind, Error as DieselError};
+                matches!(
+                    source,
+                    DieselError::DatabaseError(
+                        DatabaseErrorKind::SerializationFailure | DatabaseErrorKind::ClosedConnection,
+                        _
+                    )
+                )
+            }
             _ => false,
         }
     }
@@ -100,6 +128,8 @@ impl fmt::Display for Error {
             },
             Error::Pool { context, source } => format!("{context}: {source}"),
             Error::Broker { context, source } => format!("{context}: {source}"),
+            #[cfg(feature = "diesel")]
+            Error::Diesel { context, source } => format!("{context}: {source}"),
             Error::Config(msg) | Error::Other(msg) => msg.clone(),
         };
         // Some sources print the URL they were given, password included.
@@ -113,7 +143,18 @@ impl std::error::Error for Error {
             Error::Db { source, .. } => Some(source),
             Error::Pool { source, .. } => Some(source),
             Error::Broker { source, .. } => Some(source.as_ref()),
+            #[cfg(feature = "diesel")]
+            Error::Diesel { source, .. } => Some(source),
             Error::Config(_) | Error::Other(_) => None,
         }
+    }
+}
+
+/// Lets a closure given to diesel's `Connection::transaction` return [`Result`] and use `?` on
+/// diesel calls (the transaction's own `BEGIN` and `COMMIT` errors arrive this way too).
+#[cfg(feature = "diesel")]
+impl From<::diesel::result::Error> for Error {
+    fn from(source: ::diesel::result::Error) -> Self {
+        Error::diesel("a diesel call failed", source)
     }
 }

@@ -12,6 +12,8 @@
 //!   after that commit: a redelivered message has no second effect.
 //! - [`migrate`] owns the tables: [`Database::connect`] and [`Database::from_pool`] only check
 //!   their version.
+//! - With the `diesel` feature, `Outbox::enqueue_diesel` (module `diesel`) enqueues inside a
+//!   `diesel::PgConnection::transaction`.
 //! - [`metrics`] exposes what the relay and the consumer count (their `stats().register(..)`)
 //!   and the outbox backlog in the Prometheus text format.
 //!
@@ -46,6 +48,9 @@ pub mod broker;
 pub mod config;
 pub mod consumer;
 pub mod db;
+/// Available with the `diesel` feature: [`Outbox::enqueue_diesel`] on a `diesel::PgConnection`.
+#[cfg(feature = "diesel")]
+pub mod diesel;
 mod error;
 pub mod metrics;
 pub mod migrate;

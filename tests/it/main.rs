@@ -4,6 +4,8 @@ mod admin;
 mod consumer;
 mod dependencies;
 mod destinations;
+#[cfg(feature = "diesel")]
+mod diesel;
 mod examples;
 mod migrate;
 mod outbox;
