@@ -2,7 +2,7 @@
 -- (`txoutbox migrate --print`), then the service's own orders table (service/schema/orders.sql).
 -- A test checks it equals both; `txoutbox migrate --create-database` applies the same.
 
--- txoutbox schema version 2, for schema public
+-- txoutbox schema version 3, for schema public
 BEGIN;
 CREATE TABLE IF NOT EXISTS "public".txoutbox_migrations (
     version     integer     PRIMARY KEY,
@@ -54,22 +54,41 @@ CREATE INDEX IF NOT EXISTS processed_messages_aggregate_idx ON "public".processe
 CREATE INDEX IF NOT EXISTS processed_messages_processed_at_idx ON "public".processed_messages (processed_at);
 INSERT INTO "public".txoutbox_migrations (version, name) VALUES (1, 'outbox') ON CONFLICT (version) DO NOTHING;
 
--- migration 2: destinations_and_consumers
--- txoutbox migration 2: a destination per event, dedupe per consumer.
+-- migration 2: destinations
+-- txoutbox migration 2: a destination per event.
 
 -- Where the relay publishes the row: NULL exchange = the relay's topology exchange, NULL
 -- routing key = the event type. Several services with their own exchanges share one outbox.
+-- Adding nullable columns without a default touches no row: the lock is brief.
 ALTER TABLE "public".outbox ADD COLUMN IF NOT EXISTS exchange text;
 ALTER TABLE "public".outbox ADD COLUMN IF NOT EXISTS routing_key text;
+INSERT INTO "public".txoutbox_migrations (version, name) VALUES (2, 'destinations') ON CONFLICT (version) DO NOTHING;
+
+-- migration 3: consumer_names
+-- txoutbox migration 3: processed ids per consumer name.
 
 -- Processed ids are scoped by consumer name (default: the consumer's queue), so two consumers
 -- of different queues on one database each apply every event once. Rows recorded before this
 -- migration keep the name '' and count as processed for every consumer until retention
 -- purges them (an upgrade never applies an old message a second time).
 ALTER TABLE "public".processed_messages ADD COLUMN IF NOT EXISTS consumer text NOT NULL DEFAULT '';
-ALTER TABLE "public".processed_messages DROP CONSTRAINT IF EXISTS processed_messages_pkey;
-ALTER TABLE "public".processed_messages ADD CONSTRAINT processed_messages_pkey PRIMARY KEY (consumer, message_id);
-INSERT INTO "public".txoutbox_migrations (version, name) VALUES (2, 'destinations_and_consumers') ON CONFLICT (version) DO NOTHING;
+
+-- The new key rewrites the index under an exclusive lock on processed_messages (consumers of an
+-- older txoutbox stop working from here: stop them first). Done only once, however often the
+-- script is applied.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_constraint
+        WHERE conrelid = '"public".processed_messages'::regclass
+          AND contype = 'p' AND array_length(conkey, 1) = 2
+    ) THEN
+        ALTER TABLE "public".processed_messages DROP CONSTRAINT IF EXISTS processed_messages_pkey;
+        ALTER TABLE "public".processed_messages
+            ADD CONSTRAINT processed_messages_pkey PRIMARY KEY (consumer, message_id);
+    END IF;
+END $$;
+INSERT INTO "public".txoutbox_migrations (version, name) VALUES (3, 'consumer_names') ON CONFLICT (version) DO NOTHING;
 COMMIT;
 
 -- The order domain of the example service: its own table, beside the library's.

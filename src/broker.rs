@@ -1,7 +1,7 @@
 //! RabbitMQ: connecting with safe defaults, declaring the topology, and publishing a batch of
 //! events with publisher confirms.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amiquip::{
@@ -171,7 +171,8 @@ impl Topology {
             format!(
                 "cannot declare queue {name} on RabbitMQ as a {} queue (if it exists with other \
                  arguments, e.g. of another AMQP_QUEUE_TYPE, delete it once it is drained or \
-                 choose another AMQP_QUEUE)",
+                 choose another AMQP_QUEUE with CONSUMER_NAME set to the old queue's name, so that messages \
+                 already applied are not applied again)",
                 self.queue_type.as_str()
             )
         };
@@ -326,6 +327,9 @@ pub struct PublishOutcome {
     pub refused: Vec<(i64, String)>,
 }
 
+/// Longest exchange name, routing key, type or message id AMQP carries (a "short string").
+const MAX_SHORT_STRING: usize = 255;
+
 /// Most exchanges other than its topology's a publisher remembers as existing.
 const MAX_KNOWN_EXCHANGES: usize = 1024;
 
@@ -371,42 +375,78 @@ impl Publisher {
         })
     }
 
-    /// The exchanges of `events` that do not exist on the broker. `Err` only when the broker
+    /// The events of `events` that cannot be published, by key, with the reason: a name
+    /// longer than AMQP allows (255 bytes), or an exchange that does not exist or that the
+    /// broker refuses (the default exchange `""` is always there). `Err` only when the broker
     /// could not be asked.
-    fn missing_exchanges(&mut self, events: &[OutgoingEvent]) -> Result<HashSet<String>> {
-        let mut missing = HashSet::new();
-        for name in events.iter().filter_map(|e| e.exchange.as_deref()) {
-            if self.known_exchanges.contains(name) || missing.contains(name) {
+    fn unpublishable(&mut self, events: &[OutgoingEvent]) -> Result<HashMap<i64, String>> {
+        let mut refused = HashMap::new();
+        let mut bad_exchanges: HashMap<String, String> = HashMap::new();
+        for event in events {
+            let routing_key = event.routing_key.as_deref().unwrap_or(&event.event_type);
+            let too_long = [
+                ("exchange name", event.exchange.as_deref().unwrap_or("")),
+                ("routing key", routing_key),
+                ("event type", event.event_type.as_str()),
+                ("message id", event.message_id.as_str()),
+            ]
+            .into_iter()
+            .find(|(_, value)| value.len() > MAX_SHORT_STRING);
+            if let Some((what, value)) = too_long {
+                refused.insert(
+                    event.key,
+                    format!(
+                        "{what} of {} bytes, longer than AMQP's {MAX_SHORT_STRING}",
+                        value.len()
+                    ),
+                );
                 continue;
             }
-            let probe = match self.probe.take() {
-                Some(probe) => probe,
-                None => self
-                    .connection
-                    .open_channel(None)
-                    .map_err(|e| Error::broker("cannot open a RabbitMQ channel", e))?,
+            let Some(name) = event.exchange.as_deref().filter(|n| !n.is_empty()) else {
+                continue;
             };
-            match probe.exchange_declare_passive(name) {
-                Ok(_) => {
-                    if self.known_exchanges.len() >= MAX_KNOWN_EXCHANGES {
-                        self.known_exchanges.retain(|known| *known == self.exchange);
-                    }
-                    self.known_exchanges.insert(name.to_string());
-                    self.probe = Some(probe);
-                }
-                // The broker closed the probe channel: 404 when the exchange is not there.
-                Err(amiquip::Error::ServerClosedChannel { code: 404, .. }) => {
-                    missing.insert(name.to_string());
-                }
-                Err(e) => {
-                    return Err(Error::broker(
-                        format!("cannot check that exchange {name} exists"),
-                        e,
-                    ))
+            if !self.known_exchanges.contains(name) && !bad_exchanges.contains_key(name) {
+                if let Some(reason) = self.probe_exchange(name)? {
+                    bad_exchanges.insert(name.to_string(), reason);
                 }
             }
+            if let Some(reason) = bad_exchanges.get(name) {
+                refused.insert(event.key, reason.clone());
+            }
         }
-        Ok(missing)
+        Ok(refused)
+    }
+
+    /// Why events cannot go to exchange `name`, or `None` when it exists (and is remembered).
+    fn probe_exchange(&mut self, name: &str) -> Result<Option<String>> {
+        let probe = match self.probe.take() {
+            Some(probe) => probe,
+            None => self
+                .connection
+                .open_channel(None)
+                .map_err(|e| Error::broker("cannot open a RabbitMQ channel", e))?,
+        };
+        match probe.exchange_declare_passive(name) {
+            Ok(_) => {
+                if self.known_exchanges.len() >= MAX_KNOWN_EXCHANGES {
+                    self.known_exchanges.retain(|known| *known == self.exchange);
+                }
+                self.known_exchanges.insert(name.to_string());
+                self.probe = Some(probe);
+                Ok(None)
+            }
+            // The broker closed the probe channel (only it): the exchange is the problem.
+            Err(amiquip::Error::ServerClosedChannel { code: 404, .. }) => {
+                Ok(Some(format!("{NO_EXCHANGE}: {name}")))
+            }
+            Err(amiquip::Error::ServerClosedChannel { code, message, .. }) => Ok(Some(format!(
+                "{NO_EXCHANGE}: {name} cannot be published to ({code} {message})"
+            ))),
+            Err(e) => Err(Error::broker(
+                format!("cannot check that exchange {name} exists"),
+                e,
+            )),
+        }
     }
 
     /// Publishes every event (persistent, mandatory) and waits up to `timeout` for all confirms.
@@ -416,18 +456,18 @@ impl Publisher {
     ///
     /// An event whose exchange does not exist is not published: it is refused with the reason.
     pub fn publish_batch(&mut self, events: &[OutgoingEvent], timeout: Duration) -> Result<PublishOutcome> {
-        let missing = self.missing_exchanges(events)?;
+        let unpublishable = self.unpublishable(events)?;
         let mut refused = Vec::new();
         let mut pending: BTreeMap<u64, usize> = BTreeMap::new();
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         for (index, event) in events.iter().enumerate() {
-            let exchange = event.exchange.as_deref().unwrap_or(&self.exchange);
-            if missing.contains(exchange) {
-                refused.push((event.key, format!("{NO_EXCHANGE}: {exchange}")));
+            if let Some(reason) = unpublishable.get(&event.key) {
+                refused.push((event.key, reason.clone()));
                 continue;
             }
+            let exchange = event.exchange.as_deref().unwrap_or(&self.exchange);
             let mut headers = FieldTable::default();
             headers.insert(
                 "aggregate_type".into(),

@@ -270,6 +270,13 @@ pub fn start<H: Handler + 'static>(
     let wakeup = Arc::new(Wakeup::default());
     let stats = Arc::new(ConsumerStats::default());
     let name = config.name.clone().unwrap_or_else(|| topology.queue.clone());
+    if name.is_empty() {
+        return Err(Error::Config(
+            "consumer::start needs a name to record processed messages under: set \
+             ConsumerConfig::name (CONSUMER_NAME) when the queue has no name of its own"
+                .into(),
+        ));
+    }
     let record_processed = db.schema().qualify(RECORD_PROCESSED);
     let mut worker = Worker {
         name,

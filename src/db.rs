@@ -216,7 +216,7 @@ pub struct PoolOptions {
     /// Server-side limit for any one statement (default 30 s).
     pub statement_timeout: Duration,
     /// Postgres schema holding the library's tables (default `public`). Letters, digits and
-    /// `_` only.
+    /// `_` only. The pool's connections search it first, then `public`.
     pub schema: String,
 }
 
@@ -292,7 +292,17 @@ impl Database {
     /// behind, the error says what to run (`txoutbox migrate`, or [`migrate::run`](crate::migrate::run)).
     pub fn connect(url: &str, options: &PoolOptions) -> Result<Self> {
         let schema = options.validate()?;
-        let (config, tls) = parse_url_tls(url, options.statement_timeout)?;
+        let (mut config, tls) = parse_url_tls(url, options.statement_timeout)?;
+        if schema.name() != crate::migrate::DEFAULT_SCHEMA {
+            // The library names its schema in every statement; this is for the caller's own
+            // statements on pooled connections (and the free `enqueue` functions).
+            let search = format!(
+                "{} -c search_path={},public",
+                config.get_options().unwrap_or_default(),
+                schema.name()
+            );
+            config.options(search.trim());
+        }
         let mut client = tls.connect(&config).map_err(|e| {
             Error::db(
                 format!(

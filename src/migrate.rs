@@ -28,8 +28,13 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 2,
-        name: "destinations_and_consumers",
-        sql: include_str!("../migrations/0002_destinations_and_consumers.sql"),
+        name: "destinations",
+        sql: include_str!("../migrations/0002_destinations.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "consumer_names",
+        sql: include_str!("../migrations/0003_consumer_names.sql"),
     },
 ];
 

@@ -124,10 +124,14 @@ impl NewEvent {
 /// existed.
 ///
 /// [`Database::outbox`](crate::Database::outbox) gives the one of the database's schema; the
-/// free functions [`enqueue`], [`enqueue_ordered`] and [`enqueue_many`] use the `public` one.
+/// free functions [`enqueue`], [`enqueue_ordered`] and [`enqueue_many`] use the one the
+/// connection's `search_path` finds.
 #[derive(Clone, Debug)]
 pub struct Outbox {
     schema: Schema,
+    /// False for the free functions' outbox: table names without a schema, found through the
+    /// connection's `search_path`.
+    qualified: bool,
     notify: bool,
     insert_one: String,
     insert_one_ordered: String,
@@ -144,7 +148,14 @@ impl Default for Outbox {
 impl Outbox {
     /// The outbox in `schema`, notifying the relay at commit.
     pub fn new(schema: Schema) -> Outbox {
-        Outbox::render(schema, true)
+        Outbox::render(schema, true, true)
+    }
+
+    /// The outbox the connection's `search_path` finds (`public` unless the connection says
+    /// otherwise; a [`Database`](crate::Database) with a schema of its own sets it on its
+    /// pool's connections): what the free functions [`enqueue`] and co. write to.
+    pub fn on_search_path() -> Outbox {
+        Outbox::render(Schema::default(), false, true)
     }
 
     /// The same outbox without the notification at commit.
@@ -154,12 +165,30 @@ impl Outbox {
     /// it after the commit ([`Waker::wake`](crate::relay::Waker::wake)), or when a relay finding
     /// the event at its next poll is soon enough.
     pub fn without_notify(self) -> Outbox {
-        Outbox::render(self.schema, false)
+        Outbox::render(self.schema, self.qualified, false)
     }
 
-    fn render(schema: Schema, notify: bool) -> Outbox {
+    /// `template` with its tables named for this outbox.
+    fn sql(&self, template: &str) -> String {
+        if self.qualified {
+            self.schema.qualify(template)
+        } else {
+            template.replace("{schema}.", "")
+        }
+    }
+
+    fn render(schema: Schema, qualified: bool, notify: bool) -> Outbox {
+        let mut outbox = Outbox {
+            schema,
+            qualified,
+            notify,
+            insert_one: String::new(),
+            insert_one_ordered: String::new(),
+            insert_many: String::new(),
+            insert_many_ordered: String::new(),
+        };
         let sql = |template: &str| {
-            let insert = schema.qualify(&template.replace("{columns}", COLUMNS));
+            let insert = outbox.sql(&template.replace("{columns}", COLUMNS));
             if !notify {
                 return insert;
             }
@@ -169,14 +198,19 @@ impl Outbox {
                  SELECT pg_notify('{NOTIFY_CHANNEL}', '') WHERE EXISTS (SELECT 1 FROM inserted)"
             )
         };
-        Outbox {
-            insert_one: sql(INSERT_ONE),
-            insert_one_ordered: sql(INSERT_ONE_ORDERED),
-            insert_many: sql(INSERT_MANY),
-            insert_many_ordered: sql(INSERT_MANY_ORDERED),
-            schema,
-            notify,
-        }
+        let statements = [
+            sql(INSERT_ONE),
+            sql(INSERT_ONE_ORDERED),
+            sql(INSERT_MANY),
+            sql(INSERT_MANY_ORDERED),
+        ];
+        [
+            outbox.insert_one,
+            outbox.insert_one_ordered,
+            outbox.insert_many,
+            outbox.insert_many_ordered,
+        ] = statements;
+        outbox
     }
 
     /// The schema this outbox lives in.
@@ -256,21 +290,44 @@ impl Outbox {
     }
 }
 
-static PUBLIC: LazyLock<Outbox> = LazyLock::new(Outbox::default);
+static ON_SEARCH_PATH: LazyLock<Outbox> = LazyLock::new(Outbox::on_search_path);
 
-/// [`Outbox::enqueue`] on the outbox in schema `public`.
+/// [`Outbox::enqueue`] on the outbox the connection's `search_path` finds
+/// ([`Outbox::on_search_path`]): `public`, or the schema of the [`Database`](crate::Database)
+/// the connection came from. Prefer `db.outbox()` where a `Database` is at hand.
 pub fn enqueue(client: &mut impl GenericClient, event: &NewEvent) -> Result<()> {
-    PUBLIC.enqueue(client, event)
+    ON_SEARCH_PATH.enqueue(client, event)
 }
 
-/// [`Outbox::enqueue_ordered`] on the outbox in schema `public`.
+/// [`Outbox::enqueue_ordered`] on the outbox the connection's `search_path` finds.
 pub fn enqueue_ordered(client: &mut impl GenericClient, event: &NewEvent) -> Result<()> {
-    PUBLIC.enqueue_ordered(client, event)
+    ON_SEARCH_PATH.enqueue_ordered(client, event)
 }
 
-/// [`Outbox::enqueue_many`] on the outbox in schema `public`.
+/// [`Outbox::enqueue_many`] on the outbox the connection's `search_path` finds.
 pub fn enqueue_many(client: &mut impl GenericClient, events: &[NewEvent]) -> Result<u64> {
-    PUBLIC.enqueue_many(client, events)
+    ON_SEARCH_PATH.enqueue_many(client, events)
+}
+
+/// Longest event type, exchange or routing key: AMQP carries them as short strings.
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// Refuses an event the broker could never take, before it is written.
+fn check(event: &NewEvent) -> Result<()> {
+    let names = [
+        ("event_type", Some(event.event_type.as_str())),
+        ("exchange", event.exchange.as_deref()),
+        ("routing_key", event.routing_key.as_deref()),
+    ];
+    for (field, value) in names {
+        if let Some(value) = value.filter(|v| v.len() > MAX_NAME_BYTES) {
+            return Err(Error::Config(format!(
+                "NewEvent::{field} is {} bytes; AMQP allows at most {MAX_NAME_BYTES}",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Inserts `event` with `statement`: [`Outbox::insert_sql`], as text or prepared.
@@ -278,6 +335,7 @@ pub fn insert_event<S>(client: &mut impl GenericClient, statement: &S, event: &N
 where
     S: ToStatement + ?Sized,
 {
+    check(event)?;
     client
         .execute(
             statement,
@@ -304,6 +362,7 @@ fn insert_events(client: &mut impl GenericClient, statement: &str, events: &[New
     if events.is_empty() {
         return Ok(0);
     }
+    events.iter().try_for_each(check)?;
     let ids: Vec<Uuid> = events.iter().map(|e| e.message_id).collect();
     let aggregate_types: Vec<&str> = events.iter().map(|e| e.aggregate_type.as_str()).collect();
     let aggregate_ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
@@ -358,7 +417,7 @@ impl Outbox {
     /// Up to `limit` failed events, oldest first.
     pub fn failed_events(&self, client: &mut impl GenericClient, limit: i64) -> Result<Vec<FailedEvent>> {
         let rows = client
-            .query(self.schema.qualify(SELECT_FAILED).as_str(), &[&limit])
+            .query(self.sql(SELECT_FAILED).as_str(), &[&limit])
             .map_err(|e| Error::db("cannot list failed events", e))?;
         Ok(rows
             .iter()
@@ -380,7 +439,7 @@ impl Outbox {
         let context = "cannot re-queue failed events";
         let mut tx = client.transaction().map_err(|e| Error::db(context, e))?;
         let count = tx
-            .execute(self.schema.qualify(REQUEUE_FAILED).as_str(), &[&id])
+            .execute(self.sql(REQUEUE_FAILED).as_str(), &[&id])
             .map_err(|e| Error::db(context, e))?;
         tx.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
             .map_err(|e| Error::db("cannot notify the relay", e))?;

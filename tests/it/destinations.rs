@@ -184,3 +184,44 @@ fn a_publish_only_relay_declares_no_queue_and_an_unroutable_event_ends_failed() 
     .expect("consumer::start refuses a publish-only topology");
     assert!(error.to_string().contains("publish-only"), "{error}");
 }
+
+/// The default exchange (`""`) routes by queue name; a row whose routing key AMQP cannot carry
+/// (written behind the library's back) ends failed with the reason, and the rest go through.
+#[test]
+fn the_default_exchange_works_and_an_impossible_routing_key_fails_alone() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let direct = event(1)
+        .to_exchange("")
+        .with_routing_key(broker.topology.queue.clone());
+    enqueue_all(&t, &[event(0), direct]);
+    let too_long = "k".repeat(300);
+    let error = enqueue(&mut t.client(), &event(2).with_routing_key(too_long.clone())).unwrap_err();
+    assert!(
+        error.to_string().contains("NewEvent::routing_key is 300 bytes"),
+        "{error}"
+    );
+    t.client()
+        .execute(
+            "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload, routing_key)
+             VALUES (gen_random_uuid(), 'ticket', 't-3', 'TicketOpened', '{}', $1)",
+            &[&too_long],
+        )
+        .unwrap();
+    enqueue_all(&t, &[event(4)]);
+    let relay = start_relay(&t.db, broker.topology.clone());
+    wait_until("three published and one failed", WAIT, || {
+        relay.stats().published() == 3 && relay.stats().failed() == 1
+    });
+    assert!(relay.health().check().is_ok());
+    relay.stop();
+    assert_eq!(
+        broker.ready_main(),
+        3,
+        "the direct one reached the queue through the default exchange"
+    );
+    assert_eq!(
+        last_errors(&t),
+        vec!["routing key of 300 bytes, longer than AMQP's 255".to_string()]
+    );
+}
