@@ -20,7 +20,7 @@
 //! should say `sslmode=verify-full` anyway. Client certificates (`sslcert`, `sslkey`) are
 //! refused with an error rather than ignored.
 //!
-//! **RabbitMQ.** `amqps://` URLs use [`amqp_connector`]; `amqp_url` documents the parameters.
+//! **RabbitMQ.** `amqps://` URLs get a connector built here; `amqp_url` documents the parameters.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -260,7 +260,7 @@ fn the_server_accepts_again_after_running_out_of_file_descriptors() {
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
         let request =
-            "GET /orders/00000000-0000-0000-0000-000000000000 HTTP/1.1\r\nConnection: close\r\n\r\n";
+            "GET /orders/00000000-0000-0000-0000-000000000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
         let mut reply = String::new();
         stream.write_all(request.as_bytes()).is_ok()
             && stream.read_to_string(&mut reply).is_ok()
@@ -301,8 +301,25 @@ fn a_second_signal_exits_at_once() {
     let t = TestDb::new();
     let broker = TestBroker::new();
     let (mut server, addr) = start_server(&t, &broker);
-    // A request in hand keeps the first shutdown waiting (up to its grace of 8 s).
-    let _stalled = stall_a_body(&addr);
+    // A request in hand keeps the first shutdown waiting (up to its grace of 8 s): an order
+    // whose insert waits on a lock this test holds. (A stalled body no longer does: it never
+    // reaches a handler.)
+    let mut locker = t.client();
+    let mut lock = locker.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let poster = {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let _ = txoutbox_testkit::post_order(
+                addr.parse().unwrap(),
+                r#"{"user_id":"5b0c7b52-8d0c-4d53-9a55-1f5b1d0f4e0a","amount":"1.00"}"#,
+            );
+        })
+    };
+    wait_until("the order waits on the lock", Duration::from_secs(10), || {
+        t.count("SELECT count(*) FROM pg_locks WHERE NOT granted") > 0
+    });
     let pid = server.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -319,6 +336,8 @@ fn a_second_signal_exits_at_once() {
         !clean && took < Duration::from_secs(2),
         "the second signal should end the process at once with a failure status, took {took:?}"
     );
+    drop(lock);
+    let _ = poster.join();
 }
 
 /// Sends `signal` to the child and returns how long it took to exit, and whether it exited 0.
