@@ -330,3 +330,46 @@ fn an_idle_server_logs_no_warning_or_error() {
         "an idle server logged:\n{log}"
     );
 }
+
+#[test]
+fn an_idle_consumer_and_its_clean_shutdown_log_no_warning_or_error() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let log = std::env::temp_dir().join(format!("txoutbox-idle-consumer-{}.log", std::process::id()));
+    let mut child = Command::new(workspace_binary("txoutbox-consumer"))
+        .env("DATABASE_URL", &t.url)
+        .env("AMQP_URL", amqp_url())
+        .env("AMQP_EXCHANGE", &broker.topology.exchange)
+        .env("AMQP_QUEUE", &broker.topology.queue)
+        .env("CONSUMER_METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("the consumer starts");
+    // Past the metrics listener's idle timeout (10 s), when it used to log errors.
+    std::thread::sleep(Duration::from_secs(11));
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the consumer did not stop within 15 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert!(status.success(), "exit status {status}: {text}");
+    assert!(
+        !text.contains(" ERROR ") && !text.contains(" WARN "),
+        "an idle consumer and its shutdown logged:\n{text}"
+    );
+}
