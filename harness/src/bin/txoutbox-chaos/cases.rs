@@ -1,4 +1,4 @@
-//! The four cases. Each: a fresh database and queue, a server and a consumer, load; then the
+//! The five cases. Each: a fresh database and queue, a server and a consumer, load; then the
 //! failure mid-load, the repair, more load; then the drain and the verification.
 
 use std::collections::BTreeMap;
@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use txoutbox::{Error, Result};
 
-use crate::load::{accepted_ids, Load, Summary};
+use crate::attack::Attack;
+use crate::load::{accepted_ids, Load, Record, Summary};
 use crate::options::{Case, Plan, MAX_WARNINGS_PER_WORKER, SLOW_ANSWER};
 use crate::procs::{application_name, Kind, Launcher, Proc, READY_TIMEOUT};
 use crate::report::CaseResult;
@@ -52,6 +53,47 @@ struct Injection {
     repair_took: Duration,
     /// What the killed process was doing when it was killed, when that was seen.
     caught: Option<String>,
+    /// The server's figures under attack (hostile-clients only).
+    hostile: Option<Hostile>,
+}
+
+/// The server's threads and descriptors around the attack, and what the attackers did.
+struct Hostile {
+    baseline: (usize, usize),
+    peak: (usize, usize),
+    /// After the attack, once back under the bound (or when the wait gave up).
+    after: (usize, usize),
+    back_within: Option<Duration>,
+    connections: u64,
+    refusals: u64,
+}
+
+/// Default `HTTP_THREADS` and `HTTP_MAX_CONNECTIONS` of the server the cases run.
+const SERVER_THREADS: usize = 16;
+const SERVER_MAX_CONNECTIONS: usize = 256;
+
+/// The ceiling of the server's threads whatever its clients do: a thread per connection up to
+/// the cap, the handlers and their connections to tiny_http, and the rest of the process.
+fn thread_ceiling(baseline: usize) -> usize {
+    baseline + SERVER_MAX_CONNECTIONS + 2 * SERVER_THREADS
+}
+
+/// What the server may keep after an attack: the handlers' connections to tiny_http (a thread
+/// and two descriptors each) and a little slack.
+fn settled(baseline: (usize, usize), now: (usize, usize)) -> bool {
+    now.0 <= baseline.0 + 2 * SERVER_THREADS + 2 && now.1 <= baseline.1 + 4 * SERVER_THREADS + 8
+}
+
+/// The 99th percentile latency of the records sent within `window`.
+fn p99(records: &[Record], window: (Duration, Duration)) -> Duration {
+    let mut latencies: Vec<Duration> = records
+        .iter()
+        .filter(|r| r.sent >= window.0 && r.sent <= window.1)
+        .map(|r| r.latency)
+        .collect();
+    latencies.sort();
+    let rank = (latencies.len() * 99).div_ceil(100);
+    latencies.get(rank.saturating_sub(1)).copied().unwrap_or_default()
 }
 
 /// How long the consumer is frozen to build a backlog before it is killed.
@@ -112,6 +154,7 @@ fn run_case(
         queued_while_dead: None,
         repair_took: Duration::ZERO,
         caught: None,
+        hostile: None,
     };
     match case {
         Case::BrokerOutage => {
@@ -182,6 +225,43 @@ fn run_case(
             wait_consuming(&broker, &mut [&mut consumer])?;
             injection.repair_took = repair.elapsed();
             println!("  new consumer consuming");
+        }
+        Case::HostileClients => {
+            let baseline = server.resources().unwrap_or_default();
+            let attack = Attack::start(addr);
+            let mut peak = baseline;
+            let until = Instant::now() + plan.outage;
+            while Instant::now() < until {
+                if let Some(now) = server.resources() {
+                    peak = (peak.0.max(now.0), peak.1.max(now.1));
+                }
+                std::thread::sleep(SAMPLE_EVERY);
+            }
+            let connections = attack
+                .tally
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let refusals = attack.tally.refusals.load(std::sync::atomic::Ordering::Relaxed);
+            attack.stop();
+            let stopped = Instant::now();
+            let mut after = server.resources().unwrap_or_default();
+            while !settled(baseline, after) && stopped.elapsed() < Duration::from_secs(15) {
+                std::thread::sleep(SAMPLE_EVERY);
+                after = server.resources().unwrap_or_default();
+            }
+            let back_within = settled(baseline, after).then(|| stopped.elapsed());
+            println!(
+                "  attack over: {connections} hostile connections, {refusals} refused; threads/descriptors \
+                 {baseline:?} before, {peak:?} at peak, {after:?} after"
+            );
+            injection.hostile = Some(Hostile {
+                baseline,
+                peak,
+                after,
+                back_within,
+                connections,
+                refusals,
+            });
         }
     }
     injection.window.1 = load.elapsed();
@@ -345,6 +425,60 @@ fn run_case(
                     before.failures()
                 ),
             );
+        }
+        Case::HostileClients => {
+            if let Some(h) = &injection.hostile {
+                let p99 = p99(&records, injection.window);
+                result.check(
+                    "POST /orders kept answering 201 during the attacks",
+                    during.created == during.sent && during.sent > 0,
+                    format!(
+                        "{} of {} (other: {})",
+                        during.created,
+                        during.sent,
+                        during.failures()
+                    ),
+                );
+                result.check(
+                    "the normal client's p99 during the attacks stayed under 1 s",
+                    p99 <= Duration::from_secs(1),
+                    format!(
+                        "p99 {:.1} ms, slowest {:.1} ms",
+                        p99.as_secs_f64() * 1e3,
+                        during.slowest.unwrap_or_default().as_secs_f64() * 1e3
+                    ),
+                );
+                result.check(
+                    format!(
+                        "the server's threads stayed under {} (bounded by HTTP_MAX_CONNECTIONS, not by the clients)",
+                        thread_ceiling(h.baseline.0)
+                    ),
+                    h.peak.0 <= thread_ceiling(h.baseline.0),
+                    format!("peak {} threads, {} descriptors", h.peak.0, h.peak.1),
+                );
+                result.check(
+                    "threads and descriptors came back within 15 s of the attack",
+                    h.back_within.is_some(),
+                    format!("{:?} before, {:?} after", h.baseline, h.after),
+                );
+                result.notes.insert(
+                    0,
+                    format!(
+                        "{} hostile connections ({} refused with 4xx/5xx); normal POSTs during: {} of {} 201, \
+                         p99 {:.1} ms; server threads/descriptors {:?} before, {:?} peak, {:?} after ({})",
+                        h.connections,
+                        h.refusals,
+                        during.created,
+                        during.sent,
+                        p99.as_secs_f64() * 1e3,
+                        h.baseline,
+                        h.peak,
+                        h.after,
+                        h.back_within
+                            .map_or("not back in 15 s".into(), |d| format!("back in {:.1} s", d.as_secs_f64()))
+                    ),
+                );
+            }
         }
         Case::KillConsumer => {
             result.check(

@@ -10,6 +10,7 @@
 //! way out: normal end, error, panic, Ctrl-C or SIGTERM.
 
 #[allow(dead_code)]
+mod attack;
 mod cases;
 mod load;
 mod options;

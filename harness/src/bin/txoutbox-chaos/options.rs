@@ -26,6 +26,10 @@ Cases, in this order:
                   port: the rows the dead relay held are published by the new one
   kill-consumer   kill -9 of txoutbox-consumer inside a batch's transaction (found the same
                   way), a new one started: the redelivered batch is applied once
+  hostile-clients for the outage, attackers beside the load: HTTP/2 prefaces, lying
+                  Content-Lengths, slow uploads, oversized heads, idle connections up to the
+                  cap: POSTs keep answering 201 quickly, the server's threads and descriptors
+                  stay bounded and come back
 
 Options (--name VALUE or --name=VALUE):
   --quick         a short run (about 1 minute): 3 s outages, 200 orders/s, short phases
@@ -65,15 +69,18 @@ pub enum Case {
     KillServer,
     /// `kill -9` of the consumer, then a new one.
     KillConsumer,
+    /// Hostile HTTP clients beside the load.
+    HostileClients,
 }
 
 impl Case {
     /// Every case, in the order they run.
-    pub const ALL: [Case; 4] = [
+    pub const ALL: [Case; 5] = [
         Case::BrokerOutage,
         Case::DbRestart,
         Case::KillServer,
         Case::KillConsumer,
+        Case::HostileClients,
     ];
 
     /// The name used on the command line, in file and database names.
@@ -83,6 +90,7 @@ impl Case {
             Case::DbRestart => "db-restart",
             Case::KillServer => "kill-server",
             Case::KillConsumer => "kill-consumer",
+            Case::HostileClients => "hostile-clients",
         }
     }
 
@@ -94,6 +102,7 @@ impl Case {
             Case::DbRestart => format!("Postgres restart, down {outage} s (pg_ctlcluster)"),
             Case::KillServer => "kill -9 server mid-load, restart".into(),
             Case::KillConsumer => "kill -9 consumer mid-batch, restart".into(),
+            Case::HostileClients => format!("hostile HTTP clients for {outage} s beside the load"),
         }
     }
 

@@ -123,6 +123,18 @@ impl Proc<'_> {
         }
     }
 
+    /// (threads, open descriptors) of the process, from `/proc`; `None` once it is gone.
+    pub fn resources(&self) -> Option<(usize, usize)> {
+        let pid = self.process.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let threads = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())?;
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+        Some((threads, fds))
+    }
+
     /// An error when the process has exited (naming its log) or was killed.
     pub fn check_alive(&mut self) -> Result<()> {
         self.process.check_alive()
