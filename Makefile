@@ -85,7 +85,7 @@ bench-quick: ## the benchmark's one-minute smoke run (make bench BENCH_ARGS=--qu
 # Failure testing. It stops and starts this machine's RabbitMQ (rabbitmqctl stop_app/start_app)
 # and Postgres (pg_ctlcluster stop/start), and starts them again however it ends; like the
 # benchmark it runs the release binaries next to it.
-chaos: ## failures under load, each verified: RabbitMQ down, Postgres restart, kill -9 server/consumer (~1.5 min)
+chaos: ## failures under load, each verified: RabbitMQ down, Postgres restart, kill -9 server/consumer, hostile clients (~2 min)
 	$(CARGO) build --release --workspace --bins
 	"$${CARGO_TARGET_DIR:-target}/release/txoutbox-chaos" $(CHAOS_ARGS)
 

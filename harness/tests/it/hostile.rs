@@ -13,9 +13,9 @@ const HTTP_THREADS: usize = 4;
 /// The handlers' connections to tiny_http (2 per handler thread) may stay open once used.
 const UPSTREAM: usize = 2 * HTTP_THREADS;
 
-struct Server {
+pub(super) struct Server {
     child: Child,
-    addr: SocketAddr,
+    pub(super) addr: SocketAddr,
     log: std::path::PathBuf,
     _t: TestDb,
     _broker: TestBroker,
@@ -30,7 +30,7 @@ impl Drop for Server {
 }
 
 impl Server {
-    fn start(extra: &[(&str, &str)]) -> Server {
+    pub(super) fn start(extra: &[(&str, &str)]) -> Server {
         let t = TestDb::new();
         let broker = TestBroker::new();
         let port = TcpListener::bind("127.0.0.1:0")
@@ -72,7 +72,7 @@ impl Server {
     }
 
     /// (threads, open descriptors) of the server process.
-    fn resources(&self) -> (usize, usize) {
+    pub(super) fn resources(&self) -> (usize, usize) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         let threads = status
             .lines()
@@ -86,7 +86,7 @@ impl Server {
     }
 
     /// One GET /healthz on a fresh connection, answered 200 within 2 s.
-    fn healthz(&self) -> bool {
+    pub(super) fn healthz(&self) -> bool {
         let Ok(mut stream) = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)) else {
             return false;
         };
@@ -103,7 +103,7 @@ impl Server {
 
     /// Waits until threads and descriptors are back to at most `baseline` plus what the
     /// handlers' pool of connections to tiny_http may keep (a thread and two descriptors each).
-    fn wait_back_to(&self, baseline: (usize, usize), what: &str) {
+    pub(super) fn wait_back_to(&self, baseline: (usize, usize), what: &str) {
         let limit = (baseline.0 + UPSTREAM + 2, baseline.1 + 2 * UPSTREAM + 4);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -125,7 +125,7 @@ impl Server {
 }
 
 /// Sends `bytes`, then reads what comes back until the server closes or 3 s pass.
-fn exchange(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
+pub(super) fn exchange(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let _ = stream.write_all(bytes);
