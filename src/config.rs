@@ -176,6 +176,7 @@ impl ConsumerConfig {
 
 /// Returns `url` with its password replaced by `***`, for logs and error messages.
 pub fn redact_url(url: &str) -> String {
+    let url = &redact_password_parameters(url);
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_string();
     };
@@ -192,6 +193,48 @@ pub fn redact_url(url: &str) -> String {
         }
         None => url.to_string(),
     }
+}
+
+/// `text` with the value of every `password=` parameter replaced by `***`: in a key=value
+/// connection string (`host=h password=secret`, also quoted) and in a URL's query.
+fn redact_password_parameters(text: &str) -> String {
+    const KEY: &str = "password=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(found) = rest.find(KEY) {
+        let starts_parameter = found == 0
+            || rest[..found]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_whitespace() || c == '?' || c == '&');
+        let value_start = found + KEY.len();
+        out.push_str(&rest[..value_start]);
+        let after = &rest[value_start..];
+        if !starts_parameter {
+            rest = after;
+            continue;
+        }
+        let value_len = if let Some(quoted) = after.strip_prefix('\'') {
+            // Up to the closing quote that is not escaped with a backslash.
+            let mut escaped = false;
+            quoted
+                .char_indices()
+                .find(|&(_, c)| {
+                    let closes = c == '\'' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    closes
+                })
+                .map_or(after.len(), |(i, _)| i + 2)
+        } else {
+            after
+                .find(|c: char| c.is_whitespace() || c == '&')
+                .unwrap_or(after.len())
+        };
+        out.push_str("***");
+        rest = &after[value_len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Returns `text` with the password of every URL in it replaced by `***`: for messages of
@@ -244,6 +287,23 @@ mod tests {
         );
         assert_eq!(redact_urls_in("no url here: a:b@c"), "no url here: a:b@c");
         assert_eq!(redact_urls_in("http://h:80/x"), "http://h:80/x");
+    }
+
+    #[test]
+    fn redacts_password_parameters_in_both_forms() {
+        assert_eq!(
+            redact_url("host=h user=u password=secret dbname=d"),
+            "host=h user=u password=*** dbname=d"
+        );
+        assert_eq!(
+            redact_url("host=h password='se cr\\'et' dbname=d"),
+            "host=h password=*** dbname=d"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require&password=secret&x=1"),
+            "postgres://u@h/db?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(redact_url("host=h old_password=x"), "host=h old_password=x");
     }
 
     #[test]
