@@ -22,8 +22,11 @@
 //!
 //! **RabbitMQ.** `amqps://` URLs get a connector built here; `amqp_url` documents the parameters.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
+use std::time::SystemTime;
 
 use postgres::tls::MakeTlsConnect;
 use postgres::Socket;
@@ -380,9 +383,35 @@ fn pg_connector(settings: &PgTlsSettings) -> Result<native_tls::TlsConnector> {
     build(&builder)
 }
 
+/// Connectors already built for `amqps://` URLs, by CA file (and its modification time, so that
+/// a rotated file is read again) and verification: building one loads the trust store, which
+/// costs tens of milliseconds, and the relay and consumer reconnect with the same URL.
+type ConnectorKey = (Option<PathBuf>, Option<SystemTime>, bool);
+static AMQP_CONNECTORS: LazyLock<Mutex<HashMap<ConnectorKey, native_tls::TlsConnector>>> =
+    LazyLock::new(Default::default);
+
+/// Most connectors kept in [`AMQP_CONNECTORS`]; past it the cache starts over.
+const MAX_CACHED_CONNECTORS: usize = 16;
+
 /// The connector for an `amqps://` URL: trusting only the PEM certificate(s) of `cacertfile`
-/// when given (else the system's store), and checking nothing when `verify` is false.
+/// when given (else the system's store), and checking nothing when `verify` is false. Built
+/// once per CA file (as long as the file is unchanged) and verification.
 pub(crate) fn amqp_connector(cacertfile: Option<&Path>, verify: bool) -> Result<native_tls::TlsConnector> {
+    let modified = cacertfile.and_then(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok());
+    let key = (cacertfile.map(Path::to_path_buf), modified, verify);
+    let mut cache = AMQP_CONNECTORS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(connector) = cache.get(&key) {
+        return Ok(connector.clone());
+    }
+    let connector = build_amqp_connector(cacertfile, verify)?;
+    if cache.len() >= MAX_CACHED_CONNECTORS {
+        cache.clear();
+    }
+    cache.insert(key, connector.clone());
+    Ok(connector)
+}
+
+fn build_amqp_connector(cacertfile: Option<&Path>, verify: bool) -> Result<native_tls::TlsConnector> {
     let mut builder = native_tls::TlsConnector::builder();
     if let Some(path) = cacertfile {
         trust_only(&mut builder, path, "cacertfile")?;
