@@ -560,6 +560,18 @@ impl<H: Handler> Worker<H> {
         let started = Instant::now();
         let mut client = self.db.get().map_err(ApplyError::Db)?;
         let db = |context: &'static str| move |e| ApplyError::Db(Error::db(context, e));
+        // A lost connection ends the session (the broker redelivers, nothing is counted); any
+        // other refusal (invalid text, a constraint checked at commit) is the messages' own
+        // and counts as a failed attempt, which ends in the dead-letter queue.
+        let classify = |context: &'static str| {
+            move |e: postgres::Error| {
+                if crate::is_transient_db_error(&e) {
+                    ApplyError::Db(Error::db(context, e))
+                } else {
+                    ApplyError::Handler(HandlerError::transient(Error::db(context, e).to_string()))
+                }
+            }
+        };
         let mut tx = client
             .transaction()
             .map_err(db("cannot begin the consumer transaction"))?;
@@ -571,7 +583,7 @@ impl<H: Handler> Worker<H> {
                 self.record_processed.as_str(),
                 &[&self.name, &ids, &types, &aggregates],
             )
-            .map_err(db("cannot record processed messages"))?
+            .map_err(classify("cannot record processed messages"))?
             .iter()
             .map(|row| row.get(0))
             .collect();
@@ -592,12 +604,19 @@ impl<H: Handler> Worker<H> {
                         panic_message(panic.as_ref())
                     )))
                 })
-                .map_err(ApplyError::Handler)?;
+                .map_err(|failure| {
+                    if failure.database_unavailable {
+                        // Not the message's fault: redelivered without counting against it.
+                        ApplyError::Db(Error::Other(failure.reason))
+                    } else {
+                        ApplyError::Handler(failure)
+                    }
+                })?;
         }
         let applied = new.len() as u64;
         let duplicates = messages.len() as u64 - applied;
         tx.commit()
-            .map_err(db("cannot commit the consumer transaction"))?;
+            .map_err(classify("cannot commit the consumer transaction"))?;
         metrics::observe_since(&self.stats.transaction_duration, started);
         Ok((applied, duplicates))
     }
@@ -630,13 +649,44 @@ fn parse(delivery: &Delivery) -> Result<Message, String> {
             Some(AmqpValue::LongString(s)) => Some(s.clone()),
             _ => None,
         });
+    let event_type = properties.type_().clone();
+    check_text("type", event_type.as_deref(), MAX_EVENT_TYPE_BYTES)?;
+    check_text(
+        "aggregate_id header",
+        aggregate_id.as_deref(),
+        MAX_AGGREGATE_ID_BYTES,
+    )?;
     Ok(Message {
         message_id,
-        event_type: properties.type_().clone(),
+        event_type,
         aggregate_id,
         payload,
         redelivered: delivery.redelivered,
     })
+}
+
+/// Longest AMQP `type` the consumer records (AMQP's own limit for a short string).
+const MAX_EVENT_TYPE_BYTES: usize = 255;
+/// Longest `aggregate_id` header the consumer records: well under what one row of a Postgres
+/// btree index holds (about 2,700 bytes), so `processed_messages` always takes it.
+const MAX_AGGREGATE_ID_BYTES: usize = 1024;
+
+/// Refuses a text Postgres would refuse (a NUL character) or that is longer than `max` bytes,
+/// before any SQL: such a delivery can never be recorded, so it is dead-lettered at once.
+fn check_text(what: &str, value: Option<&str>, max: usize) -> Result<(), String> {
+    let Some(value) = value else { return Ok(()) };
+    if value.contains('\0') {
+        return Err(format!(
+            "{what} contains a NUL character, which Postgres text cannot hold"
+        ));
+    }
+    if value.len() > max {
+        return Err(format!(
+            "{what} is {} bytes, more than the {max} the consumer records",
+            value.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Publishes a copy of an unusable delivery to the dead-letter exchange with the reason in its

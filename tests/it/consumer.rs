@@ -499,3 +499,116 @@ fn a_message_recorded_before_the_upgrade_is_not_applied_again() {
     assert_eq!(t.count("SELECT count(*) FROM effects"), 0);
     assert_eq!(broker.ready_main(), 0);
 }
+
+/// Publishes straight to the test queue with an `aggregate_id` header and a `type`.
+fn publish_with_headers(broker: &TestBroker, event_type: &str, aggregate_id: &str, n: i32) -> Uuid {
+    use amiquip::{AmqpProperties, AmqpValue, FieldTable, Publish};
+    let (connection, channel) = txoutbox::broker::connect(&broker.url).unwrap();
+    let id = Uuid::new_v4();
+    let mut headers = FieldTable::default();
+    headers.insert("aggregate_id".into(), AmqpValue::LongString(aggregate_id.into()));
+    let properties = AmqpProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(id.to_string())
+        .with_type_(event_type.into())
+        .with_headers(headers);
+    channel
+        .basic_publish(
+            "",
+            Publish::with_properties(&body(n), broker.topology.queue.as_str(), properties),
+        )
+        .unwrap();
+    let _ = channel.close();
+    let _ = connection.close();
+    id
+}
+
+/// Poison deliveries (issue 10): a NUL in the type or the aggregate id, or an aggregate id too
+/// long for an index row, can never be recorded. They are dead-lettered with the reason at
+/// once, and the messages behind them are applied (they used to loop forever and stall the queue).
+#[test]
+fn poison_headers_are_dead_lettered_with_the_reason_and_the_queue_moves_on() {
+    let t = TestDb::new();
+    with_effects_table(&t);
+    let broker = TestBroker::new();
+    publish_with_headers(&broker, "Test\u{0}Happened", "a-1", 1);
+    publish_with_headers(&broker, "TestHappened", "a-\u{0}2", 2);
+    publish_with_headers(&broker, "TestHappened", &"x".repeat(5000), 3);
+    for n in 4..=6 {
+        publish_with_headers(&broker, "TestHappened", &format!("a-{n}"), n);
+    }
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        record_effect,
+    )
+    .unwrap();
+    let dlq = broker.topology.dead_letter_queue();
+    wait_until(
+        "the three good ones are applied and the three poison ones dead-lettered",
+        WAIT,
+        || handle.stats().applied() == 3 && broker.ready(&dlq) == 3,
+    );
+    handle.stop();
+    assert_eq!(t.count("SELECT count(*) FROM effects"), 3);
+    assert_eq!(broker.ready_main(), 0);
+    let mut reasons = dead_letter_reasons(&broker);
+    reasons.sort();
+    assert!(
+        reasons[0].contains("aggregate_id header contains a NUL"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("aggregate_id header is 5000 bytes"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].contains("type contains a NUL"), "{reasons:?}");
+}
+
+/// An effect Postgres refuses at COMMIT (a deferred constraint) is the message's own failure:
+/// retried a bounded number of times, then dead-lettered; the session goes on.
+#[test]
+fn an_effect_refused_at_commit_is_retried_then_dead_lettered_and_the_rest_applied() {
+    let t = TestDb::new();
+    t.client()
+        .batch_execute(
+            "CREATE TABLE effects (message_id uuid NOT NULL, n int NOT NULL,
+                 CONSTRAINT one_per_n UNIQUE (n) DEFERRABLE INITIALLY DEFERRED);
+             INSERT INTO effects VALUES (gen_random_uuid(), 2)",
+        )
+        .unwrap();
+    let broker = TestBroker::new();
+    for n in 1..=3 {
+        broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(n));
+    }
+    let config = ConsumerConfig {
+        max_retries: 2,
+        ..config()
+    };
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config,
+        record_effect,
+    )
+    .unwrap();
+    let dlq = broker.topology.dead_letter_queue();
+    wait_until("1 and 3 are applied and 2 dead-lettered", WAIT, || {
+        handle.stats().applied() == 2 && broker.ready(&dlq) == 1
+    });
+    handle.stop();
+    let reasons = dead_letter_reasons(&broker);
+    assert!(
+        reasons[0].contains("failed 3 times")
+            && reasons[0].contains("cannot commit the consumer transaction"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        t.count("SELECT count(*) FROM effects"),
+        3,
+        "the pre-existing row and 1 and 3"
+    );
+}
