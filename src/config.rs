@@ -84,6 +84,10 @@ impl Default for RelayConfig {
     }
 }
 
+/// Most refusals [`RelayConfig::max_attempts`] may allow: past a few dozen the wait between
+/// attempts is an hour each, so this is already weeks.
+pub const MAX_RELAY_ATTEMPTS: i32 = 1000;
+
 impl RelayConfig {
     /// Checks that the values can work together.
     pub fn validate(&self) -> Result<()> {
@@ -93,9 +97,9 @@ impl RelayConfig {
                 self.workers
             )));
         }
-        if self.max_attempts < 1 {
+        if !(1..=MAX_RELAY_ATTEMPTS).contains(&self.max_attempts) {
             return Err(Error::Config(format!(
-                "RelayConfig::max_attempts (RELAY_MAX_ATTEMPTS) must be at least 1, got {}",
+                "RelayConfig::max_attempts (RELAY_MAX_ATTEMPTS) must be 1..={MAX_RELAY_ATTEMPTS}, got {}",
                 self.max_attempts
             )));
         }

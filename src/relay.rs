@@ -84,13 +84,14 @@ fn ordered_window(config: &RelayConfig) -> i64 {
 
 const DELETE_CONFIRMED: &str = "DELETE FROM {schema}.outbox WHERE id = ANY($1)";
 
-/// A refused row waits `retry_delay * 2^attempts` (capped at an hour) before its next try;
+/// A refused row waits `retry_delay * 2^attempts` (capped at an hour, and the exponent at 32 so
+/// that the product never overflows an interval) before its next try;
 /// at `max_attempts` it is marked failed and no longer claimed. Returns whether it failed.
 const POSTPONE_REFUSED: &str = "\
     UPDATE {schema}.outbox
     SET attempts = attempts + 1,
         last_error = $2,
-        available_at = now() + least(make_interval(secs => $3::float8 * 2 ^ attempts), interval '1 hour'),
+        available_at = now() + make_interval(secs => least($3::float8 * 2 ^ least(attempts, 32), 3600)),
         failed_at = CASE WHEN attempts + 1 >= $4 THEN now() END
     WHERE id = $1
     RETURNING failed_at IS NOT NULL";

@@ -225,3 +225,61 @@ fn the_default_exchange_works_and_an_impossible_routing_key_fails_alone() {
         vec!["routing key of 300 bytes, longer than AMQP's 255".to_string()]
     );
 }
+
+/// The backoff of a row refused many times is bounded before it is computed (issue 10): at
+/// attempt 60, `retry_delay * 2^attempts` used to overflow an interval, fail the round, roll
+/// back the deletes of rows already confirmed and republish them on every backoff.
+#[test]
+fn a_row_refused_sixty_times_waits_an_hour_and_the_batch_beside_it_is_deleted() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let missing = format!("txo_test.{}.nowhere", Uuid::new_v4().simple());
+    enqueue_all(&t, &[event(1).to_exchange(missing), event(2), event(3)]);
+    t.client()
+        .batch_execute("UPDATE outbox SET attempts = 60 WHERE exchange IS NOT NULL")
+        .unwrap();
+    let relay = relay::start(
+        t.db.clone(),
+        &amqp_url(),
+        broker.topology.clone(),
+        RelayConfig {
+            workers: 1,
+            max_attempts: 1000,
+            poll_interval: Duration::from_millis(50),
+            retry_delay: Duration::from_millis(10),
+            ..RelayConfig::default()
+        },
+    )
+    .unwrap();
+    wait_until(
+        "the two good ones are published and the refused row postponed",
+        WAIT,
+        || relay.stats().published() == 2 && t.count("SELECT count(*) FROM outbox WHERE attempts = 61") == 1,
+    );
+    relay.stop();
+    assert_eq!(
+        t.count("SELECT count(*) FROM outbox"),
+        1,
+        "the confirmed rows are deleted"
+    );
+    assert_eq!(
+        t.count("SELECT count(*) FROM outbox WHERE available_at BETWEEN now() + interval '59 minutes' AND now() + interval '61 minutes'"),
+        1,
+        "the wait is capped at an hour"
+    );
+    assert_eq!(
+        broker.ready_main(),
+        2,
+        "published once each, not again on every backoff"
+    );
+    let error = RelayConfig {
+        max_attempts: 1_000_000,
+        ..RelayConfig::default()
+    }
+    .validate()
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("RELAY_MAX_ATTEMPTS) must be 1..=1000"),
+        "{error}"
+    );
+}
