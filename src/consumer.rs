@@ -388,6 +388,17 @@ impl<H: Handler> Worker<H> {
         loop {
             if self.wakeup.is_stopping() {
                 let _ = consumer.cancel();
+                // amiquip tells the consumer of the cancel after answering it: wait for that
+                // notice before dropping the receiver, or its I/O thread logs an internal error.
+                // Deliveries that arrive meanwhile stay unacked; the broker requeues them.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while let Ok(message) =
+                    receiver.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                {
+                    if !matches!(message, ConsumerMessage::Delivery(_)) {
+                        break;
+                    }
+                }
                 return SessionEnd::Stopped;
             }
             let first = match receiver.recv_timeout(Duration::from_millis(200)) {

@@ -71,11 +71,15 @@ const CANCEL_ORDER: &str = "\
               to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
               to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
 
-/// The consumer's transitions: each event sets the status it leads to, whatever the current
-/// one (see [`OrderEvents`]). `$2` is `COMPLETED` or `CANCELLED`.
-const APPLY_STATUS: &str = "\
-    UPDATE orders SET status = $2, updated_at = now()
-    WHERE id = ANY($1) AND status <> $2";
+/// The consumer's transitions, guarded: `PENDING -> COMPLETED` only, so that a cancellation
+/// (written by `POST /orders/{id}/cancel` itself) is never overwritten by an `OrderCreated`
+/// applied after it; and `* -> CANCELLED`.
+const COMPLETE_ORDERS: &str = "\
+    UPDATE orders SET status = 'COMPLETED', updated_at = now()
+    WHERE id = ANY($1) AND status = 'PENDING'";
+const CANCEL_ORDERS: &str = "\
+    UPDATE orders SET status = 'CANCELLED', updated_at = now()
+    WHERE id = ANY($1) AND status <> 'CANCELLED'";
 
 /// An exact amount of money in cents (minor units).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -409,10 +413,9 @@ pub fn get(conn: &mut PooledClient, id: Uuid) -> Result<Option<Order>> {
 /// `COMPLETED`, `OrderCancelled` sets `CANCELLED`. Other event types are acknowledged without
 /// effect; a redelivered event has no second effect (the consumer dedupes it).
 ///
-/// It trusts the stream's order and does not look at the current status: applied in the wrong
-/// order, a created-then-cancelled order would end up `COMPLETED`. So the relay publishing these
-/// events must keep per-aggregate order (`RELAY_ORDERING=aggregate`, the default of
-/// `txoutbox-server`), and this queue needs a single consumer.
+/// The transitions are guarded: `OrderCreated` completes only a `PENDING` order, so a cancelled
+/// order stays `CANCELLED` whatever the order its events arrive in, and a second cancel finds it
+/// cancelled (409, no second `OrderCancelled`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OrderEvents;
 
@@ -439,23 +442,33 @@ impl Handler for OrderEvents {
         self.handle_batch(tx, &[message])
     }
 
-    /// Applies the batch in two statements: each order gets the status of its last event in the
-    /// batch, as if the events were applied one by one in delivery order.
+    /// Applies the batch in two statements, as if the events were applied one by one with the
+    /// guarded transitions: an order with a cancel in the batch ends `CANCELLED`, else an
+    /// `OrderCreated` completes it if it is `PENDING`.
     fn handle_batch(&mut self, tx: &mut Transaction<'_>, messages: &[&Message]) -> Result<(), HandlerError> {
-        let mut last = std::collections::HashMap::with_capacity(messages.len());
+        let mut outcomes = std::collections::HashMap::with_capacity(messages.len());
         for message in messages {
             if let Some((id, status)) = Self::transition(message)? {
-                last.insert(id, status);
+                // Nothing leaves CANCELLED: a cancel anywhere in the batch is the outcome.
+                let outcome = outcomes.entry(id).or_insert(status);
+                if *outcome != "CANCELLED" {
+                    *outcome = status;
+                }
             }
         }
         for status in ["COMPLETED", "CANCELLED"] {
-            let ids: Vec<Uuid> = last
+            let ids: Vec<Uuid> = outcomes
                 .iter()
                 .filter(|(_, s)| **s == status)
                 .map(|(id, _)| *id)
                 .collect();
             if !ids.is_empty() {
-                tx.execute(APPLY_STATUS, &[&ids, &status])?;
+                let statement = if status == "COMPLETED" {
+                    COMPLETE_ORDERS
+                } else {
+                    CANCEL_ORDERS
+                };
+                tx.execute(statement, &[&ids])?;
             }
         }
         Ok(())

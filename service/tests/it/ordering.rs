@@ -469,12 +469,44 @@ fn the_consumer_applies_order_events_in_the_order_they_arrive() {
         status_after(&mut client, &["OrderCreated", "OrderCancelled"]),
         "CANCELLED"
     );
-    // The hazard per-aggregate ordering prevents: applied out of order, a cancelled order ends
-    // up COMPLETED.
+    // Applied out of order (a redelivery, a replay), a cancelled order stays CANCELLED: only a
+    // PENDING order is completed (issue 10; it used to end COMPLETED).
     assert_eq!(
         status_after(&mut client, &["OrderCancelled", "OrderCreated"]),
-        "COMPLETED"
+        "CANCELLED"
     );
+}
+
+/// The race of issue 10: the order is cancelled over HTTP while its `OrderCreated` is still on
+/// its way to the consumer. Applied afterwards, the event must not complete the cancelled order,
+/// and a second cancel must find it cancelled (409, no second `OrderCancelled`).
+#[test]
+fn a_late_order_created_does_not_undo_a_cancel_and_a_second_cancel_writes_nothing() {
+    let t = TestDb::new();
+    let server = serve_with(&t, None);
+    let addr = server.addr();
+    let id = create_order(addr);
+    let order_id = Uuid::parse_str(&id).unwrap();
+    assert_eq!(cancel(addr, &id, "").status, 200);
+    let mut client = t.client();
+    let mut tx = client.transaction().unwrap();
+    let late = order_message("OrderCreated", order_id);
+    OrderEvents.handle_batch(&mut tx, &[&late]).unwrap();
+    tx.commit().unwrap();
+    let status: String = client
+        .query_one("SELECT status FROM orders WHERE id = $1", &[&order_id])
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "CANCELLED");
+    assert_eq!(cancel(addr, &id, "").status, 409);
+    assert_eq!(
+        t.count(&format!(
+            "SELECT count(*) FROM outbox WHERE event_type = 'OrderCancelled' AND aggregate_id = '{id}'"
+        )),
+        1,
+        "one OrderCancelled per order"
+    );
+    server.stop();
 }
 
 #[test]
