@@ -97,6 +97,14 @@ impl RelayConfig {
                 self.workers
             )));
         }
+        if self.confirm_timeout < Duration::from_millis(100)
+            || self.confirm_timeout > Duration::from_secs(600)
+        {
+            return Err(Error::Config(format!(
+                "RelayConfig::confirm_timeout (RELAY_CONFIRM_TIMEOUT) must be 0.1 s..=600 s, got {:?}",
+                self.confirm_timeout
+            )));
+        }
         if !(1..=MAX_RELAY_ATTEMPTS).contains(&self.max_attempts) {
             return Err(Error::Config(format!(
                 "RelayConfig::max_attempts (RELAY_MAX_ATTEMPTS) must be 1..={MAX_RELAY_ATTEMPTS}, got {}",

@@ -266,6 +266,11 @@ pub fn parse_url_tls(url: &str, statement_timeout: Duration) -> Result<(postgres
         config.connect_timeout(Duration::from_secs(2));
     }
     config.keepalives(true).keepalives_idle(Duration::from_secs(30));
+    if config.get_tcp_user_timeout().is_none() {
+        // Data the server never acknowledges (a partition) fails the connection within this,
+        // instead of the kernel's default of about 15 minutes.
+        config.tcp_user_timeout(Duration::from_secs(30));
+    }
     let options = format!(
         "{} -c statement_timeout={}",
         config.get_options().unwrap_or_default(),

@@ -472,7 +472,7 @@ fn worker_loop(worker: usize, shared: &Shared) {
     let mut db: Option<RelayDb> = None;
     while !shared.wakeup.is_stopping() {
         if db.is_none() {
-            match RelayDb::connect(&shared.db, config.ordering) {
+            match RelayDb::connect(&shared.db, config) {
                 Ok(connected) => db = Some(connected),
                 Err(e) => {
                     failures.failed(e);
@@ -569,12 +569,20 @@ struct RelayDb {
 }
 
 impl RelayDb {
-    fn connect(db: &Database, ordering: RelayOrdering) -> Result<RelayDb> {
+    fn connect(db: &Database, config: &RelayConfig) -> Result<RelayDb> {
+        let ordering = config.ordering;
         let mut client = db.dedicated()?;
         let schema = db.schema();
         let context = "cannot prepare the relay's statements";
+        // A round waits for the broker inside its transaction, at most `confirm_timeout`. If the
+        // process freezes or loses the broker for longer than twice that, Postgres ends the
+        // session, and the rows it claimed go to the other workers and relays within seconds.
+        let idle_limit = idle_in_transaction_limit(config);
         client
-            .batch_execute("SET synchronous_commit = off")
+            .batch_execute(&format!(
+                "SET synchronous_commit = off; SET idle_in_transaction_session_timeout = {}",
+                idle_limit.as_millis()
+            ))
             .map_err(|e| Error::db(context, e))?;
         let claim = match ordering {
             RelayOrdering::None => CLAIM,
@@ -605,6 +613,12 @@ impl RelayDb {
             postpone,
         })
     }
+}
+
+/// How long a relay session may sit inside a claim transaction without a statement before
+/// Postgres ends it: twice the longest wait for the broker in a round, and 5 s more.
+pub fn idle_in_transaction_limit(config: &RelayConfig) -> Duration {
+    config.confirm_timeout * 2 + Duration::from_secs(5)
 }
 
 /// One claim-publish-delete transaction. Returns how many rows it claimed.

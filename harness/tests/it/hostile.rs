@@ -17,8 +17,8 @@ pub(super) struct Server {
     child: Child,
     pub(super) addr: SocketAddr,
     log: std::path::PathBuf,
-    _t: TestDb,
-    _broker: TestBroker,
+    pub(super) t: TestDb,
+    pub(super) broker: TestBroker,
 }
 
 impl Drop for Server {
@@ -58,8 +58,8 @@ impl Server {
             child,
             addr,
             log,
-            _t: t,
-            _broker: broker,
+            t,
+            broker,
         };
         wait_until("the server answers /healthz", Duration::from_secs(30), || {
             server.healthz()
@@ -67,7 +67,7 @@ impl Server {
         server
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.id()
     }
 

@@ -61,6 +61,12 @@ const SETTINGS: &[Setting] = &[
         help: "none | aggregate: publish each order's events in commit order (the consumer needs it)",
     },
     Setting {
+        name: "RELAY_CONFIRM_TIMEOUT",
+        default: "10",
+        help: "seconds a relay round waits for the broker's confirms; a relay session idle in its \
+               transaction for twice this plus 5 s is ended by Postgres (its rows go to others)",
+    },
+    Setting {
         name: "RELAY_MAX_ATTEMPTS",
         default: "10",
         help: "broker refusals (nack, unroutable) before an event is marked failed",
@@ -99,6 +105,7 @@ fn try_main() -> Result<(), String> {
         workers: env_parse("RELAY_WORKERS", 5)?,
         batch_size: env_parse("RELAY_BATCH", 200)?,
         max_attempts: env_parse("RELAY_MAX_ATTEMPTS", 10)?,
+        confirm_timeout: Duration::from_secs(env_parse("RELAY_CONFIRM_TIMEOUT", 10)?),
         // The order consumer applies each event's transition as it arrives, so the service
         // keeps per-aggregate order unless told otherwise (the library default is none).
         ordering: env_parse("RELAY_ORDERING", RelayOrdering::Aggregate)?,
