@@ -8,3 +8,13 @@ CREATE TABLE IF NOT EXISTS orders (
     created_at  timestamptz   NOT NULL DEFAULT now(),
     updated_at  timestamptz   NOT NULL DEFAULT now()
 );
+
+-- `Idempotency-Key`s of POST /orders: a retried request with the same key and body gets the
+-- order the first one created. Kept 24 hours (the server purges older ones).
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key          text        PRIMARY KEY,
+    fingerprint  text        NOT NULL,              -- the request's user id and amount
+    order_id     uuid        NOT NULL REFERENCES orders (id),
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_created_at_idx ON idempotency_keys (created_at);

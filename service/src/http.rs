@@ -15,7 +15,7 @@ use crate::config::{HttpConfig, Secret, MAX_HEADERS};
 use crate::front::Front;
 use crate::gate::GateStats;
 use crate::metrics::HttpMetrics;
-use crate::orders::{self, Announce, Cancellation};
+use crate::orders::{self, Announce, Cancellation, Creation};
 use crate::status::{self, Sampler, StatusPage};
 use txoutbox::db::Database;
 use txoutbox::metrics::{self, Registry};
@@ -316,15 +316,31 @@ impl Api {
                 return Reply::json(400, body);
             }
         };
-        let result = self
-            .db
-            .get()
-            .and_then(|mut client| orders::create(&mut client, &self.outbox, &new_order, &self.announce));
+        let key = match idempotency_key(request) {
+            Ok(key) => key,
+            Err(reply) => return reply,
+        };
+        let result = self.db.get().and_then(|mut client| match &key {
+            None => {
+                orders::create(&mut client, &self.outbox, &new_order, &self.announce).map(Creation::Created)
+            }
+            Some(key) => {
+                orders::create_idempotent(&mut client, &self.outbox, &new_order, key, &self.announce)
+            }
+        });
         match result {
-            Ok(order) => {
+            Ok(Creation::Created(order)) => {
                 self.metrics.order_created();
                 Reply::json(201, order.to_json())
             }
+            Ok(Creation::Replayed(order)) => Reply {
+                header: Some(("Idempotent-Replayed", "true")),
+                ..Reply::json(201, order.to_json())
+            },
+            Ok(Creation::KeyReused) => Reply::error(
+                422,
+                "this Idempotency-Key was used for another order in the last 24 hours; use a new key",
+            ),
             Err(e) => failure("cannot create the order", &e),
         }
     }
@@ -412,6 +428,28 @@ fn failure(what: &str, error: &Error) -> Reply {
         log::error!("http: {what}: {error}");
         Reply::error(500, "internal error")
     }
+}
+
+/// The request's `Idempotency-Key`, if any: 1 to 255 visible ASCII characters, else 400.
+fn idempotency_key(request: &Request) -> Result<Option<String>, Reply> {
+    let mut keys = request
+        .headers()
+        .iter()
+        .filter(|h| h.field.equiv("Idempotency-Key"))
+        .map(|h| h.value.as_str().trim().to_string());
+    let Some(key) = keys.next() else {
+        return Ok(None);
+    };
+    if keys.next().is_some() {
+        return Err(Reply::error(400, "send one Idempotency-Key header, not several"));
+    }
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Reply::error(
+            400,
+            "Idempotency-Key must be 1 to 255 visible ASCII characters (a UUID is a good key)",
+        ));
+    }
+    Ok(Some(key))
 }
 
 /// True when the request carries `Authorization: Bearer <token>`, compared in constant time.

@@ -219,13 +219,18 @@ pub struct Order {
 
 impl Order {
     fn from_row(row: &Row) -> Order {
+        Order::from_row_at(row, 0)
+    }
+
+    /// The order whose columns start at `first` (as [`SELECT_ORDER`] returns them).
+    fn from_row_at(row: &Row, first: usize) -> Order {
         Order {
-            id: row.get(0),
-            user_id: row.get(1),
-            amount: row.get(2),
-            status: row.get(3),
-            created_at: row.get(4),
-            updated_at: row.get(5),
+            id: row.get(first),
+            user_id: row.get(first + 1),
+            amount: row.get(first + 2),
+            status: row.get(first + 3),
+            created_at: row.get(first + 4),
+            updated_at: row.get(first + 5),
         }
     }
 
@@ -293,6 +298,136 @@ pub fn create(
         waker.wake();
     }
     Ok(order)
+}
+
+/// How long an `Idempotency-Key` is remembered.
+pub const IDEMPOTENCY_WINDOW_HOURS: i32 = 24;
+
+/// The order a live key (younger than the window) was first used for, with its fingerprint.
+const SELECT_KEY: &str = "\
+    SELECT k.fingerprint, o.id, o.user_id, o.amount::text, o.status,
+           to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+           to_char(o.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+    FROM idempotency_keys k JOIN orders o ON o.id = k.order_id
+    WHERE k.key = $1 AND k.created_at > now() - make_interval(hours => $2)";
+
+/// Records a key for a new order, taking over an expired one; no row when a live key exists
+/// (then the caller's transaction is rolled back and the key's order returned instead).
+const RECORD_KEY: &str = "\
+    INSERT INTO idempotency_keys (key, fingerprint, order_id) VALUES ($1, $2, $3)
+    ON CONFLICT (key) DO UPDATE
+        SET fingerprint = EXCLUDED.fingerprint, order_id = EXCLUDED.order_id, created_at = now()
+        WHERE idempotency_keys.created_at <= now() - make_interval(hours => $4)
+    RETURNING 1";
+
+/// Deletes keys past the window, a batch at a time.
+const PURGE_KEYS: &str = "\
+    DELETE FROM idempotency_keys WHERE key IN (
+        SELECT key FROM idempotency_keys
+        WHERE created_at <= now() - make_interval(hours => $1) LIMIT 1000)";
+
+/// What `POST /orders` with an `Idempotency-Key` comes to.
+#[derive(Debug)]
+pub enum Creation {
+    /// A new order.
+    Created(Order),
+    /// The key was used before with the same order: that order, nothing written.
+    Replayed(Order),
+    /// The key was used before with another order: nothing written.
+    KeyReused,
+}
+
+/// The request's identity for its key: the fields that make the order.
+fn fingerprint(new: &NewOrder) -> String {
+    format!("{}|{}", new.user_id, new.amount.cents())
+}
+
+/// [`create`] at most once per `key` within [`IDEMPOTENCY_WINDOW_HOURS`]: a second request with
+/// the key and the same order gets the first one's order back (also after a restart, and when
+/// both arrive at once: the second waits on the first's key), another order gets
+/// [`Creation::KeyReused`].
+pub fn create_idempotent(
+    conn: &mut PooledClient,
+    outbox: &Outbox,
+    new: &NewOrder,
+    key: &str,
+    announce: &Announce,
+) -> Result<Creation> {
+    let print = fingerprint(new);
+    let window = IDEMPOTENCY_WINDOW_HOURS;
+    let lookup = |conn: &mut PooledClient| -> Result<Option<Creation>> {
+        let row = conn
+            .query_opt(SELECT_KEY, &[&key, &window])
+            .map_err(|e| Error::db("cannot read the idempotency key", e))?;
+        Ok(row.map(|row| {
+            let stored: String = row.get(0);
+            if stored == print {
+                Creation::Replayed(Order::from_row_at(&row, 1))
+            } else {
+                Creation::KeyReused
+            }
+        }))
+    };
+    if let Some(found) = lookup(conn)? {
+        return Ok(found);
+    }
+    let prepare = |e| Error::db("cannot prepare the order statements", e);
+    let insert_order = conn.prepared(INSERT_ORDER).map_err(prepare)?;
+    let insert_event = prepared_insert_event(conn, outbox).map_err(prepare)?;
+    let mut tx = conn
+        .transaction()
+        .map_err(|e| Error::db("cannot begin the order transaction", e))?;
+    let order = insert_order_row(&mut tx, &insert_order, new)?;
+    let recorded = tx
+        .query_opt(RECORD_KEY, &[&key, &print, &order.id, &window])
+        .map_err(|e| Error::db("cannot record the idempotency key", e))?;
+    if recorded.is_none() {
+        // Another request with the key committed first: ours rolls back, theirs is the answer.
+        drop(tx);
+        return lookup(conn)?.ok_or_else(|| Error::Other("the idempotency key vanished; retry".into()));
+    }
+    outbox::insert_event(&mut tx, &insert_event, &created_event(&order))?;
+    tx.commit().map_err(|e| Error::db("cannot commit the order", e))?;
+    if let Announce::Wake(waker) = announce {
+        waker.wake();
+    }
+    Ok(Creation::Created(order))
+}
+
+/// Purges expired idempotency keys now and every 10 minutes, on a thread of its own that ends
+/// with the process.
+pub fn start_key_purge(db: txoutbox::Database) -> Result<()> {
+    std::thread::Builder::new()
+        .name("key-purge".into())
+        .spawn(move || loop {
+            match db
+                .get()
+                .and_then(|mut client| purge_idempotency_keys(&mut *client))
+            {
+                Ok(0) => {}
+                Ok(purged) => log::info!("orders: purged {purged} expired idempotency keys"),
+                Err(e) => {
+                    log::warn!("orders: cannot purge expired idempotency keys (retried in 10 min): {e}")
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_secs(600));
+        })
+        .map(|_| ())
+        .map_err(|e| Error::Other(format!("cannot start the key purge thread: {e}")))
+}
+
+/// Deletes the idempotency keys older than the window; returns how many.
+pub fn purge_idempotency_keys(client: &mut impl postgres::GenericClient) -> Result<u64> {
+    let mut total = 0;
+    loop {
+        let deleted = client
+            .execute(PURGE_KEYS, &[&IDEMPOTENCY_WINDOW_HOURS])
+            .map_err(|e| Error::db("cannot purge idempotency keys", e))?;
+        total += deleted;
+        if deleted < 1000 {
+            return Ok(total);
+        }
+    }
 }
 
 /// Inserts the order and enqueues its `OrderCreated` event in `outbox` on the caller's

@@ -125,6 +125,7 @@ fn try_main() -> Result<(), String> {
 
     let db = Database::connect(&database_url, &pool).map_err(|e| e.to_string())?;
     orders::install_table(&db).map_err(|e| e.to_string())?;
+    orders::start_key_purge(db.clone()).map_err(|e| e.to_string())?;
     let relay = relay::start(db.clone(), &amqp_url, topology, relay_config).map_err(|e| e.to_string())?;
     let announce = orders::Announce::Wake(relay.waker());
     let server = http::serve_with_relay(&http_config, db, announce, Some(relay.health()))

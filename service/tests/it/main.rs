@@ -3,6 +3,7 @@
 mod docs;
 mod http;
 mod http_connections;
+mod idempotency;
 mod metrics;
 mod openapi;
 mod ordering;
