@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amiquip::{AmqpProperties, Channel, Connection, Publish};
 use postgres::{Client, NoTls};
-use txoutbox::{Database, PoolOptions, QueueType, Topology};
+use txoutbox::{Database, PoolOptions, QueueType, RelayConfig, Topology};
 
 pub mod tls;
 use uuid::Uuid;
@@ -229,6 +229,16 @@ impl Drop for TestBroker {
         if let Some(connection) = self.connection.take() {
             let _ = connection.close();
         }
+    }
+}
+
+/// A relay configuration for tests: `workers` workers that poll every 50 ms (tests do not wait
+/// for the default poll interval when a notification is missed).
+pub fn quick_relay(workers: usize) -> RelayConfig {
+    RelayConfig {
+        workers,
+        poll_interval: Duration::from_millis(50),
+        ..RelayConfig::default()
     }
 }
 

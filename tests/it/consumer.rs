@@ -6,10 +6,8 @@ use std::time::Duration;
 
 use postgres::Transaction;
 use serde_json::json;
-use txoutbox::{
-    consumer, enqueue_many, relay, ConsumerConfig, HandlerError, Message, NewEvent, RelayConfig, Topology,
-};
-use txoutbox_testkit::{wait_until, TestBroker, TestDb};
+use txoutbox::{consumer, enqueue_many, relay, ConsumerConfig, HandlerError, Message, NewEvent, Topology};
+use txoutbox_testkit::{quick_relay, wait_until, TestBroker, TestDb};
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -424,11 +422,7 @@ fn two_consumers_of_two_queues_on_one_database_each_apply_every_event_once() {
         t.db.clone(),
         &invoices.url,
         invoices.topology.clone(),
-        RelayConfig {
-            workers: 1,
-            poll_interval: Duration::from_millis(50),
-            ..RelayConfig::default()
-        },
+        quick_relay(1),
     )
     .unwrap();
     wait_until("both consumers applied all 20", WAIT, || {

@@ -8,7 +8,7 @@ use amiquip::{ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOpti
 use serde_json::json;
 use txoutbox::relay::RelayHandle;
 use txoutbox::{consumer, enqueue, relay, ConsumerConfig, Database, NewEvent, RelayConfig, Topology};
-use txoutbox_testkit::{amqp_url, wait_until, TestBroker, TestDb};
+use txoutbox_testkit::{amqp_url, quick_relay, wait_until, TestBroker, TestDb};
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -19,11 +19,9 @@ fn start_relay(db: &Database, topology: Topology) -> RelayHandle {
         &amqp_url(),
         topology,
         RelayConfig {
-            workers: 1,
             max_attempts: 1,
-            poll_interval: Duration::from_millis(50),
             retry_delay: Duration::from_millis(10),
-            ..RelayConfig::default()
+            ..quick_relay(1)
         },
     )
     .unwrap()
@@ -243,11 +241,9 @@ fn a_row_refused_sixty_times_waits_an_hour_and_the_batch_beside_it_is_deleted() 
         &amqp_url(),
         broker.topology.clone(),
         RelayConfig {
-            workers: 1,
             max_attempts: 1000,
-            poll_interval: Duration::from_millis(50),
             retry_delay: Duration::from_millis(10),
-            ..RelayConfig::default()
+            ..quick_relay(1)
         },
     )
     .unwrap();

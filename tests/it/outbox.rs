@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use serde_json::json;
-use txoutbox::{enqueue, enqueue_many, relay, NewEvent, Outbox, PoolOptions, RelayConfig, Schema};
-use txoutbox_testkit::{wait_until, TestBroker, TestDb};
+use txoutbox::{enqueue, enqueue_many, relay, NewEvent, Outbox, PoolOptions, Schema};
+use txoutbox_testkit::{quick_relay, wait_until, TestBroker, TestDb};
 
 fn event(n: i32) -> NewEvent {
     NewEvent::new("ticket", format!("t-{n}"), "TicketOpened", json!({ "n": n }))
@@ -124,22 +124,13 @@ fn a_schema_of_its_own_works_on_any_connection_whatever_its_search_path() {
     outbox.enqueue(&mut tx, &event(1)).unwrap();
     tx.commit().unwrap();
     assert_eq!(t.count("SELECT count(*) FROM billing_outbox.outbox"), 1);
-    // The public free function writes to schema public, which this database lacks.
+    // The free function writes to what the connection's search_path finds: here public, which
+    // this database has no outbox in.
     let error = enqueue(&mut client, &event(2)).unwrap_err();
     assert!(error.to_string().contains("cannot enqueue"), "{error}");
 
     let broker = TestBroker::new();
-    let handle = relay::start(
-        t.db.clone(),
-        &broker.url,
-        broker.topology.clone(),
-        RelayConfig {
-            workers: 1,
-            poll_interval: Duration::from_millis(50),
-            ..RelayConfig::default()
-        },
-    )
-    .unwrap();
+    let handle = relay::start(t.db.clone(), &broker.url, broker.topology.clone(), quick_relay(1)).unwrap();
     wait_until(
         "the relay publishes the event of schema billing_outbox",
         Duration::from_secs(30),

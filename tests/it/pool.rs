@@ -6,10 +6,8 @@ use std::time::Duration;
 use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
 use serde_json::json;
-use txoutbox::{
-    consumer, enqueue, relay, ConsumerConfig, Database, HandlerError, Message, NewEvent, RelayConfig, Schema,
-};
-use txoutbox_testkit::{wait_until, EmptyDb, TestBroker, TestDb};
+use txoutbox::{consumer, enqueue, relay, ConsumerConfig, Database, HandlerError, Message, NewEvent, Schema};
+use txoutbox_testkit::{quick_relay, wait_until, EmptyDb, TestBroker, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -44,17 +42,7 @@ fn a_database_over_the_callers_pool_runs_the_relay_and_the_consumer() {
     tx.commit().unwrap();
     drop(client);
 
-    let relay = relay::start(
-        db.clone(),
-        &broker.url,
-        broker.topology.clone(),
-        RelayConfig {
-            workers: 1,
-            poll_interval: Duration::from_millis(50),
-            ..RelayConfig::default()
-        },
-    )
-    .unwrap();
+    let relay = relay::start(db.clone(), &broker.url, broker.topology.clone(), quick_relay(1)).unwrap();
     let handler = |tx: &mut postgres::Transaction<'_>, m: &Message| -> Result<(), HandlerError> {
         tx.execute("INSERT INTO seen (message_id) VALUES ($1)", &[&m.message_id])?;
         Ok(())
@@ -108,17 +96,7 @@ fn a_relay_worker_that_panics_shows_in_health_and_metrics() {
             &[],
         )
         .unwrap();
-    let relay = relay::start(
-        t.db.clone(),
-        &broker.url,
-        broker.topology.clone(),
-        RelayConfig {
-            workers: 2,
-            poll_interval: Duration::from_millis(50),
-            ..RelayConfig::default()
-        },
-    )
-    .unwrap();
+    let relay = relay::start(t.db.clone(), &broker.url, broker.topology.clone(), quick_relay(2)).unwrap();
     wait_until("both workers died", WAIT, || relay.stats().dead_workers() == 2);
     let health = relay.health();
     let why = health

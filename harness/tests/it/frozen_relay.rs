@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use txoutbox::{enqueue_many, relay, NewEvent, RelayConfig};
-use txoutbox_testkit::wait_until;
+use txoutbox::{enqueue_many, relay, NewEvent};
+use txoutbox_testkit::{quick_relay, wait_until};
 
 use crate::hostile::Server;
 
@@ -54,11 +54,7 @@ fn a_relay_frozen_mid_round_releases_its_rows_to_another_relay() {
         server.t.db.clone(),
         &txoutbox_testkit::amqp_url(),
         server.broker.topology.clone(),
-        RelayConfig {
-            workers: 2,
-            poll_interval: Duration::from_millis(50),
-            ..RelayConfig::default()
-        },
+        quick_relay(2),
     )
     .unwrap();
     wait_until(
