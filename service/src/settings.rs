@@ -109,24 +109,32 @@ pub fn run(try_main: impl FnOnce() -> Result<(), String>) {
     }
 }
 
-/// Blocks until SIGTERM or SIGINT arrives. From then on a second signal ends the process at
-/// once (exit code 1), so a stuck shutdown can always be cut short.
-pub fn wait_for_shutdown_signal() -> Result<(), String> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+/// SIGTERM and SIGINT, caught from the moment [`install`](Self::install) returns: a binary
+/// installs it first thing, so that a signal arriving while it starts up is a clean shutdown
+/// too (the default action would kill it). From the first signal on, a second one ends the
+/// process at once (exit code 1), so a stuck shutdown can always be cut short.
+pub struct ShutdownSignal(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
-    let asked = Arc::new(AtomicBool::new(false));
-    for signal in [SIGTERM, SIGINT] {
-        // Registered first, so it sees the flag still false on the first signal.
-        signal_hook::flag::register_conditional_shutdown(signal, 1, asked.clone())
-            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-        signal_hook::flag::register(signal, asked.clone())
-            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+impl ShutdownSignal {
+    /// Installs the handlers.
+    pub fn install() -> Result<ShutdownSignal, String> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for signal in [SIGTERM, SIGINT] {
+            // Registered first, so it sees the flag still false on the first signal.
+            signal_hook::flag::register_conditional_shutdown(signal, 1, asked.clone())
+                .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+            signal_hook::flag::register(signal, asked.clone())
+                .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+        }
+        Ok(ShutdownSignal(asked))
     }
-    while !asked.load(Ordering::SeqCst) {
-        std::thread::sleep(std::time::Duration::from_millis(100));
+
+    /// Blocks until the first signal (returns at once if it came already).
+    pub fn wait(&self) {
+        while !self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        log::info!("shutdown: signal received, finishing work in hand (a second signal exits at once)");
     }
-    log::info!("shutdown: signal received, finishing work in hand (a second signal exits at once)");
-    Ok(())
 }

@@ -412,3 +412,19 @@ fn sigterm_under_load_stops_both_binaries_cleanly_and_loses_nothing() {
         t.count("SELECT count(*) FROM outbox") == 0
     });
 }
+
+/// A SIGTERM that arrives while the server is still starting is a clean shutdown, not the
+/// default action's kill: the handlers are installed before anything else.
+#[test]
+fn a_sigterm_during_startup_is_a_clean_shutdown() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut server = spawn(&workspace_binary("txoutbox-server"), &t, &broker, &addr);
+    std::thread::sleep(Duration::from_millis(20));
+    let (took, clean) = signal_and_wait(&mut server, "-TERM");
+    assert!(
+        clean && took < Duration::from_secs(15),
+        "exit 0 after an early SIGTERM, took {took:?}"
+    );
+}

@@ -70,6 +70,7 @@ fn main() {
 }
 
 fn try_main() -> Result<(), String> {
+    let shutdown = common::ShutdownSignal::install()?;
     let config = ConsumerConfig {
         prefetch: env_parse("CONSUMER_PREFETCH", 256)?,
         batch_size: env_parse("CONSUMER_BATCH", 100)?,
@@ -115,7 +116,7 @@ fn try_main() -> Result<(), String> {
         None => None,
     };
     println!("txoutbox-consumer consuming");
-    common::wait_for_shutdown_signal()?;
+    shutdown.wait();
     // Commit and ack the batch in hand, then close the connection.
     handle.stop();
     if let Some(server) = metrics_server {

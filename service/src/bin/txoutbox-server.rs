@@ -89,6 +89,7 @@ fn main() {
 }
 
 fn try_main() -> Result<(), String> {
+    let shutdown = common::ShutdownSignal::install()?;
     let http_config = HttpConfig {
         addr: env_or("HTTP_ADDR", "127.0.0.1:8080"),
         threads: env_parse("HTTP_THREADS", 16)?,
@@ -131,7 +132,7 @@ fn try_main() -> Result<(), String> {
     let server = http::serve_with_relay(&http_config, db, announce, Some(relay.health()))
         .map_err(|e| e.to_string())?;
     println!("txoutbox-server listening on http://{}", server.addr());
-    common::wait_for_shutdown_signal()?;
+    shutdown.wait();
     // Stop taking requests and answer those in flight, then let the relay finish its batches.
     server.stop();
     relay.stop();
