@@ -2,7 +2,7 @@
 -- (`txoutbox migrate --print`), then the service's own orders table (service/schema/orders.sql).
 -- A test checks it equals both; `txoutbox migrate --create-database` applies the same.
 
--- txoutbox schema version 3, for schema public
+-- txoutbox schema version 4, for schema public
 BEGIN;
 CREATE TABLE IF NOT EXISTS "public".txoutbox_migrations (
     version     integer     PRIMARY KEY,
@@ -89,6 +89,24 @@ BEGIN
     END IF;
 END $$;
 INSERT INTO "public".txoutbox_migrations (version, name) VALUES (3, 'consumer_names') ON CONFLICT (version) DO NOTHING;
+
+-- migration 4: aggregate_sequence
+-- txoutbox migration 4: each processed event's place in its aggregate.
+
+-- When the relay publishes in aggregate order, each message carries its aggregate type and a
+-- sequence (its outbox id, which grows with each event of an aggregate). The consumer records
+-- both, and refuses a message older than one of its aggregate it already applied (a dead letter
+-- replayed after a later event, say). Nullable columns without a default touch no row.
+ALTER TABLE "public".processed_messages ADD COLUMN IF NOT EXISTS aggregate_type text;
+ALTER TABLE "public".processed_messages ADD COLUMN IF NOT EXISTS aggregate_sequence bigint;
+
+-- The latest applied sequence of an aggregate, per consumer. Rows from before this migration
+-- have no sequence and are not in the index, so building it reads the table once and writes
+-- next to nothing (it blocks writes to processed_messages meanwhile).
+CREATE INDEX IF NOT EXISTS processed_messages_sequence_idx
+    ON "public".processed_messages (consumer, aggregate_type, aggregate_id, aggregate_sequence)
+    WHERE aggregate_sequence IS NOT NULL;
+INSERT INTO "public".txoutbox_migrations (version, name) VALUES (4, 'aggregate_sequence') ON CONFLICT (version) DO NOTHING;
 COMMIT;
 
 -- The order domain of the example service: its own table, beside the library's.

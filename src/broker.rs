@@ -35,6 +35,11 @@ pub struct Topology {
     /// True for a service that only publishes: its relay declares the exchange and no queue
     /// (see [`Topology::publish_only`]).
     pub publish_only: bool,
+    /// Declare the queue with `x-single-active-consumer`: however many consumers attach, the
+    /// broker delivers to one at a time and the others stand by, so a handler sees each
+    /// aggregate's events in order. Default true; turn it off only for a handler that does not
+    /// depend on order and needs several consumers of one queue.
+    pub single_active_consumer: bool,
 }
 
 /// The kind of RabbitMQ queue to declare.
@@ -76,6 +81,7 @@ impl Default for Topology {
             queue: "order_events".into(),
             queue_type: QueueType::Classic,
             publish_only: false,
+            single_active_consumer: true,
         }
     }
 }
@@ -88,6 +94,7 @@ impl Topology {
             queue: queue.into(),
             queue_type: QueueType::Classic,
             publish_only: false,
+            single_active_consumer: true,
         }
     }
 
@@ -100,12 +107,21 @@ impl Topology {
             queue: String::new(),
             queue_type: QueueType::Classic,
             publish_only: true,
+            single_active_consumer: false,
         }
     }
 
     /// The same topology with queues of the given type.
     pub fn with_queue_type(self, queue_type: QueueType) -> Self {
         Topology { queue_type, ..self }
+    }
+
+    /// The same topology with [`single_active_consumer`](Self::single_active_consumer) set.
+    pub fn with_single_active_consumer(self, single_active_consumer: bool) -> Self {
+        Topology {
+            single_active_consumer,
+            ..self
+        }
     }
 
     /// Fanout exchange that receives what the queue dead-letters: `<queue>.dlx`.
@@ -169,11 +185,16 @@ impl Topology {
         let context = |what: &str| format!("cannot declare {what} on RabbitMQ");
         let queue_context = |name: &str| {
             format!(
-                "cannot declare queue {name} on RabbitMQ as a {} queue (if it exists with other \
-                 arguments, e.g. of another AMQP_QUEUE_TYPE, delete it once it is drained or \
-                 choose another AMQP_QUEUE with CONSUMER_NAME set to the old queue's name, so that messages \
-                 already applied are not applied again)",
-                self.queue_type.as_str()
+                "cannot declare queue {name} on RabbitMQ as a {} queue{} (if it exists with other \
+                 arguments, e.g. of another AMQP_QUEUE_TYPE or AMQP_SINGLE_ACTIVE_CONSUMER, delete \
+                 it once it is drained or choose another AMQP_QUEUE with CONSUMER_NAME set to the old \
+                 queue's name, so that messages already applied are not applied again)",
+                self.queue_type.as_str(),
+                if self.single_active_consumer && name == self.queue {
+                    " with a single active consumer"
+                } else {
+                    ""
+                }
             )
         };
 
@@ -198,6 +219,9 @@ impl Topology {
             "x-dead-letter-exchange".into(),
             AmqpValue::LongString(self.dead_letter_exchange()),
         );
+        if self.single_active_consumer {
+            arguments.insert("x-single-active-consumer".into(), AmqpValue::Boolean(true));
+        }
         let queue = channel
             .queue_declare(self.queue.as_str(), durable_queue(arguments))
             .map_err(|e| Error::broker(queue_context(&self.queue), e))?;
@@ -308,7 +332,14 @@ pub struct OutgoingEvent {
     pub exchange: Option<String>,
     /// Routing key; `None`: the event type.
     pub routing_key: Option<String>,
+    /// Sent as the `aggregate_sequence` header: a number that grows with each event of the
+    /// aggregate (the outbox id), set only when the events of an aggregate are published in
+    /// order. The consumer refuses an event older than one of its aggregate already applied.
+    pub aggregate_sequence: Option<i64>,
 }
+
+/// The header carrying [`OutgoingEvent::aggregate_sequence`].
+pub const AGGREGATE_SEQUENCE_HEADER: &str = "aggregate_sequence";
 
 /// The reason in [`PublishOutcome::refused`] of an event the broker nacked.
 pub const NACKED: &str = "RabbitMQ refused the message (nack)";
@@ -477,6 +508,9 @@ impl Publisher {
                 "aggregate_id".into(),
                 AmqpValue::LongString(event.aggregate_id.clone()),
             );
+            if let Some(sequence) = event.aggregate_sequence {
+                headers.insert(AGGREGATE_SEQUENCE_HEADER.into(), AmqpValue::LongLongInt(sequence));
+            }
             let properties = AmqpProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())

@@ -132,7 +132,8 @@ pub struct ConsumerConfig {
     /// Redeliveries of a message whose handler failed transiently before it is dead-lettered
     /// (`CONSUMER_MAX_RETRIES`, default 5).
     pub max_retries: u32,
-    /// Pause before a transiently failed message is handed back for redelivery (default 200 ms).
+    /// Pause before a transiently failed message, and the deliveries after it, are handed back
+    /// for redelivery in their order (default 200 ms).
     pub retry_delay: Duration,
     /// First reconnect delay (default 100 ms, doubled up to `max_backoff`).
     pub min_backoff: Duration,

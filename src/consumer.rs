@@ -23,16 +23,38 @@ use crate::metrics::{self, Reason, Registry};
 use crate::wakeup::{Backoff, FailureLog, Wakeup};
 use crate::{Error, Result};
 
-/// Records a batch of message ids for consumer `$1` in one statement; returns those not
-/// recorded before, by this consumer or before schema version 2 (consumer '').
+/// Records a batch of message ids for consumer `$1` in one statement. Returns each id it
+/// recorded (not recorded before, by this consumer or before schema version 3, consumer ''),
+/// with `false`, and each id it refused as superseded, with `true`: a message with a sequence
+/// that is new, but older than one of its aggregate this consumer already applied. Ids it
+/// returns neither way are duplicates.
 const RECORD_PROCESSED: &str = "\
-    INSERT INTO {schema}.processed_messages (consumer, message_id, event_type, aggregate_id)
-    SELECT $1, m.id, m.type, m.aggregate
-    FROM unnest($2::uuid[], $3::text[], $4::text[]) AS m(id, type, aggregate)
-    WHERE NOT EXISTS (
-        SELECT 1 FROM {schema}.processed_messages p WHERE p.consumer = '' AND p.message_id = m.id)
-    ON CONFLICT (consumer, message_id) DO NOTHING
-    RETURNING message_id";
+    WITH m AS (
+        SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::int8[])
+            AS m(id, type, aggregate_type, aggregate, sequence)
+    ), superseded AS (
+        SELECT m.id FROM m
+        WHERE m.sequence IS NOT NULL
+          AND EXISTS (
+              SELECT 1 FROM {schema}.processed_messages p
+              WHERE p.consumer = $1 AND p.aggregate_type = m.aggregate_type
+                AND p.aggregate_id = m.aggregate AND p.aggregate_sequence > m.sequence)
+          AND NOT EXISTS (
+              SELECT 1 FROM {schema}.processed_messages p
+              WHERE p.consumer IN ($1, '') AND p.message_id = m.id)
+    ), recorded AS (
+        INSERT INTO {schema}.processed_messages
+            (consumer, message_id, event_type, aggregate_type, aggregate_id, aggregate_sequence)
+        SELECT $1, m.id, m.type, m.aggregate_type, m.aggregate, m.sequence FROM m
+        WHERE m.id NOT IN (SELECT id FROM superseded)
+          AND NOT EXISTS (
+              SELECT 1 FROM {schema}.processed_messages p WHERE p.consumer = '' AND p.message_id = m.id)
+        ON CONFLICT (consumer, message_id) DO NOTHING
+        RETURNING message_id
+    )
+    SELECT message_id, false FROM recorded
+    UNION ALL
+    SELECT id, true FROM superseded";
 
 /// A delivery that passed the envelope checks, as a handler sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -41,8 +63,13 @@ pub struct Message {
     pub message_id: Uuid,
     /// AMQP `type`, e.g. `OrderCreated`, when the publisher set it.
     pub event_type: Option<String>,
+    /// The `aggregate_type` header, when the publisher set it.
+    pub aggregate_type: Option<String>,
     /// The `aggregate_id` header, when the publisher set it.
     pub aggregate_id: Option<String>,
+    /// The `aggregate_sequence` header: the event's place among its aggregate's events, set
+    /// when the relay publishes in aggregate order.
+    pub aggregate_sequence: Option<i64>,
     /// The parsed JSON body.
     pub payload: serde_json::Value,
     /// True when the broker delivered this message before (it may or may not have been applied).
@@ -132,14 +159,15 @@ pub struct ConsumerStats {
     malformed: Counter,
     permanent: Counter,
     exhausted: Counter,
+    superseded: Counter,
     failed: Counter,
     transaction_duration: Histogram,
 }
 
 impl Default for ConsumerStats {
     fn default() -> Self {
-        let (dead_lettered, [malformed, permanent, exhausted]) =
-            metrics::counters_by_reason(["malformed", "permanent", "retries_exhausted"]);
+        let (dead_lettered, [malformed, permanent, exhausted, superseded]) =
+            metrics::counters_by_reason(["malformed", "permanent", "retries_exhausted", "superseded"]);
         ConsumerStats {
             applied: Counter::default(),
             duplicates: Counter::default(),
@@ -147,6 +175,7 @@ impl Default for ConsumerStats {
             malformed,
             permanent,
             exhausted,
+            superseded,
             failed: Counter::default(),
             transaction_duration: metrics::seconds_histogram(),
         }
@@ -172,12 +201,13 @@ impl ConsumerStats {
         registry.register(
             "txoutbox_consumer_dead_lettered",
             "Deliveries moved to the dead-letter queue: reason malformed (no UUID message_id or \
-             not JSON), permanent (the handler said retrying cannot help), retries_exhausted",
+             not JSON), permanent (the handler said retrying cannot help), retries_exhausted, \
+             superseded (older than an event of its aggregate already applied)",
             self.dead_lettered.clone(),
         );
         registry.register(
             "txoutbox_consumer_retries",
-            "Deliveries whose handler failed transiently and were requeued or, past \
+            "Deliveries whose handler failed transiently and were redelivered or, past \
              CONSUMER_MAX_RETRIES, dead-lettered",
             self.failed.clone(),
         );
@@ -198,11 +228,13 @@ impl ConsumerStats {
     pub fn duplicates(&self) -> u64 {
         self.duplicates.get()
     }
-    /// Deliveries rejected without requeue (dead-lettered): malformed or permanently failing.
+    /// Deliveries rejected without requeue (dead-lettered): malformed, permanently failing,
+    /// out of retries or superseded.
     pub fn rejected(&self) -> u64 {
-        self.malformed.get() + self.permanent.get() + self.exhausted.get()
+        self.malformed.get() + self.permanent.get() + self.exhausted.get() + self.superseded.get()
     }
-    /// Deliveries whose handler failed transiently; they were requeued.
+    /// Deliveries whose handler failed transiently; they were redelivered (or, past the
+    /// retries, dead-lettered).
     pub fn failed(&self) -> u64 {
         self.failed.get()
     }
@@ -324,6 +356,26 @@ const MAX_TRACKED_FAILURES: usize = 10_000;
 enum SessionEnd {
     Stopped,
     Failed(Error),
+    /// A delivery failed and is to be retried: closing the channel returns it and every later
+    /// unacked delivery to the queue in their order, so no later event of its aggregate is
+    /// applied before it (a requeue alone would let the prefetched ones go first).
+    Redeliver,
+}
+
+/// What to do after settling deliveries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// End the session so that the broker redelivers, in order, what is not settled.
+    Redeliver,
+}
+
+/// What one consumer transaction did.
+struct Applied {
+    applied: u64,
+    duplicates: u64,
+    /// New messages older than an event of their aggregate already applied: not applied.
+    superseded: HashSet<Uuid>,
 }
 
 impl<H: Handler> Worker<H> {
@@ -339,6 +391,10 @@ impl<H: Handler> Worker<H> {
         while !self.wakeup.is_stopping() {
             match self.session(&mut backoff, &mut failures) {
                 SessionEnd::Stopped => break,
+                // Give a failing dependency a moment before the redelivery.
+                SessionEnd::Redeliver => {
+                    self.wakeup.sleep(self.config.retry_delay);
+                }
                 SessionEnd::Failed(e) => {
                     failures.failed(e);
                     self.wakeup.sleep(backoff.next_delay());
@@ -430,8 +486,10 @@ impl<H: Handler> Worker<H> {
                 }
             }
             if !batch.is_empty() {
-                if let Err(e) = self.process(channel, &mut dead_letters, batch) {
-                    return SessionEnd::Failed(e);
+                match self.process(channel, &mut dead_letters, batch) {
+                    Err(e) => return SessionEnd::Failed(e),
+                    Ok(Flow::Redeliver) => return SessionEnd::Redeliver,
+                    Ok(Flow::Continue) => {}
                 }
                 failures.recovered();
                 backoff.reset();
@@ -442,14 +500,15 @@ impl<H: Handler> Worker<H> {
         }
     }
 
-    /// Applies a batch and settles every delivery in it. `Err` means the session must end
-    /// (unsettled deliveries are then redelivered by the broker).
+    /// Applies a batch and settles its deliveries, in order, up to the first one to retry
+    /// (then [`Flow::Redeliver`]: that one and the rest go back to the broker unsettled).
+    /// `Err` means the session must end (unsettled deliveries are then redelivered).
     fn process(
         &mut self,
         channel: &Channel,
         dead_letters: &mut DeadLetters,
         batch: Vec<Delivery>,
-    ) -> Result<()> {
+    ) -> Result<Flow> {
         let mut valid = Vec::with_capacity(batch.len());
         for delivery in batch {
             match parse(&delivery) {
@@ -466,70 +525,102 @@ impl<H: Handler> Worker<H> {
             }
         }
         if valid.is_empty() {
-            return Ok(());
+            return Ok(Flow::Continue);
         }
         let messages: Vec<&Message> = valid.iter().map(|(_, m)| m).collect();
         match self.apply(&messages) {
-            Ok((applied, duplicates)) => {
-                self.stats.applied.inc_by(applied);
-                self.stats.duplicates.inc_by(duplicates);
+            Ok(outcome) if outcome.superseded.is_empty() => {
+                self.count(&outcome);
                 // Every delivery up to the last one is settled now: one ack covers them all.
                 if let Some((last, _)) = valid.pop() {
                     last.ack_multiple(channel)
                         .map_err(|e| Error::broker("cannot ack deliveries", e))?;
                 }
-                Ok(())
+                Ok(Flow::Continue)
+            }
+            Ok(outcome) => {
+                self.count(&outcome);
+                for (delivery, message) in valid {
+                    self.settle_applied(channel, dead_letters, delivery, message, &outcome)?;
+                }
+                Ok(Flow::Continue)
             }
             Err(ApplyError::Db(e)) => Err(e),
             Err(ApplyError::Handler(failure)) if valid.len() == 1 => {
                 let Some((delivery, message)) = valid.pop() else {
-                    return Ok(());
+                    return Ok(Flow::Continue);
                 };
                 self.settle(
                     channel,
                     dead_letters,
                     delivery,
-                    message.message_id,
+                    &message,
                     Err(ApplyError::Handler(failure)),
                 )
             }
             Err(ApplyError::Handler(_)) => {
-                // Some handler failed: the batch rolled back. Apply one by one to isolate it.
+                // Some handler failed: the batch rolled back. Apply one by one to isolate it,
+                // stopping at the first one to retry.
                 for (delivery, message) in valid {
-                    self.settle_alone(channel, dead_letters, delivery, &message)?;
+                    let outcome = self.apply(&[&message]);
+                    if self.settle(channel, dead_letters, delivery, &message, outcome)? == Flow::Redeliver {
+                        return Ok(Flow::Redeliver);
+                    }
                 }
-                Ok(())
+                Ok(Flow::Continue)
             }
         }
     }
 
-    fn settle_alone(
+    fn count(&self, outcome: &Applied) {
+        self.stats.applied.inc_by(outcome.applied);
+        self.stats.duplicates.inc_by(outcome.duplicates);
+    }
+
+    /// Acks a delivery whose transaction committed, or dead-letters it when it was superseded.
+    fn settle_applied(
         &mut self,
         channel: &Channel,
         dead_letters: &mut DeadLetters,
         delivery: Delivery,
-        message: &Message,
+        message: Message,
+        outcome: &Applied,
     ) -> Result<()> {
-        let outcome = self.apply(&[message]);
-        self.settle(channel, dead_letters, delivery, message.message_id, outcome)
+        let id = message.message_id;
+        self.attempts.remove(&id);
+        if !outcome.superseded.contains(&id) {
+            return delivery
+                .ack(channel)
+                .map_err(|e| Error::broker("cannot ack a delivery", e));
+        }
+        let reason = format!(
+            "superseded: an event of aggregate {}/{} later than sequence {} was already applied",
+            message.aggregate_type.as_deref().unwrap_or(""),
+            message.aggregate_id.as_deref().unwrap_or(""),
+            message.aggregate_sequence.unwrap_or_default()
+        );
+        log::warn!("consumer: message_id={id} {reason}; dead-lettering");
+        dead_letters.send(channel, delivery, &reason)?;
+        self.stats.superseded.inc();
+        Ok(())
     }
 
-    /// Acks, requeues or dead-letters one delivery according to how applying it went.
+    /// Acks, dead-letters or hands back for redelivery one delivery according to how applying
+    /// it went.
     fn settle(
         &mut self,
         channel: &Channel,
         dead_letters: &mut DeadLetters,
         delivery: Delivery,
-        id: Uuid,
-        outcome: Result<(u64, u64), ApplyError>,
-    ) -> Result<()> {
-        let broker_error = |e| Error::broker("cannot settle a delivery", e);
+        message: &Message,
+        outcome: Result<Applied, ApplyError>,
+    ) -> Result<Flow> {
+        let id = message.message_id;
         match outcome {
-            Ok((applied, duplicates)) => {
-                self.stats.applied.inc_by(applied);
-                self.stats.duplicates.inc_by(duplicates);
-                self.attempts.remove(&id);
-                delivery.ack(channel).map_err(broker_error)
+            Ok(outcome) => {
+                self.count(&outcome);
+                self.settle_applied(channel, dead_letters, delivery, message.clone(), &outcome)?;
+                Ok(Flow::Continue)
             }
             Err(ApplyError::Db(e)) => Err(e),
             Err(ApplyError::Handler(failure)) if failure.permanent => {
@@ -537,7 +628,7 @@ impl<H: Handler> Worker<H> {
                 self.attempts.remove(&id);
                 dead_letters.send(channel, delivery, &format!("permanent failure: {failure}"))?;
                 self.stats.permanent.inc();
-                Ok(())
+                Ok(Flow::Continue)
             }
             Err(ApplyError::Handler(failure)) => {
                 self.stats.failed.inc();
@@ -552,22 +643,20 @@ impl<H: Handler> Worker<H> {
                     self.attempts.remove(&id);
                     dead_letters.send(channel, delivery, &reason)?;
                     self.stats.exhausted.inc();
-                    return Ok(());
+                    return Ok(Flow::Continue);
                 }
                 log::warn!(
-                    "consumer: message_id={id} failed (attempt {}), requeueing: {failure}",
+                    "consumer: message_id={id} failed (attempt {}), redelivering it and the \
+                     deliveries after it: {failure}",
                     *attempts
                 );
-                // Give a failing dependency a moment before the redelivery.
-                self.wakeup.sleep(self.config.retry_delay);
-                delivery.nack(channel, true).map_err(broker_error)
+                Ok(Flow::Redeliver)
             }
         }
     }
 
     /// One transaction: dedupe row and effect for each message, then commit.
-    /// Returns (applied, duplicates).
-    fn apply(&mut self, messages: &[&Message]) -> Result<(u64, u64), ApplyError> {
+    fn apply(&mut self, messages: &[&Message]) -> Result<Applied, ApplyError> {
         let started = Instant::now();
         let mut client = self.db.get().map_err(ApplyError::Db)?;
         let db = |context: &'static str| move |e| ApplyError::Db(Error::db(context, e));
@@ -588,16 +677,41 @@ impl<H: Handler> Worker<H> {
             .map_err(db("cannot begin the consumer transaction"))?;
         let ids: Vec<Uuid> = messages.iter().map(|m| m.message_id).collect();
         let types: Vec<Option<&str>> = messages.iter().map(|m| m.event_type.as_deref()).collect();
+        let aggregate_types: Vec<Option<&str>> =
+            messages.iter().map(|m| m.aggregate_type.as_deref()).collect();
         let aggregates: Vec<Option<&str>> = messages.iter().map(|m| m.aggregate_id.as_deref()).collect();
-        let mut new_ids: HashSet<Uuid> = tx
+        // Order is guarded only where one consumer applies the queue's messages: with several
+        // at once, a later event may legitimately commit first.
+        let sequences: Vec<Option<i64>> = messages
+            .iter()
+            .map(|m| {
+                m.aggregate_sequence
+                    .filter(|_| self.topology.single_active_consumer)
+            })
+            .collect();
+        let mut new_ids = HashSet::with_capacity(messages.len());
+        let mut superseded = HashSet::new();
+        for row in tx
             .query(
                 self.record_processed.as_str(),
-                &[&self.name, &ids, &types, &aggregates],
+                &[
+                    &self.name,
+                    &ids,
+                    &types,
+                    &aggregate_types,
+                    &aggregates,
+                    &sequences,
+                ],
             )
             .map_err(classify("cannot record processed messages"))?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        {
+            let id: Uuid = row.get(0);
+            if row.get::<_, bool>(1) {
+                superseded.insert(id);
+            } else {
+                new_ids.insert(id);
+            }
+        }
         // `remove` also keeps a message delivered twice within one batch to one effect.
         let new: Vec<&Message> = messages
             .iter()
@@ -625,11 +739,15 @@ impl<H: Handler> Worker<H> {
                 })?;
         }
         let applied = new.len() as u64;
-        let duplicates = messages.len() as u64 - applied;
+        let duplicates = messages.len() as u64 - applied - superseded.len() as u64;
         tx.commit()
             .map_err(classify("cannot commit the consumer transaction"))?;
         metrics::observe_since(&self.stats.transaction_duration, started);
-        Ok((applied, duplicates))
+        Ok(Applied {
+            applied,
+            duplicates,
+            superseded,
+        })
     }
 }
 
@@ -653,15 +771,31 @@ fn parse(delivery: &Delivery) -> Result<Message, String> {
     let raw_id = properties.message_id().as_ref().ok_or("no message_id")?;
     let message_id = Uuid::parse_str(raw_id).map_err(|_| format!("message_id {raw_id:?} is not a UUID"))?;
     let payload = serde_json::from_slice(&delivery.body).map_err(|e| format!("body is not JSON: {e}"))?;
-    let aggregate_id = properties
-        .headers()
-        .as_ref()
-        .and_then(|h| match h.get("aggregate_id") {
-            Some(AmqpValue::LongString(s)) => Some(s.clone()),
-            _ => None,
-        });
+    let header = |name: &str| properties.headers().as_ref().and_then(|h| h.get(name));
+    let text_header = |name: &str| match header(name) {
+        Some(AmqpValue::LongString(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let aggregate_type = text_header("aggregate_type");
+    let aggregate_id = text_header("aggregate_id");
+    let aggregate_sequence = match header(broker::AGGREGATE_SEQUENCE_HEADER) {
+        None => None,
+        Some(AmqpValue::LongLongInt(n)) => Some(*n),
+        Some(AmqpValue::LongInt(n)) => Some(i64::from(*n)),
+        Some(other) => {
+            return Err(format!(
+                "{} header is not an integer: {other:?}",
+                broker::AGGREGATE_SEQUENCE_HEADER
+            ))
+        }
+    };
     let event_type = properties.type_().clone();
     check_text("type", event_type.as_deref(), MAX_EVENT_TYPE_BYTES)?;
+    check_text(
+        "aggregate_type header",
+        aggregate_type.as_deref(),
+        MAX_EVENT_TYPE_BYTES,
+    )?;
     check_text(
         "aggregate_id header",
         aggregate_id.as_deref(),
@@ -670,7 +804,9 @@ fn parse(delivery: &Delivery) -> Result<Message, String> {
     Ok(Message {
         message_id,
         event_type,
+        aggregate_type,
         aggregate_id,
+        aggregate_sequence,
         payload,
         redelivered: delivery.redelivered,
     })

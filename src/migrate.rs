@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "consumer_names",
         sql: include_str!("../migrations/0003_consumer_names.sql"),
     },
+    Migration {
+        version: 4,
+        name: "aggregate_sequence",
+        sql: include_str!("../migrations/0004_aggregate_sequence.sql"),
+    },
 ];
 
 /// The version this library needs (the last of [`MIGRATIONS`]).

@@ -653,6 +653,8 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
     }
     let claimed_at = Instant::now();
     let mut ages = std::collections::HashMap::with_capacity(rows.len());
+    // In aggregate order each event carries its outbox id as the aggregate's sequence.
+    let ordered = db.claim_heads.is_some();
     let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
         ages.insert(row.get::<_, i64>(0), row.get::<_, f64>(6));
@@ -665,6 +667,7 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
             body: row.get::<_, String>(5).into_bytes(),
             exchange: row.get(7),
             routing_key: row.get(8),
+            aggregate_sequence: ordered.then(|| row.get(0)),
         });
     }
     let stats = &shared.stats;

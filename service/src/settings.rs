@@ -42,13 +42,19 @@ pub const SERVICE_SETTINGS: &[Setting] = &[
         help: "classic, or quorum (replicated; for a clustered RabbitMQ)",
     },
     Setting {
+        name: "AMQP_SINGLE_ACTIVE_CONSUMER",
+        default: "true",
+        help: "true: the queue delivers to one consumer at a time, others stand by (aggregate order)",
+    },
+    Setting {
         name: "RUST_LOG",
         default: "info",
         help: "log filter (error, warn, info, debug, trace)",
     },
 ];
 
-/// The exchange and queues named by `AMQP_EXCHANGE` and `AMQP_QUEUE`, of `AMQP_QUEUE_TYPE`.
+/// The exchange and queues named by `AMQP_EXCHANGE` and `AMQP_QUEUE`, of `AMQP_QUEUE_TYPE`,
+/// with a single active consumer unless `AMQP_SINGLE_ACTIVE_CONSUMER=false`.
 pub fn topology_from_env() -> Result<txoutbox::Topology, String> {
     let defaults = txoutbox::Topology::default();
     let queue_type =
@@ -57,7 +63,8 @@ pub fn topology_from_env() -> Result<txoutbox::Topology, String> {
         env_or("AMQP_EXCHANGE", &defaults.exchange),
         env_or("AMQP_QUEUE", &defaults.queue),
     )
-    .with_queue_type(queue_type))
+    .with_queue_type(queue_type)
+    .with_single_active_consumer(env_parse("AMQP_SINGLE_ACTIVE_CONSUMER", true)?))
 }
 
 /// Prints `--help` for a binary: what it does, then each setting with its default.

@@ -187,6 +187,33 @@ impl TestBroker {
         self.ready(&self.topology.queue)
     }
 
+    /// Consumers registered on the main queue (a single-active-consumer queue counts its
+    /// standbys too).
+    pub fn consumers_of_main(&self) -> u32 {
+        self.channel()
+            .queue_declare_passive(self.topology.queue.as_str())
+            .expect("queue exists")
+            .declared_consumer_count()
+            .unwrap_or(0)
+    }
+
+    /// Takes every message off the dead-letter queue and returns the reason each carries.
+    pub fn dead_letter_reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        while let Some(got) = self
+            .channel()
+            .basic_get(self.topology.dead_letter_queue(), true)
+            .expect("basic_get")
+        {
+            let headers = got.delivery.properties.headers().clone().unwrap_or_default();
+            match headers.get("x-txoutbox-reason") {
+                Some(amiquip::AmqpValue::LongString(reason)) => reasons.push(reason.clone()),
+                other => panic!("dead letter without a reason header: {other:?}"),
+            }
+        }
+        reasons
+    }
+
     /// Takes every ready message off `queue` (acking them).
     pub fn drain(&self, queue: &str) -> Vec<Received> {
         let mut out = Vec::new();

@@ -233,24 +233,6 @@ fn a_permanent_handler_failure_is_dead_lettered() {
     assert_eq!(broker.ready_main(), 0);
 }
 
-fn dead_letter_reasons(broker: &TestBroker) -> Vec<String> {
-    let (connection, channel) = txoutbox::broker::connect(&broker.url).unwrap();
-    let mut reasons = Vec::new();
-    while let Some(got) = channel
-        .basic_get(broker.topology.dead_letter_queue(), true)
-        .unwrap()
-    {
-        let headers = got.delivery.properties.headers().clone().unwrap_or_default();
-        match headers.get("x-txoutbox-reason") {
-            Some(amiquip::AmqpValue::LongString(reason)) => reasons.push(reason.clone()),
-            other => panic!("dead letter without a reason header: {other:?}"),
-        }
-    }
-    let _ = channel.close();
-    let _ = connection.close();
-    reasons
-}
-
 #[test]
 fn dead_letters_carry_their_reason() {
     let t = TestDb::new();
@@ -271,7 +253,7 @@ fn dead_letters_carry_their_reason() {
         broker.ready(&dlq) == 2
     });
     handle.stop();
-    let mut reasons = dead_letter_reasons(&broker);
+    let mut reasons = broker.dead_letter_reasons();
     reasons.sort();
     assert!(reasons[0].contains("body is not JSON"), "{reasons:?}");
     assert!(reasons[1].contains("no message_id"), "{reasons:?}");
@@ -306,7 +288,7 @@ fn a_message_that_keeps_failing_is_dead_lettered_after_its_retries() {
     assert_eq!(calls.load(Ordering::SeqCst), 4, "one delivery and three retries");
     assert_eq!(broker.ready_main(), 0);
     assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 0);
-    let reasons = dead_letter_reasons(&broker);
+    let reasons = broker.dead_letter_reasons();
     assert!(
         reasons[0].contains("failed 4 times") && reasons[0].contains("keeps failing"),
         "{reasons:?}"
@@ -357,7 +339,7 @@ fn a_panicking_handler_is_contained_its_message_dead_lettered_and_the_consumer_l
         0,
         "the panic rolled back"
     );
-    let reasons = dead_letter_reasons(&broker);
+    let reasons = broker.dead_letter_reasons();
     assert!(
         reasons[0].contains("failed 3 times")
             && reasons[0].contains("the handler panicked: the handler cannot cope"),
@@ -548,7 +530,7 @@ fn poison_headers_are_dead_lettered_with_the_reason_and_the_queue_moves_on() {
     handle.stop();
     assert_eq!(t.count("SELECT count(*) FROM effects"), 3);
     assert_eq!(broker.ready_main(), 0);
-    let mut reasons = dead_letter_reasons(&broker);
+    let mut reasons = broker.dead_letter_reasons();
     reasons.sort();
     assert!(
         reasons[0].contains("aggregate_id header contains a NUL"),
@@ -594,7 +576,7 @@ fn an_effect_refused_at_commit_is_retried_then_dead_lettered_and_the_rest_applie
         handle.stats().applied() == 2 && broker.ready(&dlq) == 1
     });
     handle.stop();
-    let reasons = dead_letter_reasons(&broker);
+    let reasons = broker.dead_letter_reasons();
     assert!(
         reasons[0].contains("failed 3 times")
             && reasons[0].contains("cannot commit the consumer transaction"),

@@ -1,6 +1,7 @@
 //! Integration tests, one binary for the crate (each module a file beside this one).
 
 mod admin;
+mod aggregate_order;
 mod consumer;
 mod dependencies;
 mod destinations;

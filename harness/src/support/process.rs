@@ -37,7 +37,7 @@ pub struct ChildEnv<'a> {
     pub database_url: &'a str,
     /// `AMQP_URL`.
     pub amqp_url: &'a str,
-    /// `AMQP_EXCHANGE` and `AMQP_QUEUE`.
+    /// `AMQP_EXCHANGE`, `AMQP_QUEUE` and `AMQP_SINGLE_ACTIVE_CONSUMER`.
     pub topology: &'a Topology,
     /// `RUST_LOG`.
     pub rust_log: &'a str,
@@ -86,6 +86,10 @@ impl Binaries {
             .env("AMQP_URL", env.amqp_url)
             .env("AMQP_EXCHANGE", &env.topology.exchange)
             .env("AMQP_QUEUE", &env.topology.queue)
+            .env(
+                "AMQP_SINGLE_ACTIVE_CONSUMER",
+                env.topology.single_active_consumer.to_string(),
+            )
             .env("RUST_LOG", env.rust_log)
             // Several consumers may run at once (scale-out): each takes a port of its own.
             .env("CONSUMER_METRICS_ADDR", "127.0.0.1:0")

@@ -434,7 +434,9 @@ fn order_message(event_type: &str, order_id: Uuid) -> Message {
     Message {
         message_id: Uuid::now_v7(),
         event_type: Some(event_type.into()),
+        aggregate_type: Some("order".into()),
         aggregate_id: Some(order_id.to_string()),
+        aggregate_sequence: None,
         payload: json!({ "order_id": order_id.to_string() }),
         redelivered: false,
     }

@@ -94,6 +94,7 @@ impl SampleEvent {
                 body: self.body.clone(),
                 exchange: None,
                 routing_key: None,
+                aggregate_sequence: None,
             })
             .collect()
     }

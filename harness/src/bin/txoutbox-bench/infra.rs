@@ -108,11 +108,17 @@ impl Infra {
 
     /// A new exchange and queue (with its dead-letter pair), declared now.
     pub fn fresh_broker(&self, label: &str) -> Result<FreshBroker> {
+        self.fresh_broker_with(label, true)
+    }
+
+    /// [`Infra::fresh_broker`], its queue with or without a single active consumer.
+    pub fn fresh_broker_with(&self, label: &str, single_active_consumer: bool) -> Result<FreshBroker> {
         let suffix = self.next_suffix(label);
         let topology = Topology::new(
             format!("txo_bench.{suffix}.events"),
             format!("txo_bench.{suffix}.q"),
-        );
+        )
+        .with_single_active_consumer(single_active_consumer);
         let (connection, channel) = txoutbox::broker::connect(&self.amqp_url)?;
         topology.declare(&channel)?;
         Ok(FreshBroker {

@@ -137,7 +137,9 @@ pub fn scale_out(
     checks: &mut Checks,
 ) -> Result<ScaleOut> {
     let fresh = infra.fresh_db("scaleout", 2)?;
-    let broker = infra.fresh_broker("scaleout")?;
+    // Competing consumers: each order has one event, so no aggregate's order is at stake, and
+    // with a single active consumer the second would only stand by.
+    let broker = infra.fresh_broker_with("scaleout", false)?;
     let mut services: Vec<Process> = Vec::new();
     let mut urls = Vec::new();
     for n in 1..=2 {
