@@ -2,7 +2,7 @@
 -- (`txoutbox migrate --print`), then the service's own orders table (service/schema/orders.sql).
 -- A test checks it equals both; `txoutbox migrate --create-database` applies the same.
 
--- txoutbox schema version 4, for schema public
+-- txoutbox schema version 5, for schema public
 BEGIN;
 CREATE TABLE IF NOT EXISTS "public".txoutbox_migrations (
     version     integer     PRIMARY KEY,
@@ -107,6 +107,21 @@ CREATE INDEX IF NOT EXISTS processed_messages_sequence_idx
     ON "public".processed_messages (consumer, aggregate_type, aggregate_id, aggregate_sequence)
     WHERE aggregate_sequence IS NOT NULL;
 INSERT INTO "public".txoutbox_migrations (version, name) VALUES (4, 'aggregate_sequence') ON CONFLICT (version) DO NOTHING;
+
+-- migration 5: held_back
+-- txoutbox migration 5: rows the ordered relay has found behind an earlier event of their
+-- aggregate.
+
+-- With aggregate ordering only an aggregate's first row may be claimed. The relay marks the
+-- rows it finds behind another of their aggregate `held` and skips them (through the partial
+-- index below) until the row before them is published and deleted, when it clears the mark of
+-- the next one. So one aggregate with a long queue does not fill the window of oldest rows the
+-- claim looks at. Writers never set it. A constant default touches no row.
+ALTER TABLE "public".outbox ADD COLUMN IF NOT EXISTS held boolean NOT NULL DEFAULT false;
+
+-- The ordered claim's window: the oldest rows not held back.
+CREATE INDEX IF NOT EXISTS outbox_unheld_idx ON "public".outbox (id) WHERE NOT held;
+INSERT INTO "public".txoutbox_migrations (version, name) VALUES (5, 'held_back') ON CONFLICT (version) DO NOTHING;
 COMMIT;
 
 -- The order domain of the example service: its own table, beside the library's.

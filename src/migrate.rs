@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "aggregate_sequence",
         sql: include_str!("../migrations/0004_aggregate_sequence.sql"),
     },
+    Migration {
+        version: 5,
+        name: "held_back",
+        sql: include_str!("../migrations/0005_held_back.sql"),
+    },
 ];
 
 /// The version this library needs (the last of [`MIGRATIONS`]).

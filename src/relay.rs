@@ -40,19 +40,19 @@ const CLAIM: &str = "\
 /// deleted. Ids follow commit order within an aggregate when its writers take turns:
 /// [`Outbox::enqueue_ordered`](crate::outbox::Outbox::enqueue_ordered) or a lock on the aggregate's row.
 ///
-/// One index probe (`outbox_aggregate_idx`) per row looked at, and only the oldest `$2` rows are
-/// looked at (enough for every worker's batch and a few more, see [`ordered_window`]): cheap
-/// when aggregates are many, and bounded when a few aggregates have long queues (all but their
-/// first rows are held back). [`CLAIM_AGGREGATE_HEADS`] looks further when this finds fewer
-/// than `$1` rows, at most once per poll interval per relay. The "first row of its aggregate" test is a correlated
-/// subquery on purpose: written as `NOT EXISTS`, Postgres may plan a hash anti-join that costs
-/// seconds on a backlog of one aggregate.
+/// Only the oldest `$2` rows not [held back](HOLD_BACK) are looked at (enough for every worker's
+/// batch and a few more, see [`ordered_window`]), one index probe (`outbox_aggregate_idx`) each:
+/// the cost of a claim does not grow with the backlog, nor with one aggregate's queue, whose
+/// rows behind its first are marked held once and then skipped. The "first row of its
+/// aggregate" test is a correlated subquery on purpose: written as `NOT EXISTS`, Postgres may
+/// plan a hash anti-join that costs seconds on a backlog of one aggregate.
 const CLAIM_IN_AGGREGATE_ORDER: &str = "\
     SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
            extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key
     FROM {schema}.outbox o
-    WHERE o.id <= (SELECT max(id) FROM (SELECT id FROM {schema}.outbox ORDER BY id LIMIT $2) oldest)
-      AND o.available_at <= now() AND o.failed_at IS NULL
+    WHERE o.id <= (SELECT max(id) FROM (
+              SELECT id FROM {schema}.outbox WHERE NOT held ORDER BY id LIMIT $2) oldest)
+      AND NOT o.held AND o.available_at <= now() AND o.failed_at IS NULL
       AND o.id = (
           SELECT e.id FROM {schema}.outbox e
           WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id = o.aggregate_id
@@ -63,8 +63,46 @@ const CLAIM_IN_AGGREGATE_ORDER: &str = "\
     LIMIT $1
     FOR UPDATE OF o SKIP LOCKED";
 
+/// Marks `held` the rows among the oldest `$1` not held that have an earlier row of their
+/// aggregate, so that later claims skip them; run when a claim came up short. Returns how many
+/// it marked.
+///
+/// A row is marked only while this transaction holds a lock on the first row of its aggregate
+/// (`FOR KEY SHARE`, which a worker holding that row for publishing prevents; then the row is
+/// skipped and marked by a later round). So the worker that deletes an aggregate's first row,
+/// which holds it `FOR UPDATE` from its claim to its commit, always sees the marks of the rows
+/// behind it and clears the next one ([`DELETE_CONFIRMED_IN_ORDER`]). Locked rows are skipped,
+/// never waited for.
+const HOLD_BACK: &str = "\
+    WITH oldest AS (
+        SELECT o.id,
+               (SELECT e.id FROM {schema}.outbox e
+                WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id = o.aggregate_id
+                ORDER BY e.aggregate_type, e.aggregate_id, e.id
+                LIMIT 1) AS first_id
+        FROM {schema}.outbox o
+        WHERE NOT o.held
+        ORDER BY o.id
+        LIMIT $1
+    ),
+    firsts AS (
+        SELECT f.id FROM {schema}.outbox f
+        WHERE f.id IN (SELECT first_id FROM oldest WHERE first_id < id)
+        FOR KEY SHARE SKIP LOCKED
+    ),
+    behind AS (
+        SELECT b.id FROM {schema}.outbox b
+        WHERE b.id IN (SELECT id FROM oldest
+                       WHERE first_id < id AND first_id IN (SELECT id FROM firsts))
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE {schema}.outbox SET held = true
+    WHERE id IN (SELECT id FROM behind) AND NOT held";
+
 /// The rest of an ordered claim: the first row of every aggregate (one pass over the outbox,
-/// whatever the mix of aggregates), minus the rows `$2` this round claimed already.
+/// whatever the mix of aggregates), minus the rows `$2` this round claimed already. Held rows
+/// are included: a row whose predecessor was deleted by hand (not by a relay, which clears the
+/// mark) is found here and published, at most a poll interval late.
 const CLAIM_AGGREGATE_HEADS: &str = "\
     SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
            extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key
@@ -83,6 +121,24 @@ fn ordered_window(config: &RelayConfig) -> i64 {
 }
 
 const DELETE_CONFIRMED: &str = "DELETE FROM {schema}.outbox WHERE id = ANY($1)";
+
+/// [`DELETE_CONFIRMED`] for [`RelayOrdering::Aggregate`]: also clears the [held](HOLD_BACK)
+/// mark of the row after each deleted one in its aggregate, which is now its aggregate's first.
+/// (The statement sees the outbox as it was before the delete, hence `e.id > g.id`.)
+const DELETE_CONFIRMED_IN_ORDER: &str = "\
+    WITH gone AS (
+        DELETE FROM {schema}.outbox WHERE id = ANY($1)
+        RETURNING id, aggregate_type, aggregate_id
+    )
+    UPDATE {schema}.outbox o SET held = false
+    FROM gone g
+    WHERE o.held
+      AND o.id = (
+          SELECT e.id FROM {schema}.outbox e
+          WHERE e.aggregate_type = g.aggregate_type AND e.aggregate_id = g.aggregate_id AND e.id > g.id
+          ORDER BY e.aggregate_type, e.aggregate_id, e.id
+          LIMIT 1
+      )";
 
 /// A refused row waits `retry_delay * 2^attempts` (capped at an hour, and the exponent at 32 so
 /// that the product never overflows an interval) before its next try;
@@ -496,12 +552,13 @@ fn worker_loop(worker: usize, shared: &Shared) {
         };
         let seen = shared.wakeup.start_looking();
         match run_round(shared, connection, &mut active.publisher) {
-            Ok(claimed) => {
+            Ok(Round { claimed, held_back }) => {
                 failures.recovered();
                 backoff.reset();
-                if claimed > 0 && config.ordering == RelayOrdering::Aggregate {
+                if (claimed > 0 || held_back > 0) && config.ordering == RelayOrdering::Aggregate {
                     // The rows just deleted may have been holding back the next events of
-                    // their aggregates, which nobody announces: look again at once.
+                    // their aggregates, which nobody announces, and rows just held back no
+                    // longer hide the rows after them: look again at once.
                     continue;
                 }
                 if claimed < config.batch_size as usize {
@@ -562,10 +619,16 @@ enum RoundError {
 struct RelayDb {
     client: postgres::Client,
     claim: Statement,
-    /// With [`RelayOrdering::Aggregate`]: [`CLAIM_AGGREGATE_HEADS`].
-    claim_heads: Option<Statement>,
+    /// With [`RelayOrdering::Aggregate`], the statements that claim run beside [`CLAIM_IN_AGGREGATE_ORDER`].
+    ordered: Option<OrderedStatements>,
     delete: Statement,
     postpone: Statement,
+}
+
+/// [`HOLD_BACK`] and [`CLAIM_AGGREGATE_HEADS`], prepared.
+struct OrderedStatements {
+    hold_back: Statement,
+    claim_heads: Statement,
 }
 
 impl RelayDb {
@@ -584,31 +647,27 @@ impl RelayDb {
                 idle_limit.as_millis()
             ))
             .map_err(|e| Error::db(context, e))?;
-        let claim = match ordering {
-            RelayOrdering::None => CLAIM,
-            RelayOrdering::Aggregate => CLAIM_IN_AGGREGATE_ORDER,
+        let mut prepare = |sql: &str| {
+            client
+                .prepare(&schema.qualify(sql))
+                .map_err(|e| Error::db(context, e))
         };
-        let claim = client
-            .prepare(&schema.qualify(claim))
-            .map_err(|e| Error::db(context, e))?;
-        let claim_heads = match ordering {
-            RelayOrdering::None => None,
-            RelayOrdering::Aggregate => Some(
-                client
-                    .prepare(&schema.qualify(CLAIM_AGGREGATE_HEADS))
-                    .map_err(|e| Error::db(context, e))?,
+        let (claim, delete, ordered) = match ordering {
+            RelayOrdering::None => (prepare(CLAIM)?, prepare(DELETE_CONFIRMED)?, None),
+            RelayOrdering::Aggregate => (
+                prepare(CLAIM_IN_AGGREGATE_ORDER)?,
+                prepare(DELETE_CONFIRMED_IN_ORDER)?,
+                Some(OrderedStatements {
+                    hold_back: prepare(HOLD_BACK)?,
+                    claim_heads: prepare(CLAIM_AGGREGATE_HEADS)?,
+                }),
             ),
         };
-        let delete = client
-            .prepare(&schema.qualify(DELETE_CONFIRMED))
-            .map_err(|e| Error::db(context, e))?;
-        let postpone = client
-            .prepare(&schema.qualify(POSTPONE_REFUSED))
-            .map_err(|e| Error::db(context, e))?;
+        let postpone = prepare(POSTPONE_REFUSED)?;
         Ok(RelayDb {
             client,
             claim,
-            claim_heads,
+            ordered,
             delete,
             postpone,
         })
@@ -621,8 +680,17 @@ pub fn idle_in_transaction_limit(config: &RelayConfig) -> Duration {
     config.confirm_timeout * 2 + Duration::from_secs(5)
 }
 
-/// One claim-publish-delete transaction. Returns how many rows it claimed.
-fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Result<usize, RoundError> {
+/// What a round did.
+#[derive(Clone, Copy, Debug, Default)]
+struct Round {
+    /// Rows claimed (published or refused).
+    claimed: usize,
+    /// Rows newly [held back](HOLD_BACK); only in aggregate order.
+    held_back: u64,
+}
+
+/// One claim-publish-delete transaction.
+fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Result<Round, RoundError> {
     let started = Instant::now();
     let (claim, delete, postpone) = (&db.claim, &db.delete, &db.postpone);
     let db_error = |context: &'static str| move |e| RoundError::Db(Error::db(context, e));
@@ -631,30 +699,42 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
         .transaction()
         .map_err(db_error("cannot begin a relay transaction"))?;
     let batch_size = shared.config.batch_size;
-    let mut rows = match &db.claim_heads {
+    let window = ordered_window(&shared.config);
+    let mut rows = match &db.ordered {
         None => tx.query(claim, &[&batch_size]),
-        Some(_) => tx.query(claim, &[&batch_size, &ordered_window(&shared.config)]),
+        Some(_) => tx.query(claim, &[&batch_size, &window]),
     }
     .map_err(db_error("cannot claim outbox rows"))?;
-    if let Some(claim_heads) = db
-        .claim_heads
-        .as_ref()
-        .filter(|_| rows.len() < batch_size as usize && shared.take_heads_scan())
-    {
-        let claimed: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
-        let missing = batch_size - rows.len() as i64;
-        rows.extend(
-            tx.query(claim_heads, &[&missing, &claimed])
-                .map_err(db_error("cannot claim outbox rows"))?,
-        );
+    let mut held_back = 0;
+    if let Some(ordered) = db.ordered.as_ref().filter(|_| rows.len() < batch_size as usize) {
+        // Short: rows behind their aggregate's first may fill the window. Mark them, so that
+        // the next claims look past them, and (at most once per poll interval) look at the
+        // first row of every aggregate.
+        held_back = tx
+            .execute(&ordered.hold_back, &[&window])
+            .map_err(db_error("cannot mark held-back outbox rows"))?;
+        if shared.take_heads_scan() {
+            let claimed: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+            let missing = batch_size - rows.len() as i64;
+            rows.extend(
+                tx.query(&ordered.claim_heads, &[&missing, &claimed])
+                    .map_err(db_error("cannot claim outbox rows"))?,
+            );
+        }
     }
     if rows.is_empty() {
-        return Ok(0);
+        if held_back > 0 {
+            tx.commit().map_err(db_error("cannot commit a relay round"))?;
+        }
+        return Ok(Round {
+            claimed: 0,
+            held_back,
+        });
     }
     let claimed_at = Instant::now();
     let mut ages = std::collections::HashMap::with_capacity(rows.len());
     // In aggregate order each event carries its outbox id as the aggregate's sequence.
-    let ordered = db.claim_heads.is_some();
+    let ordered = db.ordered.is_some();
     let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
         ages.insert(row.get::<_, i64>(0), row.get::<_, f64>(6));
@@ -729,5 +809,8 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
         outcome.refused.len(),
         started.elapsed().as_millis()
     );
-    Ok(rows.len())
+    Ok(Round {
+        claimed: rows.len(),
+        held_back,
+    })
 }

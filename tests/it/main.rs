@@ -8,6 +8,7 @@ mod destinations;
 #[cfg(feature = "diesel")]
 mod diesel;
 mod examples;
+mod hot_aggregate;
 mod migrate;
 mod outbox;
 mod pool;
