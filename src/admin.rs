@@ -92,6 +92,18 @@ fn queue_depths(amqp_url: &str, topology: &Topology) -> Result<(Option<u32>, Opt
     Ok(result)
 }
 
+/// Messages waiting in `topology`'s dead-letter queue (a passive declare: nothing is created).
+pub fn dead_letter_depth(amqp_url: &str, topology: &Topology) -> Result<u32> {
+    let (connection, channel) = broker::connect(amqp_url)?;
+    let depth = channel
+        .queue_declare_passive(topology.dead_letter_queue())
+        .map_err(|e| Error::broker("cannot read the dead-letter queue's depth", e))
+        .map(|queue| queue.declared_message_count().unwrap_or(0));
+    let _ = channel.close();
+    let _ = connection.close();
+    depth
+}
+
 /// Moves the messages in the dead-letter queue back onto the main queue, once each: only as
 /// many as were there when it started, each confirmed by the broker before its dead-letter copy
 /// is removed. Returns how many were moved.

@@ -403,10 +403,13 @@ pub struct FailedEvent {
     pub attempts: i32,
     /// Why the last attempt failed.
     pub last_error: Option<String>,
+    /// Seconds since the event was written.
+    pub age_secs: f64,
 }
 
 const SELECT_FAILED: &str = "\
-    SELECT id, message_id, event_type, aggregate_id, attempts, last_error
+    SELECT id, message_id, event_type, aggregate_id, attempts, last_error,
+           extract(epoch FROM now() - created_at)::float8
     FROM {schema}.outbox WHERE failed_at IS NOT NULL ORDER BY id LIMIT $1";
 
 const REQUEUE_FAILED: &str = "\
@@ -428,6 +431,7 @@ impl Outbox {
                 aggregate_id: row.get(3),
                 attempts: row.get(4),
                 last_error: row.get(5),
+                age_secs: row.get(6),
             })
             .collect())
     }

@@ -16,6 +16,7 @@ use crate::front::Front;
 use crate::gate::GateStats;
 use crate::metrics::HttpMetrics;
 use crate::orders::{self, Announce, Cancellation, Creation};
+pub use crate::status::BrokerAccess;
 use crate::status::{self, Sampler, StatusPage};
 use txoutbox::db::Database;
 use txoutbox::metrics::{self, Registry};
@@ -89,6 +90,18 @@ pub fn serve_with_relay(
     announce: Announce,
     relay: Option<RelayHealth>,
 ) -> Result<HttpHandle> {
+    serve_with(config, db, announce, relay, None)
+}
+
+/// Like [`serve_with_relay`], with access to RabbitMQ for the dead-letter queue: its depth on
+/// the status page and `POST /dead-letters/replay` (without it, replay answers 503).
+pub fn serve_with(
+    config: &HttpConfig,
+    db: Database,
+    announce: Announce,
+    relay: Option<RelayHealth>,
+    broker: Option<BrokerAccess>,
+) -> Result<HttpHandle> {
     config.validate()?;
     let gate_stats = GateStats::default();
     let front = Arc::new(Front::bind(
@@ -98,7 +111,7 @@ pub fn serve_with_relay(
         gate_stats.clone(),
         true,
     )?);
-    let (status, sampler) = StatusPage::start(db.clone(), relay.clone())?;
+    let (status, sampler) = StatusPage::start(db.clone(), relay.clone(), broker, config.api_token.is_some())?;
     let metrics = HttpMetrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -253,6 +266,17 @@ impl Api {
             (["orders", _], _) => Reply::method_not_allowed("GET"),
             (["orders", id, "cancel"], Method::Post) => self.cancel_order(request, id),
             (["orders", _, "cancel"], _) => Reply::method_not_allowed("POST"),
+            (["failed-events", "retry"], Method::Post) => {
+                self.operator(request, |api| api.retry_failed(None))
+            }
+            (["failed-events", "retry"], _) => Reply::method_not_allowed("POST"),
+            (["failed-events", id, "retry"], Method::Post) => match id.parse::<i64>() {
+                Ok(id) if id > 0 => self.operator(request, |api| api.retry_failed(Some(id))),
+                _ => Reply::error(400, format!("{id:?} is not an outbox id (a positive integer)")),
+            },
+            (["failed-events", _, "retry"], _) => Reply::method_not_allowed("POST"),
+            (["dead-letters", "replay"], Method::Post) => self.operator(request, Api::replay_dead_letters),
+            (["dead-letters", "replay"], _) => Reply::method_not_allowed("POST"),
             _ => Reply::error(404, format!("no route for {path}")),
         }
     }
@@ -293,6 +317,57 @@ impl Api {
                 "missing or wrong bearer token (Authorization: Bearer <API_TOKEN>)",
             )
         })
+    }
+
+    /// Runs an operator action once the request passed the token check; the status page's
+    /// cached figures are dropped so that its next view shows the effect.
+    fn operator(&self, request: &Request, action: impl FnOnce(&Self) -> Reply) -> Reply {
+        if let Some(reply) = self.unauthorized(request) {
+            return reply;
+        }
+        let reply = action(self);
+        self.status.invalidate();
+        reply
+    }
+
+    /// `POST /failed-events/retry` (all) and `POST /failed-events/{id}/retry` (one): the
+    /// library's [`Outbox::requeue_failed`], as `txoutbox failed retry` runs it.
+    fn retry_failed(&self, id: Option<i64>) -> Reply {
+        let result = self
+            .db
+            .get()
+            .and_then(|mut client| self.db.outbox().requeue_failed(&mut *client, id));
+        match (result, id) {
+            (Ok(0), Some(id)) => Reply::error(404, format!("no failed event with outbox id {id}")),
+            (Ok(requeued), _) => {
+                log::info!("http: operator re-queued {requeued} failed event(s) ({id:?})");
+                Reply::json(200, json!({ "requeued": requeued }))
+            }
+            (Err(e), _) => failure("cannot re-queue failed events", &e),
+        }
+    }
+
+    /// `POST /dead-letters/replay`: the library's [`txoutbox::admin::replay_dead_letters`], as
+    /// `txoutbox dlq replay` runs it.
+    fn replay_dead_letters(&self) -> Reply {
+        let Some(broker) = self.status.broker() else {
+            return Reply::error(
+                503,
+                "this server was started without access to RabbitMQ's dead-letter queue",
+            );
+        };
+        let result = txoutbox::admin::replay_dead_letters(&broker.amqp_url, &broker.topology);
+        self.status.refresh_dead_letters();
+        match result {
+            Ok(replayed) => {
+                log::info!("http: operator replayed {replayed} dead letter(s)");
+                Reply::json(200, json!({ "replayed": replayed }))
+            }
+            Err(e) => {
+                log::warn!("http: cannot replay the dead letters: {e}");
+                Reply::error(503, format!("cannot replay the dead letters: {e}"))
+            }
+        }
     }
 
     fn create_order(&self, request: &mut Request) -> Reply {
@@ -399,6 +474,9 @@ fn route_template(url: &str) -> &'static str {
         ["orders"] => "/orders",
         ["orders", _] => "/orders/{id}",
         ["orders", _, "cancel"] => "/orders/{id}/cancel",
+        ["failed-events", "retry"] => "/failed-events/retry",
+        ["failed-events", _, "retry"] => "/failed-events/{id}/retry",
+        ["dead-letters", "replay"] => "/dead-letters/replay",
         _ => "unmatched",
     }
 }

@@ -127,9 +127,13 @@ fn try_main() -> Result<(), String> {
     let db = Database::connect(&database_url, &pool).map_err(|e| e.to_string())?;
     orders::install_table(&db).map_err(|e| e.to_string())?;
     orders::start_key_purge(db.clone()).map_err(|e| e.to_string())?;
+    let broker = http::BrokerAccess {
+        amqp_url: amqp_url.clone(),
+        topology: topology.clone(),
+    };
     let relay = relay::start(db.clone(), &amqp_url, topology, relay_config).map_err(|e| e.to_string())?;
     let announce = orders::Announce::Wake(relay.waker());
-    let server = http::serve_with_relay(&http_config, db, announce, Some(relay.health()))
+    let server = http::serve_with(&http_config, db, announce, Some(relay.health()), Some(broker))
         .map_err(|e| e.to_string())?;
     println!("txoutbox-server listening on http://{}", server.addr());
     shutdown.wait();

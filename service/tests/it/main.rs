@@ -6,6 +6,7 @@ mod http_connections;
 mod idempotency;
 mod metrics;
 mod openapi;
+mod operator_actions;
 mod ordering;
 mod parsing_properties;
 mod relay;
