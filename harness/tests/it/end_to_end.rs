@@ -78,6 +78,7 @@ fn orders_over_http_are_all_completed_exactly_once_by_the_real_binaries() {
         timeout: Duration::from_secs(120),
         database_url: t.url.clone(),
         progress: false,
+        ..StressOptions::default()
     })
     .expect("the stress run completes");
     println!("{report}");
@@ -378,6 +379,7 @@ fn sigterm_under_load_stops_both_binaries_cleanly_and_loses_nothing() {
             timeout: Duration::from_secs(5),
             database_url,
             progress: false,
+            ..StressOptions::default()
         })
     });
     wait_until("orders are flowing", Duration::from_secs(30), || {
