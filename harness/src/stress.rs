@@ -1638,9 +1638,12 @@ mod tests {
         (key, body)
     }
 
+    /// The `Idempotency-Key` and body of each request a test server received.
+    type Received = Vec<(String, Vec<u8>)>;
+
     /// A server that takes one request per connection and gives it the next of `answers`
     /// (`None`: it closes without answering); returns the keys and bodies it received.
-    fn serve_once_each(answers: Vec<Option<String>>) -> (Target, thread::JoinHandle<Vec<(String, Vec<u8>)>>) {
+    fn serve_once_each(answers: Vec<Option<String>>) -> (Target, thread::JoinHandle<Received>) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let server = thread::spawn(move || {

@@ -12,8 +12,10 @@
 #[allow(dead_code)]
 mod attack;
 mod cases;
+mod delivery;
 mod load;
 mod options;
+mod poison;
 mod procs;
 mod report;
 mod services;
