@@ -3,7 +3,7 @@
 //! Every answer is recorded with when it was sent and how long it took, so a case can look at
 //! the window of its failure; the ids of the 201s are the orders that must not be lost.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -140,10 +140,14 @@ impl Drop for Load {
 /// How many times a cancel is sent again after a 5xx or no answer, and the pause between.
 const CANCEL_TRIES: u32 = 20;
 const CANCEL_PAUSE: Duration = Duration::from_millis(250);
+/// How long after its creation an order is cancelled: its two events are then some tens of
+/// deliveries apart, often in different batches of the consumer, within one prefetch window.
+const CANCEL_AFTER: Duration = Duration::from_millis(300);
 
-/// Orders created and cancelled at once, from one thread beside the [`Load`]: each leaves
-/// an `OrderCreated` and then an `OrderCancelled` of its aggregate on the way to the consumer.
-/// [`stop`](Self::stop) ends it and says which orders are cancelled for certain.
+/// Orders created and cancelled [`CANCEL_AFTER`] later, from one thread beside the [`Load`]:
+/// each leaves an `OrderCreated` and then an `OrderCancelled` of its aggregate on the way to
+/// the consumer. [`stop`](Self::stop) cancels the orders still waiting, ends it and says which
+/// orders are cancelled for certain.
 pub struct Cancels {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<CancelTally>>,
@@ -173,23 +177,7 @@ impl Cancels {
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
             .name("cancels".into())
-            .spawn(move || {
-                let mut tally = CancelTally::default();
-                let mut next = Instant::now();
-                while !stopping.load(Ordering::Relaxed) {
-                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
-                    next = (next + interval).max(Instant::now());
-                    match client
-                        .post_order_raw()
-                        .ok()
-                        .and_then(|(status, body)| (status == 201).then(|| order_id(&body)).flatten())
-                    {
-                        Some(id) => cancel_for_certain(&mut client, id, &mut tally),
-                        None => tally.not_created += 1,
-                    }
-                }
-                tally
-            })
+            .spawn(move || create_and_cancel(&mut client, interval, &stopping))
             .map_err(|e| Error::Other(format!("cannot start the cancelling thread: {e}")))?;
         Ok(Cancels {
             stop,
@@ -214,6 +202,36 @@ impl Drop for Cancels {
             let _ = thread.join();
         }
     }
+}
+
+/// The cancelling thread: an order every `interval` until `stop`, each cancelled once it is
+/// [`CANCEL_AFTER`] old; the ones still waiting at the end are cancelled then.
+fn create_and_cancel(client: &mut OrderClient, interval: Duration, stop: &AtomicBool) -> CancelTally {
+    let mut tally = CancelTally::default();
+    let mut waiting: VecDeque<(Uuid, Instant)> = VecDeque::new();
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        next = (next + interval).max(Instant::now());
+        match client.post_order_raw() {
+            Ok((201, body)) => match order_id(&body) {
+                Some(id) => waiting.push_back((id, Instant::now())),
+                None => tally.not_created += 1,
+            },
+            _ => tally.not_created += 1,
+        }
+        while let Some(&(id, created)) = waiting.front() {
+            if created.elapsed() < CANCEL_AFTER {
+                break;
+            }
+            waiting.pop_front();
+            cancel_for_certain(client, id, &mut tally);
+        }
+    }
+    for (id, _) in waiting {
+        cancel_for_certain(client, id, &mut tally);
+    }
+    tally
 }
 
 /// Cancels order `id`, again after a 5xx or no answer (a cancel is idempotent: a retry of one

@@ -68,9 +68,20 @@ fn poison(
     (poison, event)
 }
 
+/// `length` random hexadecimal characters: Postgres cannot compress them below the size of an
+/// index row (`"x".repeat(5000)` would compress to almost nothing and fit).
+fn incompressible(length: usize) -> String {
+    let mut text = String::with_capacity(length + 32);
+    while text.len() < length {
+        text.push_str(&Uuid::new_v4().simple().to_string());
+    }
+    text.truncate(length);
+    text
+}
+
 /// The four poisons: a NUL in `type` and in `aggregate_id` (Postgres text cannot hold one),
 /// an `aggregate_id` of 5,000 characters (more than an index row of `processed_messages`
-/// holds), a body that is not UTF-8 (so not JSON).
+/// holds, error 54000), a body that is not UTF-8 (so not JSON).
 fn poisons() -> Vec<(Poison, OutgoingEvent)> {
     vec![
         poison("NUL in type", "type contains a NUL character", |e| {
@@ -84,7 +95,7 @@ fn poisons() -> Vec<(Poison, OutgoingEvent)> {
         poison(
             "5,000-character aggregate_id",
             "aggregate_id header is 5000 bytes",
-            |e| e.aggregate_id = "x".repeat(5000),
+            |e| e.aggregate_id = incompressible(5000),
         ),
         poison("body not UTF-8", "body is not JSON", |e| {
             e.body = vec![0xff, 0xfe, 0x00, 0xc3, 0x28, b'{', 0x80]
