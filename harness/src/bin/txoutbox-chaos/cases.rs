@@ -126,7 +126,7 @@ fn p99(records: &[Record], window: (Duration, Duration)) -> Duration {
 
 /// How long the consumer is frozen to build a backlog before it is killed.
 const BACKLOG_PAUSE: Duration = Duration::from_millis(500);
-/// One order in this many of the load's rate is also created and cancelled at once
+/// For every this many orders of the load's rate, one more is created and cancelled
 /// (consumer-database-failure).
 const CANCEL_SHARE: u32 = 10;
 /// Freeze-and-look attempts before a process is killed whatever it is doing.
@@ -169,8 +169,8 @@ fn run_case(
 
     let url = format!("http://{addr}");
     let load = Load::start(&url, plan.rate, plan.connections)?;
-    // Orders created and cancelled at once beside the load: each aggregate's two events travel
-    // together, through the cut.
+    // Orders created and cancelled 300 ms later beside the load: each aggregate's two events
+    // are in flight together, through the cut.
     let cancels = match case {
         Case::ConsumerDatabaseFailure => Some(Cancels::start(&url, plan.rate / CANCEL_SHARE)?),
         _ => None,

@@ -35,16 +35,17 @@ Cases, in this order:
                   aggregate_id, a body that is not UTF-8): each is dead-lettered with its
                   reason, the queue keeps its consumer, later orders complete within 5 s
   consumer-database-failure
-                  orders created and cancelled beside the load; the consumer's database
-                  refuses connections for the outage (ALTER DATABASE ... ALLOW_CONNECTIONS
-                  false, its sessions terminated inside a batch; Postgres keeps running):
+                  orders created and cancelled 300 ms later beside the load; the consumer's
+                  database refuses connections for the outage (ALTER DATABASE ...
+                  ALLOW_CONNECTIONS false, its sessions terminated inside a batch; Postgres
+                  keeps running):
                   the consumer recovers by itself, cancelled orders end CANCELLED and never
                   COMPLETED after the cancel, every event is applied once, its threads and
                   descriptors come back
 
 Options (--name VALUE or --name=VALUE):
-  --quick         a short run (about 1 minute): 3 s outages, 200 orders/s, short phases
-                  default: 10 s outages, 300 orders/s (about 1.5 minutes)
+  --quick         a short run (about 2 minutes): 3 s outages, 200 orders/s, short phases
+                  default: 10 s outages, 300 orders/s (about 3 minutes)
   --only CASES    run only these cases (comma separated names from the list above)
   --out DIR       logs and results go to DIR/<UTC timestamp>/
                   default: target/chaos
