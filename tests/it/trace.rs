@@ -148,7 +148,9 @@ fn an_embedders_trace_context_reaches_the_handler_and_an_invalid_one_is_no_poiso
     assert_eq!(find(&seen, plain.message_id).trace_id(), "-");
     assert_eq!(find(&seen, garbage).trace_context, None);
     assert_eq!(find(&seen, number).trace_context, None);
-    let kept = find(&seen, bad_state).trace_context.expect("the valid traceparent is kept");
+    let kept = find(&seen, bad_state)
+        .trace_context
+        .expect("the valid traceparent is kept");
     assert_eq!((kept.traceparent(), kept.tracestate()), (TRACEPARENT, None));
     consumer.stop();
     relay.stop();
@@ -219,8 +221,13 @@ fn a_dead_letter_keeps_its_trace_and_cloudevents_headers_through_replay() {
     let _ = connection.close();
 
     refuse.store(false, Ordering::SeqCst);
-    wait_until("the dead letter is back in its queue", WAIT, || broker.ready(&dlq) == 1);
-    assert_eq!(admin::replay_dead_letters(&broker.url, &broker.topology).unwrap(), 1);
+    wait_until("the dead letter is back in its queue", WAIT, || {
+        broker.ready(&dlq) == 1
+    });
+    assert_eq!(
+        admin::replay_dead_letters(&broker.url, &broker.topology).unwrap(),
+        1
+    );
     wait_until("the replayed event is applied", WAIT, || seen_ids(&seen) == 1);
     let replayed = find(&seen, event.message_id);
     assert_eq!(

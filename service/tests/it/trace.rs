@@ -100,7 +100,9 @@ type Seen = Arc<Mutex<Vec<Message>>>;
 
 fn record_into(seen: Seen) -> impl FnMut(&mut Transaction<'_>, &Message) -> Result<(), HandlerError> + Send {
     move |_tx: &mut Transaction<'_>, message: &Message| {
-        seen.lock().unwrap_or_else(|p| p.into_inner()).push(message.clone());
+        seen.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(message.clone());
         Ok(())
     }
 }
@@ -179,7 +181,10 @@ fn a_traceparent_sent_with_the_post_is_stored_published_and_handed_to_the_handle
         !seen.lock().unwrap().is_empty()
     });
     let message = seen.lock().unwrap()[0].clone();
-    let context = message.trace_context.as_ref().expect("the handler sees the trace context");
+    let context = message
+        .trace_context
+        .as_ref()
+        .expect("the handler sees the trace context");
     println!(
         "handler:       message_id={} trace_id={} traceparent={} tracestate={:?}",
         message.message_id,
@@ -233,7 +238,10 @@ fn an_invalid_or_missing_traceparent_starts_a_new_trace_and_the_order_is_still_c
             .unwrap_or_else(|e| panic!("{case}: the event has no valid new trace: {e}"));
         assert_ne!(stored.trace_id(), "0af7651916cd43dd8448eb211c80319c", "{case}");
         assert!(!stored.is_sampled(), "{case}: a new trace is not sampled");
-        assert_eq!(tracestate, None, "{case}: a tracestate without its traceparent is dropped");
+        assert_eq!(
+            tracestate, None,
+            "{case}: a tracestate without its traceparent is dropped"
+        );
     }
 
     // A valid traceparent with an invalid tracestate keeps the traceparent only.
@@ -277,7 +285,10 @@ fn the_cloudevents_package_parses_a_delivered_message_into_the_event() {
 
     let read = read_with_pika(&broker.url, &pika_queue.name);
     let event = &read["cloudevent"];
-    assert!(event.is_object(), "the cloudevents package did not parse it: {read}");
+    assert!(
+        event.is_object(),
+        "the cloudevents package did not parse it: {read}"
+    );
     println!("cloudevents:   {event}");
     let message_id = read["properties"]["message_id"].as_str().expect("message id");
     assert_eq!(event["specversion"], "1.0");
@@ -298,7 +309,9 @@ fn the_cloudevents_package_parses_a_delivered_message_into_the_event() {
         })
     );
     // Without a traceparent the server started a trace; the message carries it.
-    let traceparent = read["properties"]["headers"]["traceparent"].as_str().unwrap_or("");
+    let traceparent = read["properties"]["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or("");
     assert!(TraceContext::parse(traceparent).is_ok(), "{read}");
     server.stop();
     relay.stop();
