@@ -73,7 +73,9 @@ fn an_embedders_trace_context_reaches_the_handler_and_an_invalid_one_is_no_poiso
         let mut client = t.client();
         let mut tx = client.transaction().unwrap();
         enqueue(&mut tx, &traced).unwrap();
-        t.db.outbox().enqueue_many(&mut tx, &[plain.clone()]).unwrap();
+        t.db.outbox()
+            .enqueue_many(&mut tx, std::slice::from_ref(&plain))
+            .unwrap();
         tx.commit().unwrap();
     }
     let row = t
