@@ -2,7 +2,7 @@
 -- (`txoutbox migrate --print`), then the service's own orders table (service/schema/orders.sql).
 -- A test checks it equals both; `txoutbox migrate --create-database` applies the same.
 
--- txoutbox schema version 5, for schema public
+-- txoutbox schema version 6, for schema public
 BEGIN;
 CREATE TABLE IF NOT EXISTS "public".txoutbox_migrations (
     version     integer     PRIMARY KEY,
@@ -122,6 +122,17 @@ ALTER TABLE "public".outbox ADD COLUMN IF NOT EXISTS held boolean NOT NULL DEFAU
 -- The ordered claim's window: the oldest rows not held back.
 CREATE INDEX IF NOT EXISTS outbox_unheld_idx ON "public".outbox (id) WHERE NOT held;
 INSERT INTO "public".txoutbox_migrations (version, name) VALUES (5, 'held_back') ON CONFLICT (version) DO NOTHING;
+
+-- migration 6: trace_context
+-- txoutbox migration 6: the W3C trace context of each event.
+
+-- The `traceparent` and `tracestate` the event was written under (NewEvent::with_trace_context),
+-- validated by the library before the insert; the relay sends them as AMQP headers of the same
+-- names. NULL: the event has none. Nullable columns without a default touch no row: the lock is
+-- brief.
+ALTER TABLE "public".outbox ADD COLUMN IF NOT EXISTS traceparent text;
+ALTER TABLE "public".outbox ADD COLUMN IF NOT EXISTS tracestate text;
+INSERT INTO "public".txoutbox_migrations (version, name) VALUES (6, 'trace_context') ON CONFLICT (version) DO NOTHING;
 COMMIT;
 
 -- The order domain of the example service: its own table, beside the library's.

@@ -58,7 +58,7 @@ impl Outbox {
     }
 }
 
-/// Runs `statement` ([`Outbox::insert_sql`]: `$1..$7` in the order of the outbox's columns).
+/// Runs `statement` ([`Outbox::insert_sql`]: `$1..$9` in the order of the outbox's columns).
 fn insert_event_diesel(conn: &mut PgConnection, statement: &str, event: &NewEvent) -> Result<()> {
     ::diesel::sql_query(statement)
         .bind::<Uuid, _>(event.message_id)
@@ -68,6 +68,8 @@ fn insert_event_diesel(conn: &mut PgConnection, statement: &str, event: &NewEven
         .bind::<Jsonb, _>(&event.payload)
         .bind::<Nullable<Text>, _>(event.exchange.as_deref())
         .bind::<Nullable<Text>, _>(event.routing_key.as_deref())
+        .bind::<Nullable<Text>, _>(event.trace_context.as_ref().map(|c| c.traceparent()))
+        .bind::<Nullable<Text>, _>(event.trace_context.as_ref().and_then(|c| c.tracestate()))
         .execute(conn)
         .map_err(|e| {
             Error::diesel(

@@ -6,6 +6,7 @@ use postgres::{GenericClient, ToStatement};
 use uuid::Uuid;
 
 use crate::schema::Schema;
+use crate::trace::TraceContext;
 use crate::{Error, Result};
 
 /// Channel the relay LISTENs on; [`Outbox::enqueue`] notifies it, and Postgres delivers the
@@ -18,12 +19,13 @@ pub const NOTIFY_CHANNEL: &str = "txoutbox_outbox";
 pub const LOCK_AGGREGATE: &str = "\
     SELECT pg_advisory_xact_lock(hashtextextended(length($1::text) || ':' || $1::text || $2::text, 0))";
 
-const COLUMNS: &str = "message_id, aggregate_type, aggregate_id, event_type, payload, exchange, routing_key";
+const COLUMNS: &str =
+    "message_id, aggregate_type, aggregate_id, event_type, payload, exchange, routing_key, traceparent, tracestate";
 
-/// One event: parameters `$1..$7` in [`COLUMNS`] order.
+/// One event: parameters `$1..$9` in [`COLUMNS`] order.
 const INSERT_ONE: &str = "\
     INSERT INTO {schema}.outbox ({columns})
-    VALUES ($1, $2, $3, $4, $5, $6, $7)";
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 /// One event under its aggregate's lock: the materialised CTE runs first, so the row's id is
 /// drawn under the lock.
@@ -32,14 +34,16 @@ const INSERT_ONE_ORDERED: &str = "\
         SELECT pg_advisory_xact_lock(hashtextextended(length($2::text) || ':' || $2::text || $3::text, 0))
     )
     INSERT INTO {schema}.outbox ({columns})
-    SELECT $1::uuid, $2::text, $3::text, $4::text, $5::jsonb, $6::text, $7::text FROM locked";
+    SELECT $1::uuid, $2::text, $3::text, $4::text, $5::jsonb, $6::text, $7::text, $8::text, $9::text
+    FROM locked";
 
-/// Many events from arrays `$1..$7`, ids drawn in the order given.
+/// Many events from arrays `$1..$9`, ids drawn in the order given.
 const INSERT_MANY: &str = "\
     INSERT INTO {schema}.outbox ({columns})
-    SELECT e.m, e.at, e.ai, e.et, e.p, e.ex, e.rk
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[])
-         WITH ORDINALITY AS e(m, at, ai, et, p, ex, rk, n)
+    SELECT e.m, e.at, e.ai, e.et, e.p, e.ex, e.rk, e.tp, e.ts
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[],
+                $8::text[], $9::text[])
+         WITH ORDINALITY AS e(m, at, ai, et, p, ex, rk, tp, ts, n)
     ORDER BY e.n";
 
 /// [`INSERT_MANY`] after locking each distinct aggregate, in sorted order (so two such
@@ -50,9 +54,10 @@ const INSERT_MANY_ORDERED: &str = "\
         FROM (SELECT DISTINCT t, i FROM unnest($2::text[], $3::text[]) AS a(t, i) ORDER BY t, i) k
     )
     INSERT INTO {schema}.outbox ({columns})
-    SELECT e.m, e.at, e.ai, e.et, e.p, e.ex, e.rk
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[])
-         WITH ORDINALITY AS e(m, at, ai, et, p, ex, rk, n)
+    SELECT e.m, e.at, e.ai, e.et, e.p, e.ex, e.rk, e.tp, e.ts
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[],
+                $8::text[], $9::text[])
+         WITH ORDINALITY AS e(m, at, ai, et, p, ex, rk, tp, ts, n)
          CROSS JOIN locked
     ORDER BY e.n";
 
@@ -74,6 +79,11 @@ pub struct NewEvent {
     pub exchange: Option<String>,
     /// Routing key; `None`: the event type.
     pub routing_key: Option<String>,
+    /// W3C trace context of the work that wrote the event, sent as the AMQP headers
+    /// `traceparent` and `tracestate` and handed to the consumer's handler as
+    /// [`Message::trace_context`](crate::Message::trace_context); `None`: the message carries
+    /// none. Set it with [`with_trace_context`](Self::with_trace_context).
+    pub trace_context: Option<TraceContext>,
 }
 
 impl NewEvent {
@@ -93,6 +103,7 @@ impl NewEvent {
             payload,
             exchange: None,
             routing_key: None,
+            trace_context: None,
         }
     }
 
@@ -103,6 +114,46 @@ impl NewEvent {
             exchange: Some(exchange.into()),
             ..self
         }
+    }
+
+    /// The same event, carrying `trace_context`: the trace of the request or job that writes
+    /// it, so that whoever consumes the event can continue that trace.
+    ///
+    /// txoutbox sends the context as it is given (it records no span of its own): pass the
+    /// context of *your* current span, so that the consumer's span becomes its child. From an
+    /// incoming request, [`TraceContext::from_headers`] reads its `traceparent` and
+    /// `tracestate` (an invalid one gives `None`: start a new trace with
+    /// [`TraceContext::new_root`]).
+    ///
+    /// ```
+    /// use txoutbox::trace::TraceContext;
+    /// use txoutbox::NewEvent;
+    ///
+    /// let incoming = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    /// let context = TraceContext::from_headers(incoming, Some("congo=t61rcWkgMzE"))
+    ///     .unwrap_or_else(TraceContext::new_root);
+    /// let event = NewEvent::new("invoice", "42", "InvoiceSent", serde_json::json!({"id": 42}))
+    ///     .with_trace_context(context);
+    /// assert_eq!(
+    ///     event.trace_context.as_ref().map(|c| c.trace_id()),
+    ///     Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    /// );
+    /// ```
+    pub fn with_trace_context(self, trace_context: TraceContext) -> Self {
+        NewEvent {
+            trace_context: Some(trace_context),
+            ..self
+        }
+    }
+
+    /// The `traceparent` to store, if any.
+    fn traceparent(&self) -> Option<&str> {
+        self.trace_context.as_ref().map(TraceContext::traceparent)
+    }
+
+    /// The `tracestate` to store, if any.
+    fn tracestate(&self) -> Option<&str> {
+        self.trace_context.as_ref().and_then(TraceContext::tracestate)
     }
 
     /// The same event, published with `routing_key` instead of its event type.
@@ -347,6 +398,8 @@ where
                 &event.payload,
                 &event.exchange,
                 &event.routing_key,
+                &event.traceparent(),
+                &event.tracestate(),
             ],
         )
         .map_err(|e| {
@@ -370,6 +423,8 @@ fn insert_events(client: &mut impl GenericClient, statement: &str, events: &[New
     let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
     let exchanges: Vec<Option<&str>> = events.iter().map(|e| e.exchange.as_deref()).collect();
     let routing_keys: Vec<Option<&str>> = events.iter().map(|e| e.routing_key.as_deref()).collect();
+    let traceparents: Vec<Option<&str>> = events.iter().map(NewEvent::traceparent).collect();
+    let tracestates: Vec<Option<&str>> = events.iter().map(NewEvent::tracestate).collect();
     client
         .execute(
             statement,
@@ -381,6 +436,8 @@ fn insert_events(client: &mut impl GenericClient, statement: &str, events: &[New
                 &payloads,
                 &exchanges,
                 &routing_keys,
+                &traceparents,
+                &tracestates,
             ],
         )
         .map_err(|e| Error::db(format!("cannot enqueue {} events", events.len()), e))?;

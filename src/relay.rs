@@ -19,6 +19,7 @@ use crate::config::{RelayConfig, RelayOrdering};
 use crate::db::Database;
 use crate::metrics::{self, LatencyHistogram, Reason, Registry};
 use crate::outbox::NOTIFY_CHANNEL;
+use crate::trace::TraceContext;
 use crate::wakeup::{Backoff, FailureLog, Wakeup};
 use crate::{Error, Result};
 use postgres::Statement;
@@ -26,7 +27,9 @@ use postgres::Statement;
 /// Available rows in outbox order; rows other workers hold are skipped, not waited for.
 const CLAIM: &str = "\
     SELECT id, message_id::text, aggregate_type, aggregate_id, event_type, payload::text,
-           extract(epoch FROM clock_timestamp() - created_at)::float8, exchange, routing_key
+           extract(epoch FROM clock_timestamp() - created_at)::float8, exchange, routing_key,
+           traceparent, tracestate,
+           to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
     FROM {schema}.outbox
     WHERE available_at <= now() AND failed_at IS NULL
     ORDER BY id
@@ -48,7 +51,9 @@ const CLAIM: &str = "\
 /// plan a hash anti-join that costs seconds on a backlog of one aggregate.
 const CLAIM_IN_AGGREGATE_ORDER: &str = "\
     SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
-           extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key
+           extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key,
+           o.traceparent, o.tracestate,
+           to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
     FROM {schema}.outbox o
     WHERE o.id <= (SELECT max(id) FROM (
               SELECT id FROM {schema}.outbox WHERE NOT held ORDER BY id LIMIT $2) oldest)
@@ -105,7 +110,9 @@ const HOLD_BACK: &str = "\
 /// mark) is found here and published, at most a poll interval late.
 const CLAIM_AGGREGATE_HEADS: &str = "\
     SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
-           extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key
+           extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key,
+           o.traceparent, o.tracestate,
+           to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
     FROM {schema}.outbox o
     WHERE o.id IN (SELECT min(id) FROM {schema}.outbox GROUP BY aggregate_type, aggregate_id)
       AND o.id <> ALL($2)
@@ -748,6 +755,9 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
             exchange: row.get(7),
             routing_key: row.get(8),
             aggregate_sequence: ordered.then(|| row.get(0)),
+            trace_context: TraceContext::from_headers(row.get(9), row.get(10)),
+            created_at: row.get(11),
+            source: Some(shared.config.cloudevents_source_for(row.get(2))),
         });
     }
     let stats = &shared.stats;

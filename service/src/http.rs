@@ -22,6 +22,7 @@ use txoutbox::db::Database;
 use txoutbox::metrics::{self, Registry};
 use txoutbox::outbox::Outbox;
 use txoutbox::relay::RelayHealth;
+use txoutbox::trace::{self, TraceContext};
 use txoutbox::{Error, Result};
 
 /// The OpenAPI document of this API, served at `GET /openapi.yaml`.
@@ -395,17 +396,34 @@ impl Api {
             Ok(key) => key,
             Err(reply) => return reply,
         };
+        let trace = trace_context(request);
         let result = self.db.get().and_then(|mut client| match &key {
-            None => {
-                orders::create(&mut client, &self.outbox, &new_order, &self.announce).map(Creation::Created)
-            }
-            Some(key) => {
-                orders::create_idempotent(&mut client, &self.outbox, &new_order, key, &self.announce)
-            }
+            None => orders::create(
+                &mut client,
+                &self.outbox,
+                &new_order,
+                Some(&trace),
+                &self.announce,
+            )
+            .map(Creation::Created),
+            Some(key) => orders::create_idempotent(
+                &mut client,
+                &self.outbox,
+                &new_order,
+                key,
+                Some(&trace),
+                &self.announce,
+            ),
         });
         match result {
             Ok(Creation::Created(order)) => {
                 self.metrics.order_created();
+                log::debug!(
+                    "http: order {} created trace_id={} traceparent={}",
+                    order.id,
+                    trace.trace_id(),
+                    trace.traceparent()
+                );
                 Reply::json(201, order.to_json())
             }
             Ok(Creation::Replayed(order)) => Reply {
@@ -429,12 +447,20 @@ impl Api {
         let Ok(id) = Uuid::parse_str(id) else {
             return Reply::error(400, format!("order id must be a UUID, got {id:?}"));
         };
-        let result = self
-            .db
-            .get()
-            .and_then(|mut client| orders::cancel(&mut client, &self.outbox, id, &self.announce));
+        let trace = trace_context(request);
+        let result = self.db.get().and_then(|mut client| {
+            orders::cancel(&mut client, &self.outbox, id, Some(&trace), &self.announce)
+        });
         match result {
-            Ok(Cancellation::Cancelled(order)) => Reply::json(200, order.to_json()),
+            Ok(Cancellation::Cancelled(order)) => {
+                log::debug!(
+                    "http: order {} cancelled trace_id={} traceparent={}",
+                    order.id,
+                    trace.trace_id(),
+                    trace.traceparent()
+                );
+                Reply::json(200, order.to_json())
+            }
             Ok(Cancellation::AlreadyCancelled(order)) => Reply::json(
                 409,
                 json!({
@@ -528,6 +554,37 @@ fn idempotency_key(request: &Request) -> Result<Option<String>, Reply> {
         ));
     }
     Ok(Some(key))
+}
+
+/// The request's W3C trace context, which its event carries: its `traceparent` if it sent
+/// exactly one valid one (with its `tracestate` headers, joined by commas, kept if valid),
+/// else a new trace, as the specification asks of a receiver. Never refuses the request.
+fn trace_context(request: &Request) -> TraceContext {
+    let values = |name: &'static str| {
+        request
+            .headers()
+            .iter()
+            .filter(move |h| h.field.equiv(name))
+            .map(|h| h.value.as_str().trim_matches([' ', '\t']))
+    };
+    let parents: Vec<&str> = values(trace::TRACEPARENT).collect();
+    let states: Vec<&str> = values(trace::TRACESTATE).collect();
+    let state = (!states.is_empty()).then(|| states.join(","));
+    let given = match parents.as_slice() {
+        [one] => TraceContext::from_headers(Some(one), state.as_deref()),
+        _ => None,
+    };
+    given.unwrap_or_else(|| {
+        let root = TraceContext::new_root();
+        if !parents.is_empty() {
+            log::debug!(
+                "http: ignoring {} traceparent header(s) (not exactly one valid one); new trace_id={}",
+                parents.len(),
+                root.trace_id()
+            );
+        }
+        root
+    })
 }
 
 /// True when the request carries `Authorization: Bearer <token>`, compared in constant time.

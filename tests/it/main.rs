@@ -14,3 +14,4 @@ mod outbox;
 mod pool;
 mod quorum;
 mod tls;
+mod trace;

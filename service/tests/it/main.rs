@@ -12,3 +12,4 @@ mod parsing_properties;
 mod relay;
 mod schema;
 mod status_page;
+mod trace;
