@@ -58,6 +58,9 @@ fn poison(
         exchange: None,
         routing_key: Some(ROUTING_KEY.into()),
         aggregate_sequence: None,
+        trace_context: None,
+        created_at: None,
+        source: None,
     };
     change(&mut event);
     let poison = Poison {
