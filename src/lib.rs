@@ -61,6 +61,7 @@ pub mod migrate;
 pub mod outbox;
 pub mod relay;
 pub mod retention;
+pub mod scheduler;
 pub mod schema;
 pub mod tls;
 pub mod trace;

@@ -51,6 +51,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "trace_context",
         sql: include_str!("../migrations/0006_trace_context.sql"),
     },
+    Migration {
+        version: 7,
+        name: "scheduled",
+        sql: include_str!("../migrations/0007_scheduled.sql"),
+    },
 ];
 
 /// The version this library needs (the last of [`MIGRATIONS`]).

@@ -281,6 +281,7 @@ impl RelayStats {
 
 /// A running relay. Dropping it stops the relay the same way as [`stop`](Self::stop).
 pub struct RelayHandle {
+    workers: usize,
     wakeup: Arc<Wakeup>,
     stats: Arc<RelayStats>,
     threads: Vec<JoinHandle<()>>,
@@ -353,7 +354,7 @@ impl RelayHandle {
     pub fn health(&self) -> RelayHealth {
         RelayHealth {
             stats: self.stats.clone(),
-            workers: self.threads.len().saturating_sub(1),
+            workers: self.workers,
         }
     }
 
@@ -426,7 +427,8 @@ impl Shared {
     }
 }
 
-/// Starts `config.workers` worker threads and one LISTEN thread; returns at once.
+/// Starts `config.workers` worker threads, one LISTEN thread and one thread that moves scheduled
+/// events into the outbox when they come due ([`crate::scheduler`]); returns at once.
 ///
 /// Each worker owns a broker connection; each round is one transaction: claim up to
 /// `batch_size` rows, publish them, wait for every confirm, delete the confirmed rows, commit.
@@ -444,13 +446,28 @@ pub fn start(db: Database, amqp_url: &str, topology: Topology, config: RelayConf
         stats: stats.clone(),
         last_heads_scan: Mutex::new(None),
     });
-    let mut threads = Vec::with_capacity(shared.config.workers + 1);
+    let mut threads = Vec::with_capacity(shared.config.workers + 2);
     let spawn_error = |e: std::io::Error| Error::Other(format!("cannot start a relay thread: {e}"));
     let listener = shared.clone();
     threads.push(
         std::thread::Builder::new()
             .name("relay-listen".into())
             .spawn(move || listen_loop(&listener))
+            .map_err(spawn_error)?,
+    );
+    let scheduler = shared.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name("relay-schedule".into())
+            .spawn(move || {
+                let config = &scheduler.config;
+                crate::scheduler::release_loop(
+                    &scheduler.db,
+                    &scheduler.wakeup,
+                    config.poll_interval,
+                    Backoff::new(config.min_backoff, config.max_backoff),
+                )
+            })
             .map_err(spawn_error)?,
     );
     for worker in 0..shared.config.workers {
@@ -479,6 +496,7 @@ pub fn start(db: Database, amqp_url: &str, topology: Topology, config: RelayConf
         shared.topology.exchange
     );
     Ok(RelayHandle {
+        workers: shared.config.workers,
         wakeup,
         stats,
         threads,

@@ -276,6 +276,8 @@ impl StatusPage {
                     "backlog": outbox.backlog,
                     "oldest_age_secs": (outbox.oldest_age_secs * 10.0).round() / 10.0,
                     "failed": outbox.failed,
+                    "scheduled": outbox.scheduled,
+                    "next_due_secs": outbox.next_due_secs.map(|s| (s * 10.0).round() / 10.0),
                 },
             }))
         })
