@@ -75,7 +75,7 @@ pub fn scheduled_summary(client: &mut impl GenericClient, schema: &Schema) -> Re
     })
 }
 
-/// Moves every event that has come due into the outbox, [`RELEASE_BATCH`] per transaction;
+/// Moves every event that has come due into the outbox, 1,000 per transaction;
 /// returns how many were moved. The relay does this by itself; call it to release due events
 /// without a running relay (an admin task, a test).
 pub fn release_due(client: &mut impl GenericClient, schema: &Schema) -> Result<u64> {
