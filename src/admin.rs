@@ -125,6 +125,12 @@ pub fn dead_letter_depth(amqp_url: &str, topology: &Topology) -> Result<u32> {
 /// many as were there when it started, each confirmed by the broker before its dead-letter copy
 /// is removed. Returns how many were moved.
 pub fn replay_dead_letters(amqp_url: &str, topology: &Topology) -> Result<u32> {
+    replay_dead_letters_at_most(amqp_url, topology, u32::MAX)
+}
+
+/// [`replay_dead_letters`], moving at most `limit` messages: for callers that must answer in
+/// bounded time (an HTTP request), and call again while more wait.
+pub fn replay_dead_letters_at_most(amqp_url: &str, topology: &Topology, limit: u32) -> Result<u32> {
     let (connection, channel) = broker::connect(amqp_url)?;
     topology.declare(&channel)?;
     let dlq = topology.dead_letter_queue();
@@ -132,7 +138,8 @@ pub fn replay_dead_letters(amqp_url: &str, topology: &Topology) -> Result<u32> {
         .queue_declare_passive(dlq.as_str())
         .map_err(|e| Error::broker("cannot read the dead-letter queue", e))?
         .declared_message_count()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .min(limit);
     let confirms = broker::enable_confirms(&channel)?;
     let mut moved = 0;
     while moved < waiting {

@@ -357,12 +357,16 @@ impl Api {
                 "this server was started without access to RabbitMQ's dead-letter queue",
             );
         };
-        let result = txoutbox::admin::replay_dead_letters(&broker.amqp_url, &broker.topology);
+        let result = txoutbox::admin::replay_dead_letters_at_most(
+            &broker.amqp_url,
+            &broker.topology,
+            REPLAY_PER_REQUEST,
+        );
         self.status.refresh_dead_letters();
         match result {
             Ok(replayed) => {
                 log::info!("http: operator replayed {replayed} dead letter(s)");
-                Reply::json(200, json!({ "replayed": replayed }))
+                Reply::json(200, json!({ "replayed": replayed, "limit": REPLAY_PER_REQUEST }))
             }
             Err(e) => {
                 log::warn!("http: cannot replay the dead letters: {e}");
@@ -522,6 +526,10 @@ fn method_label(method: &Method) -> &'static str {
         Method::NonStandard(_) => "other",
     }
 }
+
+/// Dead letters one `POST /dead-letters/replay` moves at most (each waits for its confirm, a
+/// millisecond or so): a request holds its handler thread for seconds, not for the whole queue.
+const REPLAY_PER_REQUEST: u32 = 1000;
 
 /// 503 when the database is away (the client may retry), 500 otherwise.
 fn failure(what: &str, error: &Error) -> Reply {

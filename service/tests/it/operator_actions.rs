@@ -157,7 +157,10 @@ fn operator_actions_need_the_token_and_call_the_library() {
         status_json(addr)["dead_letters"]["depth"] == 1
     });
     let reply = post(addr, "/dead-letters/replay", Some(TOKEN));
-    assert_eq!((reply.status, &reply.body), (200, &json!({ "replayed": 1 })));
+    assert_eq!(
+        (reply.status, &reply.body),
+        (200, &json!({ "replayed": 1, "limit": 1000 }))
+    );
     assert_eq!(status_json(addr)["dead_letters"]["depth"], 0);
     let back = broker.drain(&broker.topology.queue);
     assert_eq!(back.len(), 1);
