@@ -12,6 +12,7 @@ mod hot_aggregate;
 mod migrate;
 mod outbox;
 mod pool;
+mod review;
 mod quorum;
 mod scheduled;
 mod tls;
