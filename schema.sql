@@ -119,8 +119,9 @@ INSERT INTO "public".txoutbox_migrations (version, name) VALUES (4, 'aggregate_s
 -- claim looks at. Writers never set it. A constant default touches no row.
 ALTER TABLE "public".outbox ADD COLUMN IF NOT EXISTS held boolean NOT NULL DEFAULT false;
 
--- The ordered claim's window: the oldest rows not held back.
-CREATE INDEX IF NOT EXISTS outbox_unheld_idx ON "public".outbox (id) WHERE NOT held;
+-- The ordered claim's window: the oldest rows not held back and not failed (a failed row is the
+-- first of its aggregate; however many there are, they must not fill the window).
+CREATE INDEX IF NOT EXISTS outbox_unheld_idx ON "public".outbox (id) WHERE NOT held AND failed_at IS NULL;
 INSERT INTO "public".txoutbox_migrations (version, name) VALUES (5, 'held_back') ON CONFLICT (version) DO NOTHING;
 
 -- migration 6: trace_context

@@ -8,5 +8,6 @@
 -- claim looks at. Writers never set it. A constant default touches no row.
 ALTER TABLE {schema}.outbox ADD COLUMN IF NOT EXISTS held boolean NOT NULL DEFAULT false;
 
--- The ordered claim's window: the oldest rows not held back.
-CREATE INDEX IF NOT EXISTS outbox_unheld_idx ON {schema}.outbox (id) WHERE NOT held;
+-- The ordered claim's window: the oldest rows not held back and not failed (a failed row is the
+-- first of its aggregate; however many there are, they must not fill the window).
+CREATE INDEX IF NOT EXISTS outbox_unheld_idx ON {schema}.outbox (id) WHERE NOT held AND failed_at IS NULL;

@@ -152,9 +152,12 @@ impl NewEvent {
     }
 
     /// The same event, published no earlier than `delay` from now (this process's clock): see
-    /// [`not_before`](Self::not_before).
+    /// [`not_before`](Self::not_before). A delay past what a clock can hold is taken as 1,000
+    /// years.
     pub fn delayed_by(self, delay: Duration) -> Self {
-        self.not_before(SystemTime::now() + delay)
+        const MOST: Duration = Duration::from_secs(1000 * 365 * 24 * 3600);
+        let now = SystemTime::now();
+        self.not_before(now.checked_add(delay.min(MOST)).unwrap_or(now))
     }
 
     /// [`not_before`](Self::not_before) in seconds since the Unix epoch, for the database.
@@ -417,10 +420,26 @@ impl Outbox {
     ) -> Result<u64> {
         let (later, now): (Vec<&NewEvent>, Vec<&NewEvent>) =
             events.iter().partition(|e| e.not_before.is_some());
-        let mut recorded = insert_events(client, statement, &now, false)?;
-        if !later.is_empty() {
-            recorded += insert_events(client, &self.insert_scheduled_many, &later, true)?;
+        if later.is_empty() || now.is_empty() {
+            let (statement, events) = match later.is_empty() {
+                true => (statement, &now),
+                false => (self.insert_scheduled_many.as_str(), &later),
+            };
+            return insert_events(client, statement, events, !later.is_empty());
         }
+        // Two statements: in a transaction of their own (a savepoint inside the caller's), so
+        // that a failure of the second leaves nothing of the first, even on a client that is
+        // not in a transaction.
+        let mut tx = client.transaction().map_err(|e| {
+            Error::db(
+                "cannot begin the transaction (or savepoint) that records the events",
+                e,
+            )
+        })?;
+        let recorded = insert_events(&mut tx, statement, &now, false)?
+            + insert_events(&mut tx, &self.insert_scheduled_many, &later, true)?;
+        tx.commit()
+            .map_err(|e| Error::db("cannot commit the events (nothing of them was recorded)", e))?;
         Ok(recorded)
     }
 
@@ -453,8 +472,9 @@ impl Outbox {
 
     /// Records every event of `events` in one statement, their outbox ids in the order given:
     /// all of them, or none and an error. Returns how many were recorded. (Events with a
-    /// [not-before time](NewEvent::not_before) go to `outbox_scheduled` in a second statement;
-    /// an error in either leaves the caller's transaction to roll back.)
+    /// [not-before time](NewEvent::not_before) go to `outbox_scheduled` in a second statement,
+    /// both under a savepoint, or a transaction of their own on a client outside one: an error
+    /// in either records none.)
     pub fn enqueue_many(&self, client: &mut impl GenericClient, events: &[NewEvent]) -> Result<u64> {
         self.enqueue_split(client, &self.insert_many, events)
     }
@@ -632,7 +652,7 @@ const SELECT_FAILED: &str = "\
     FROM {schema}.outbox WHERE failed_at IS NOT NULL ORDER BY id LIMIT $1";
 
 const REQUEUE_FAILED: &str = "\
-    UPDATE {schema}.outbox SET failed_at = NULL, attempts = 0, available_at = now()
+    UPDATE {schema}.outbox SET failed_at = NULL, attempts = 0, available_at = now(), held = false
     WHERE failed_at IS NOT NULL AND ($1::bigint IS NULL OR id = $1)";
 
 impl Outbox {

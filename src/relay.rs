@@ -43,10 +43,12 @@ const CLAIM: &str = "\
 /// deleted. Ids follow commit order within an aggregate when its writers take turns:
 /// [`Outbox::enqueue_ordered`](crate::outbox::Outbox::enqueue_ordered) or a lock on the aggregate's row.
 ///
-/// Only the oldest `$2` rows not [held back](HOLD_BACK) are looked at (enough for every worker's
-/// batch and a few more, see [`ordered_window`]), one index probe (`outbox_aggregate_idx`) each:
-/// the cost of a claim does not grow with the backlog, nor with one aggregate's queue, whose
-/// rows behind its first are marked held once and then skipped. The "first row of its
+/// Only the oldest `$2` rows not [held back](HOLD_BACK), not failed and not waiting for a retry
+/// are looked at (enough for every worker's batch and a few more, see [`ordered_window`]), one
+/// index probe (`outbox_aggregate_idx`) each: the cost of a claim does not grow with the
+/// backlog, nor with one aggregate's queue, whose rows behind its first are marked held once and
+/// then skipped, nor with the failed rows (left out by `outbox_unheld_idx`). Rows waiting for a
+/// retry are stepped over, not counted. The "first row of its
 /// aggregate" test is a correlated subquery on purpose: written as `NOT EXISTS`, Postgres may
 /// plan a hash anti-join that costs seconds on a backlog of one aggregate.
 const CLAIM_IN_AGGREGATE_ORDER: &str = "\
@@ -56,7 +58,9 @@ const CLAIM_IN_AGGREGATE_ORDER: &str = "\
            to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
     FROM {schema}.outbox o
     WHERE o.id <= (SELECT max(id) FROM (
-              SELECT id FROM {schema}.outbox WHERE NOT held ORDER BY id LIMIT $2) oldest)
+              SELECT id FROM {schema}.outbox
+              WHERE NOT held AND failed_at IS NULL AND available_at <= now()
+              ORDER BY id LIMIT $2) oldest)
       AND NOT o.held AND o.available_at <= now() AND o.failed_at IS NULL
       AND o.id = (
           SELECT e.id FROM {schema}.outbox e
@@ -86,7 +90,7 @@ const HOLD_BACK: &str = "\
                 ORDER BY e.aggregate_type, e.aggregate_id, e.id
                 LIMIT 1) AS first_id
         FROM {schema}.outbox o
-        WHERE NOT o.held
+        WHERE NOT o.held AND o.failed_at IS NULL
         ORDER BY o.id
         LIMIT $1
     ),
@@ -147,12 +151,14 @@ const DELETE_CONFIRMED_IN_ORDER: &str = "\
           LIMIT 1
       )";
 
-/// A refused row waits `retry_delay * 2^attempts` (capped at an hour, and the exponent at 32 so
+/// A refused row (the first of its aggregate, in aggregate order: its `held` mark, if the heads
+/// pass claimed it with one, is cleared) waits `retry_delay * 2^attempts` (capped at an hour, and the exponent at 32 so
 /// that the product never overflows an interval) before its next try;
 /// at `max_attempts` it is marked failed and no longer claimed. Returns whether it failed.
 const POSTPONE_REFUSED: &str = "\
     UPDATE {schema}.outbox
     SET attempts = attempts + 1,
+        held = false,
         last_error = $2,
         available_at = now() + make_interval(secs => least($3::float8 * 2 ^ least(attempts, 32), 3600)),
         failed_at = CASE WHEN attempts + 1 >= $4 THEN now() END
@@ -410,16 +416,28 @@ struct Shared {
     wakeup: Arc<Wakeup>,
     stats: Arc<RelayStats>,
     /// When a worker last ran [`CLAIM_AGGREGATE_HEADS`], a pass over the whole outbox: at most
-    /// once per poll interval for all workers, so that a large backlog, where the first look
-    /// comes up short because other workers hold its rows, does not turn every round into one.
+    /// once per poll interval for all workers after a short claim, so that a large backlog,
+    /// where the first look comes up short because other workers hold its rows, does not turn
+    /// every round into one; and at most once per [`FULL_BATCH_HEADS_EVERY`] poll intervals
+    /// while the claims come back full.
     last_heads_scan: Mutex<Option<Instant>>,
 }
 
+/// While claims come back full, the heads pass runs once per this many poll intervals (10 s
+/// by default): a row only it finds waits that long at most, and a large backlog pays for one
+/// pass over the outbox that often.
+const FULL_BATCH_HEADS_EVERY: u32 = 10;
+
 impl Shared {
-    /// Whether a worker may run [`CLAIM_AGGREGATE_HEADS`] now; if so, records that it does.
-    fn take_heads_scan(&self) -> bool {
+    /// Whether a worker may run [`CLAIM_AGGREGATE_HEADS`] now, after a claim that came up
+    /// `short` or not; if so, records that it does.
+    fn take_heads_scan(&self, short: bool) -> bool {
         let mut last = self.last_heads_scan.lock().unwrap_or_else(|p| p.into_inner());
-        let due = last.map_or(true, |at| at.elapsed() >= self.config.poll_interval);
+        let every = match short {
+            true => self.config.poll_interval,
+            false => self.config.poll_interval * FULL_BATCH_HEADS_EVERY,
+        };
+        let due = last.map_or(true, |at| at.elapsed() >= every);
         if due {
             *last = Some(Instant::now());
         }
@@ -738,14 +756,18 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
         held_back = tx
             .execute(&ordered.hold_back, &[&window])
             .map_err(db_error("cannot mark held-back outbox rows"))?;
-        if shared.take_heads_scan() {
-            let claimed: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
-            let missing = batch_size - rows.len() as i64;
-            rows.extend(
-                tx.query(&ordered.claim_heads, &[&missing, &claimed])
-                    .map_err(db_error("cannot claim outbox rows"))?,
-            );
-        }
+    }
+    let short = rows.len() < batch_size as usize;
+    if let Some(ordered) = db.ordered.as_ref().filter(|_| shared.take_heads_scan(short)) {
+        // Also when the batch is full, less often (then for a tenth of a batch more): a row
+        // found only by this pass (its predecessor deleted by hand) is not starved by a busy
+        // relay.
+        let claimed: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+        let room = (batch_size - rows.len() as i64).max((batch_size / 10).max(1));
+        rows.extend(
+            tx.query(&ordered.claim_heads, &[&room, &claimed])
+                .map_err(db_error("cannot claim outbox rows"))?,
+        );
     }
     if rows.is_empty() {
         if held_back > 0 {

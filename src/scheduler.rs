@@ -45,6 +45,13 @@ const RELEASE_DUE: &str = "\
     )
     SELECT (SELECT count(*) FROM due), (SELECT count(*) FROM moved)";
 
+/// Takes, if free, the transaction-scoped lock that one mover of this schema's scheduled events
+/// holds (two-key advisory lock: never the same as an aggregate's one-key lock). Movers take
+/// turns: two moving at once could give a later event of an aggregate the lower outbox id (the
+/// one with the earlier event waiting for an aggregate's lock while the other moves the later).
+const TAKE_MOVER_LOCK: &str = "\
+    SELECT pg_try_advisory_xact_lock(1937, '{schema}.outbox_scheduled'::regclass::oid::int)";
+
 /// Seconds until the next scheduled event is due (negative when overdue), `NULL` when none.
 const NEXT_DUE: &str = "\
     SELECT extract(epoch FROM min(not_before) - clock_timestamp())::float8
@@ -78,13 +85,31 @@ pub fn scheduled_summary(client: &mut impl GenericClient, schema: &Schema) -> Re
 /// Moves every event that has come due into the outbox, 1,000 per transaction;
 /// returns how many were moved. The relay does this by itself; call it to release due events
 /// without a running relay (an admin task, a test).
+///
+/// Returns 0 at once while another mover (another relay's) holds the turn: it moves them.
 pub fn release_due(client: &mut impl GenericClient, schema: &Schema) -> Result<u64> {
+    release_due_in_turn(client, schema).map(|(moved, _)| moved)
+}
+
+/// [`release_due`], and whether it stopped because another mover had the turn.
+fn release_due_in_turn(client: &mut impl GenericClient, schema: &Schema) -> Result<(u64, bool)> {
     let statement = schema.qualify(RELEASE_DUE);
+    let take_turn = schema.qualify(TAKE_MOVER_LOCK);
     let mut moved_total = 0;
     loop {
-        let row = client
+        let context = "cannot move due scheduled events into the outbox";
+        let mut tx = client.transaction().map_err(|e| Error::db(context, e))?;
+        let my_turn: bool = tx
+            .query_one(take_turn.as_str(), &[])
+            .map_err(|e| Error::db(context, e))?
+            .get(0);
+        if !my_turn {
+            return Ok((moved_total, true));
+        }
+        let row = tx
             .query_one(statement.as_str(), &[&RELEASE_BATCH])
-            .map_err(|e| Error::db("cannot move due scheduled events into the outbox", e))?;
+            .map_err(|e| Error::db(context, e))?;
+        tx.commit().map_err(|e| Error::db(context, e))?;
         let (due, moved): (i64, i64) = (row.get(0), row.get(1));
         if moved < due {
             log::warn!(
@@ -94,7 +119,7 @@ pub fn release_due(client: &mut impl GenericClient, schema: &Schema) -> Result<u
         }
         moved_total += moved as u64;
         if due < RELEASE_BATCH {
-            return Ok(moved_total);
+            return Ok((moved_total, false));
         }
     }
 }
@@ -121,11 +146,14 @@ pub(crate) fn release_loop(db: &Database, wakeup: &Wakeup, poll_interval: Durati
         let Some(connection) = client.as_mut() else {
             continue;
         };
-        let round = release_due(connection, db.schema()).and_then(|moved| {
+        let round = release_due_in_turn(connection, db.schema()).and_then(|(moved, busy)| {
             let row = connection
                 .query_one(next_due.as_str(), &[])
                 .map_err(|e| Error::db("cannot read when the next scheduled event is due", e))?;
-            Ok((moved, row.get::<_, Option<f64>>(0)))
+            // While another relay moves, what is due stays due: look again in a poll interval,
+            // not every few milliseconds.
+            let next = row.get::<_, Option<f64>>(0).filter(|_| !busy);
+            Ok((moved, next))
         });
         match round {
             Ok((moved, next)) => {

@@ -3,6 +3,8 @@
 
 use std::io::{ErrorKind, Read};
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -131,6 +133,7 @@ pub fn serve_with(
         announce,
         api_token: config.api_token.clone(),
         max_body_bytes: config.max_body_bytes,
+        replaying: AtomicBool::new(false),
     });
     let mut threads = Vec::with_capacity(config.threads);
     for index in 0..config.threads {
@@ -217,6 +220,8 @@ struct Api {
     /// The database's outbox, notifying or not as `announce` needs.
     outbox: Outbox,
     max_body_bytes: usize,
+    /// A `POST /dead-letters/replay` is running.
+    replaying: AtomicBool,
 }
 
 impl Api {
@@ -323,7 +328,13 @@ impl Api {
     /// Runs an operator action once the request passed the token check; the status page's
     /// cached figures are dropped so that its next view shows the effect.
     fn operator(&self, request: &Request, action: impl FnOnce(&Self) -> Reply) -> Reply {
-        if let Some(reply) = self.unauthorized(request) {
+        // With a token, a cross-site page cannot send it (no CORS here); without, check where
+        // a browser's request came from.
+        let refused = match self.api_token {
+            Some(_) => self.unauthorized(request),
+            None => cross_site(request),
+        };
+        if let Some(reply) = refused {
             return reply;
         }
         let reply = action(self);
@@ -357,11 +368,23 @@ impl Api {
                 "this server was started without access to RabbitMQ's dead-letter queue",
             );
         };
-        let result = txoutbox::admin::replay_dead_letters_at_most(
-            &broker.amqp_url,
-            &broker.topology,
-            REPLAY_PER_REQUEST,
-        );
+        // One at a time, and at most REPLAY_PER_REQUEST each: repeated clicks must not take
+        // every handler thread from the API.
+        if self.replaying.swap(true, Ordering::SeqCst) {
+            return Reply::error(
+                409,
+                "a replay of the dead letters is already running; wait for it to end (the status page shows the queue's depth)",
+            );
+        }
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            txoutbox::admin::replay_dead_letters_at_most(
+                &broker.amqp_url,
+                &broker.topology,
+                REPLAY_PER_REQUEST,
+            )
+        }));
+        self.replaying.store(false, Ordering::SeqCst);
+        let result = result.unwrap_or_else(|_| Err(Error::Other("the replay panicked".into())));
         self.status.refresh_dead_letters();
         match result {
             Ok(replayed) => {
@@ -596,6 +619,33 @@ fn trace_context(request: &Request) -> TraceContext {
 }
 
 /// True when the request carries `Authorization: Bearer <token>`, compared in constant time.
+/// Refuses an operator action a browser sends from another site's page (a form or a fetch
+/// there, which carries that site's `Origin`): without `API_TOKEN` nothing else would stop it.
+/// Requests without `Origin` (curl, scripts) and from this server's own status page pass (a
+/// proxy in front must then keep the `Host` header, or set `API_TOKEN`).
+fn cross_site(request: &Request) -> Option<Reply> {
+    let header = |name: &'static str| {
+        request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv(name))
+            .map(|h| h.value.as_str())
+    };
+    let origin = header("Origin")?;
+    let origin_host = origin.split_once("://").map_or("", |(_, host)| host);
+    if !origin_host.is_empty() && origin_host.eq_ignore_ascii_case(header("Host").unwrap_or("")) {
+        return None;
+    }
+    Some(Reply::error(
+        403,
+        format!(
+            "refused an operator action sent from another site ({origin:?}): use this server's \
+             status page (a proxy in front must keep the Host header), set API_TOKEN, or send \
+             the request without an Origin header (curl, the txoutbox CLI)"
+        ),
+    ))
+}
+
 fn has_bearer_token(request: &Request, token: &str) -> bool {
     request
         .headers()

@@ -13,6 +13,7 @@ mod migrate;
 mod outbox;
 mod pool;
 mod quorum;
+mod regressions;
 mod scheduled;
 mod tls;
 mod trace;

@@ -379,3 +379,35 @@ fn a_click_on_the_status_page_retries_a_failed_event_once_the_token_is_given() {
     server.stop();
     relay.stop();
 }
+
+/// Without API_TOKEN, a page on another site must not be able to make an operator's browser
+/// retry or replay (a form POST needs no CORS preflight); curl and the server's own page can.
+#[test]
+fn without_a_token_operator_actions_refuse_a_cross_site_browser_request() {
+    let t = TestDb::new();
+    let config = HttpConfig {
+        addr: "127.0.0.1:0".into(),
+        threads: 2,
+        api_token: None,
+        ..HttpConfig::default()
+    };
+    let server = http::serve_with(&config, t.db.clone(), Announce::Notify, None, None).unwrap();
+    let addr = server.addr();
+    let id = failed_event(&t, "csrf");
+    let from = |origin: &str| {
+        http_raw(
+            addr,
+            &format!("POST /failed-events/{id}/retry HTTP/1.1\r\nOrigin: {origin}\r\nContent-Length: 0"),
+            b"",
+        )
+    };
+    assert_eq!(from("http://evil.example").status, 403);
+    assert_eq!(from("null").status, 403);
+    assert!(is_failed(&t, id), "a cross-site request re-queued the event");
+    assert_eq!(
+        from(&format!("http://{addr}")).status,
+        200,
+        "the server's own page"
+    );
+    assert!(!is_failed(&t, id));
+}
