@@ -3,8 +3,8 @@
 //! was done exactly once, and reports same-run ratios against the targets.
 //!
 //! Scenarios, in order: (1) database ceiling, (2) broker ceiling, (3)(5)(7) HTTP, end to end and
-//! peak RSS on the release binaries, (4) relay drain of a backlog, (6) latency at half load
-//! (open loop), (8) two servers and two consumers. Results go to
+//! peak RSS on the release binaries, (4) relay drain of a backlog, (6) latency at 25% and 50%
+//! of the end-to-end rate (5) (open loop), (8) two servers and two consumers. Results go to
 //! `target/bench/<timestamp>/{results.json,summary.md,chart.svg}`.
 
 mod ceilings;
@@ -125,7 +125,6 @@ fn run_scenarios(
         Some((throughput, sample)) => (Some(throughput), Some(sample)),
         None => (None, None),
     };
-    let db_rate = db_ceiling.as_ref().map(|t| t.rate);
     results.db_ceiling = db_ceiling;
 
     if let Some(sample) = sample.filter(|_| !interrupted(stop)) {
@@ -184,35 +183,46 @@ fn run_scenarios(
         );
     }
 
-    match db_rate {
-        Some(rate) if !interrupted(stop) => {
-            let offered = rate / 2.0;
-            results.latency = scenario(
-                progress,
-                checks,
-                latency::LATENCY_PHASE,
-                &format!(
-                    "{} orders/s open loop for {} s, API and relay in process",
-                    count(offered),
-                    plan.latency.as_secs()
-                ),
-                |checks| latency::run(infra, launcher, plan, offered, stop, checks),
-                |l| {
-                    format!(
-                        "commit -> confirm p99 {}, commit -> COMPLETED p99 {}",
-                        report::fmt_ms(l.confirm.p99),
-                        report::fmt_ms(l.completed.p99)
-                    )
-                },
-            );
+    // (6) at shares of (5), the rate the whole pipeline sustained in this run.
+    let e2e_rate = results
+        .pipeline
+        .as_ref()
+        .filter(|_| checks.phase_ok(pipeline::HTTP_PHASE))
+        .map(|p| p.e2e.rate);
+    for level in latency::LEVELS {
+        if interrupted(stop) {
+            break;
         }
-        _ if !interrupted(stop) => checks.add(
-            latency::LATENCY_PHASE,
-            "scenario ran",
-            false,
-            "skipped: it offers half the database ceiling, which was not measured".into(),
-        ),
-        _ => {}
+        let Some(e2e) = e2e_rate else {
+            checks.add(
+                level.phase,
+                "scenario ran",
+                false,
+                "skipped: it offers a share of the end-to-end rate (5), which was not measured".into(),
+            );
+            continue;
+        };
+        let offered = e2e * level.share;
+        let measured = scenario(
+            progress,
+            checks,
+            level.phase,
+            &format!(
+                "{} orders/s ({:.0}% of (5)) open loop for {} s, API and relay in process",
+                count(offered),
+                level.share * 100.0,
+                plan.latency.as_secs()
+            ),
+            |checks| latency::run(infra, launcher, plan, level, offered, stop, checks),
+            |l| {
+                format!(
+                    "commit -> confirm p99 {}, commit -> COMPLETED p99 {}",
+                    report::fmt_ms(l.confirm.p99),
+                    report::fmt_ms(l.completed.p99)
+                )
+            },
+        );
+        results.latency.extend(measured);
     }
 
     if !interrupted(stop) {

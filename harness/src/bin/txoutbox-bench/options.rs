@@ -118,7 +118,7 @@ pub struct Plan {
     pub memory: Duration,
     /// (4) events in the backlog.
     pub backlog: u64,
-    /// (6) the open-loop run at half the database ceiling, measured part.
+    /// (6) each open-loop run at a share of (5), measured part.
     pub latency: Duration,
     /// (6) the same load before measuring starts.
     pub latency_warm_up: Duration,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::ceilings::{BROKER_PHASE, DB_PHASE};
 use crate::drain::DRAIN_PHASE;
-use crate::latency::LATENCY_PHASE;
+use crate::latency::{JUDGED_LEVEL, LEVELS};
 use crate::pipeline::{HTTP_PHASE, SCALE_PHASE};
 use crate::quantiles::Quantiles;
 use crate::report::{count, millis, Results, Status, CONFIRM_P99_GOAL};
@@ -70,7 +70,8 @@ fn header(svg: &mut Svg, results: &Results) -> f64 {
     );
     svg.text(MARGIN, 54.0, 13.0, "start", "normal", MUTED, &subtitle);
     let targets = results.targets();
-    let box_width = (WIDTH - 2.0 * MARGIN - 4.0 * 10.0) / targets.len().max(1) as f64;
+    let gaps = targets.len().saturating_sub(1) as f64 * 10.0;
+    let box_width = (WIDTH - 2.0 * MARGIN - gaps) / targets.len().max(1) as f64;
     for (i, target) in targets.iter().enumerate() {
         let x = MARGIN + i as f64 * (box_width + 10.0);
         let (fill, stroke) = match target.status {
@@ -112,9 +113,9 @@ fn describe(results: &Results, phase: &str, lines: &[Line]) -> (String, Option<(
                 .broker_rate()
                 .map(|r| (format!("broker ceiling {} msg/s", count(r)), r)),
         ),
-        LATENCY_PHASE => (
-            "(6) Half load, open loop: orders/s".into(),
-            results.latency.as_ref().map(|l| {
+        phase if LEVELS.iter().any(|l| l.phase == phase) => (
+            format!("(6) {phase}, open loop: orders/s"),
+            results.latency.iter().find(|l| l.level.phase == phase).map(|l| {
                 (
                     format!("offered {} orders/s", count(l.offered_rate)),
                     l.offered_rate,
@@ -252,19 +253,15 @@ fn line_panel(svg: &mut Svg, frame: Frame, title: &str, lines: &[Line], referenc
 /// Latency percentiles at half load as grouped bars, log scale, with the 10 ms goal.
 fn latency_panel(svg: &mut Svg, frame: Frame, results: &Results) {
     svg.rect(frame.x, frame.y, frame.w, frame.h, "#ffffff", GRID);
-    let title = match &results.latency {
+    let title = match results.latency.iter().find(|l| l.level == JUDGED_LEVEL) {
         Some(l) => format!(
-            "(6) Latency at half load ({} orders/s offered, open loop), ms, log scale",
+            "(6) Latency at 50% of (5) ({} orders/s offered, open loop), ms, log scale",
             count(l.offered_rate)
         ),
-        None => "(6) Latency at half load".to_string(),
+        None => "(6) Latency at 50% of (5)".to_string(),
     };
     svg.text(frame.x + 10.0, frame.y + 18.0, 13.0, "start", "bold", INK, &title);
-    let Some(latency) = results
-        .latency
-        .as_ref()
-        .filter(|_| results.checks.phase_ok(LATENCY_PHASE))
-    else {
+    let Some(latency) = results.latency_at(JUDGED_LEVEL) else {
         svg.text(
             frame.x + frame.w / 2.0,
             frame.y + frame.h / 2.0,
