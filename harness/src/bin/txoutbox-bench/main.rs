@@ -22,6 +22,7 @@ mod quantiles;
 mod report;
 mod sampler;
 mod server;
+mod statements;
 mod svg;
 mod verify;
 

@@ -16,6 +16,7 @@ use crate::load::{closed_loop, LoadOutcome};
 use crate::options::{Plan, MEMORY_CONNECTIONS};
 use crate::process::{peak_rss_bytes, wait_consuming, Kind, Launcher, Process};
 use crate::sampler::Sampler;
+use crate::statements::{Counter, Statements};
 use crate::verify::{self, Checks};
 use crate::Progress;
 use txoutbox_harness::support::process::free_port;
@@ -26,7 +27,7 @@ pub const HTTP_PHASE: &str = "HTTP and end to end";
 pub const SCALE_PHASE: &str = "scale-out";
 
 /// What (3), (5) and (7) measured.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Pipeline {
     /// Accepted POSTs per second at C connections; its lines are the whole run.
     pub http: Throughput,
@@ -34,6 +35,8 @@ pub struct Pipeline {
     pub e2e: Throughput,
     /// Peak RSS after the 64-connection run.
     pub memory: Memory,
+    /// Statements and round trips per order over the window of (3), counted by Postgres.
+    pub statements: Statements,
 }
 
 /// Peak resident memory of the processes.
@@ -77,13 +80,53 @@ pub fn single(
     let fresh = infra.fresh_db("http", 2)?;
     let broker = infra.fresh_broker("http")?;
     let addr = local_addr()?;
-    let mut server = launcher.spawn(Kind::Server, "http-server", &fresh, &broker, Some(addr))?;
-    let mut consumer = launcher.spawn(Kind::Consumer, "http-consumer", &fresh, &broker, None)?;
+    // Declared before the processes, so that its roles are dropped after they are killed.
+    let mut counter = Counter::prepare(infra, &fresh);
+    let (server_url, consumer_url) = match &counter {
+        Ok(c) => (fresh.url_as(&c.roles.server), fresh.url_as(&c.roles.consumer)),
+        Err(_) => (fresh.url.clone(), fresh.url.clone()),
+    };
+    let mut server = launcher.spawn_at(Kind::Server, "http-server", &server_url, &broker, Some(addr))?;
+    let mut consumer = launcher.spawn_at(Kind::Consumer, "http-consumer", &consumer_url, &broker, None)?;
     server.wait_listening(addr)?;
     wait_consuming(&broker, 1, &mut [&mut server, &mut consumer])?;
     let urls = [format!("http://{addr}")];
 
+    let pids: Vec<u32> = [server.id(), consumer.id()].into_iter().flatten().collect();
+    let mut segments_before = None;
+    if let Ok(c) = counter.as_mut() {
+        if let Err(e) = c.reset() {
+            counter = Err(e.to_string());
+        } else {
+            segments_before = Some(c.segments(&pids));
+        }
+    }
     let measured = measure(&fresh, &urls, plan.concurrency, plan.http, plan, stop)?;
+    let statements = match counter.as_mut() {
+        Ok(c) => {
+            let segments_after = c.segments(&pids);
+            match c.read(measured.load.ids.len() as u64) {
+                Ok(mut counted) => {
+                    match (segments_before, segments_after) {
+                        (Some(Ok(before)), Ok(after)) => {
+                            for (name, pid) in ["server", "consumer"].into_iter().zip(&pids) {
+                                let sent = after.get(pid).copied().unwrap_or(0);
+                                let earlier = before.get(pid).copied().unwrap_or(0);
+                                counted.round_trips.push((name, sent.saturating_sub(earlier)));
+                            }
+                        }
+                        (Some(Err(e)), _) | (_, Err(e)) => {
+                            counted.notes.push(format!("round trips not counted: {e}"))
+                        }
+                        (None, _) => {}
+                    }
+                    Statements::Counted(counted)
+                }
+                Err(e) => Statements::Unavailable(e.to_string()),
+            }
+        }
+        Err(reason) => Statements::Unavailable(reason.clone()),
+    };
     for service in [&mut server, &mut consumer] {
         service.check_alive()?;
     }
@@ -124,6 +167,7 @@ pub fn single(
         http: measured.http,
         e2e: measured.e2e,
         memory,
+        statements,
     })
 }
 

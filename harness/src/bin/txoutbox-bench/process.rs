@@ -42,8 +42,20 @@ impl Launcher {
         broker: &FreshBroker,
         http_addr: Option<SocketAddr>,
     ) -> Result<Process> {
+        self.spawn_at(kind, name, &db.url, broker, http_addr)
+    }
+
+    /// [`Launcher::spawn`] on the database at `database_url` (the scenario's, as another role).
+    pub fn spawn_at(
+        &self,
+        kind: Kind,
+        name: &str,
+        database_url: &str,
+        broker: &FreshBroker,
+        http_addr: Option<SocketAddr>,
+    ) -> Result<Process> {
         let env = ChildEnv {
-            database_url: &db.url,
+            database_url,
             amqp_url: &self.amqp_url,
             topology: &broker.topology,
             rust_log: "info",

@@ -495,6 +495,15 @@ impl Results {
                 target.status.label()
             );
         }
+        if let Some(p) = self.ok(HTTP_PHASE, &self.pipeline) {
+            let _ = writeln!(
+                out,
+                "\nStatements per order in (3), counted by Postgres (pg_stat_statements)"
+            );
+            for line in p.statements.console(100) {
+                let _ = writeln!(out, "{line}");
+            }
+        }
         let _ = writeln!(
             out,
             "\nWhere the CPU went, in cores of {} (busy = not idle; iowait = idle waiting for the disk)",
@@ -613,6 +622,10 @@ impl Results {
                     let _ = writeln!(out, "| {load} | {name} | {} |", cells.join(" | "));
                 }
             }
+        }
+        if let Some(p) = self.ok(HTTP_PHASE, &self.pipeline) {
+            let _ = writeln!(out, "\n## Statements and round trips per order in (3)\n");
+            let _ = write!(out, "{}", p.statements.markdown());
         }
         let _ = writeln!(
             out,
@@ -737,6 +750,7 @@ impl Results {
                 "orders": p.http.count,
                 "seconds": p.http.elapsed.as_secs_f64(),
                 "orders_per_second": p.http.rate,
+                "statements": p.statements.json(),
             })),
             "relay_drain": self.drain.as_ref().map(|d| json!({
                 "verified": self.checks.phase_ok(DRAIN_PHASE),
