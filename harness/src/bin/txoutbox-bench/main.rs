@@ -18,6 +18,7 @@ mod load;
 mod options;
 mod pipeline;
 mod process;
+mod profile;
 mod quantiles;
 mod report;
 mod sampler;

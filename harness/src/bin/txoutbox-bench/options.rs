@@ -114,6 +114,8 @@ pub struct Plan {
     pub lone_confirms: usize,
     /// (3) HTTP at C connections, also (5).
     pub http: Duration,
+    /// The closed loop of (3) again, with perf attached to the server and the consumer.
+    pub profile: Duration,
     /// (7) the run at 64 connections after which peak RSS is read.
     pub memory: Duration,
     /// (4) events in the backlog.
@@ -142,6 +144,7 @@ impl Plan {
                 broker_ceiling: secs(4),
                 lone_confirms: 100,
                 http: secs(8),
+                profile: secs(3),
                 memory: secs(3),
                 backlog: options.backlog.unwrap_or(QUICK_BACKLOG),
                 latency: secs(5),
@@ -158,6 +161,7 @@ impl Plan {
                 broker_ceiling: secs(30),
                 lone_confirms: 500,
                 http: secs(60),
+                profile: secs(15),
                 memory: secs(15),
                 backlog: options.backlog.unwrap_or(FULL_BACKLOG),
                 latency: secs(40),

@@ -3,6 +3,7 @@
 //! two servers and two consumers on one database and queue.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -15,6 +16,7 @@ use crate::infra::{FreshDb, Infra};
 use crate::load::{closed_loop, LoadOutcome};
 use crate::options::{Plan, MEMORY_CONNECTIONS};
 use crate::process::{peak_rss_bytes, wait_consuming, Kind, Launcher, Process};
+use crate::profile::{Perf, Profiles};
 use crate::sampler::Sampler;
 use crate::statements::{Counter, Statements};
 use crate::verify::{self, Checks};
@@ -37,6 +39,8 @@ pub struct Pipeline {
     pub memory: Memory,
     /// Statements and round trips per order over the window of (3), counted by Postgres.
     pub statements: Statements,
+    /// CPU profiles of the server and the consumer under the same load.
+    pub profiles: Profiles,
 }
 
 /// Peak resident memory of the processes.
@@ -134,6 +138,25 @@ pub fn single(
     let mut errors = measured.load.errors;
     let mut error_samples = measured.load.error_samples.clone();
 
+    progress.step(&format!(
+        "{HTTP_PHASE}: {} connections for {} s more, CPU profiles of the server and the consumer",
+        plan.concurrency,
+        plan.profile.as_secs()
+    ));
+    let (profiles, more) = profile(
+        &urls,
+        plan,
+        &[("server", &server), ("consumer", &consumer)],
+        &launcher.run_dir().join("profile"),
+        stop,
+    )?;
+    if let Profiles::Unavailable(reason) = &profiles {
+        progress.step(&format!("{HTTP_PHASE}: no CPU profile: {reason}"));
+    }
+    ids.extend(more.ids);
+    errors += more.errors;
+    error_samples.extend(more.error_samples);
+
     if plan.concurrency != MEMORY_CONNECTIONS {
         progress.step(&format!(
             "{HTTP_PHASE}: {MEMORY_CONNECTIONS} connections for {} s, for peak RSS",
@@ -168,6 +191,7 @@ pub fn single(
         e2e: measured.e2e,
         memory,
         statements,
+        profiles,
     })
 }
 
@@ -265,6 +289,77 @@ fn measure(
     let http = Throughput::new(load.ids.len() as u64, load.elapsed, lines).with_cpu(cpu);
     let e2e = Throughput::new(load.ids.len() as u64, e2e_elapsed, Vec::new());
     Ok(Measured { load, http, e2e })
+}
+
+/// The closed loop of (3) for `plan.profile` more, with perf recording each of `processes`
+/// once every connection is sending. Returns the profiles (or why there are none) and the
+/// orders sent, which the scenario verifies with its others.
+fn profile(
+    urls: &[String],
+    plan: &Plan,
+    processes: &[(&'static str, &Process)],
+    dir: &Path,
+    stop: &AtomicBool,
+) -> Result<(Profiles, LoadOutcome)> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
+    let perf = Perf::detect(dir);
+    let accepted = AtomicU64::new(0);
+    // A little longer than the recording, which starts once the connections are busy.
+    let duration = plan.profile + Duration::from_secs(2);
+    std::thread::scope(|scope| -> Result<(Profiles, LoadOutcome)> {
+        let load = std::thread::Builder::new()
+            .name("bench-profile-load".into())
+            .spawn_scoped(scope, || {
+                closed_loop(urls, plan.concurrency, duration, &accepted, stop)
+            })
+            .map_err(|e| Error::Other(format!("cannot start the profile load: {e}")))?;
+        let profiles = match perf {
+            Err(reason) => Profiles::Unavailable(reason),
+            Ok(perf) => {
+                // Every connection has had answers: its server thread exists, and is recorded.
+                let busy = 2 * plan.concurrency as u64;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while accepted.load(Ordering::Relaxed) < busy
+                    && Instant::now() < deadline
+                    && !load.is_finished()
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                record(&perf, processes, plan.profile, dir)
+            }
+        };
+        let outcome = load
+            .join()
+            .map_err(|_| Error::Other("the profile load panicked".into()))??;
+        Ok((profiles, outcome))
+    })
+}
+
+/// Records each process for `window` at once, then renders them.
+fn record(perf: &Perf, processes: &[(&'static str, &Process)], window: Duration, dir: &Path) -> Profiles {
+    let mut recordings = Vec::new();
+    for (name, process) in processes {
+        let Some(pid) = process.id() else {
+            return Profiles::Unavailable(format!("the {name} is not running"));
+        };
+        match perf.record(pid, window, &dir.join(format!("{name}.perf.data"))) {
+            Ok(recording) => recordings.push((*name, recording)),
+            Err(reason) => return Profiles::Unavailable(reason),
+        }
+    }
+    let mut profiles = Vec::new();
+    for (name, recording) in recordings {
+        match recording.finish(name, dir) {
+            Ok(profile) => profiles.push(profile),
+            Err(reason) => return Profiles::Unavailable(reason),
+        }
+    }
+    Profiles::Recorded {
+        event: perf.event().to_string(),
+        seconds: window.as_secs_f64(),
+        profiles,
+    }
 }
 
 /// First POST to last `COMPLETED`: by Postgres' clock (`max(updated_at)`) against the wall

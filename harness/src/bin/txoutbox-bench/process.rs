@@ -32,6 +32,11 @@ impl Launcher {
         })
     }
 
+    /// The run's directory (the one above the logs).
+    pub fn run_dir(&self) -> &Path {
+        self.log_dir.parent().unwrap_or(&self.log_dir)
+    }
+
     /// Starts `kind` on the scenario's database and queue; `http_addr` for a server.
     /// Its stdout and stderr go to `<log dir>/<name>.log`.
     pub fn spawn(

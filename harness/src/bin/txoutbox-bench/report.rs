@@ -503,6 +503,10 @@ impl Results {
             for line in p.statements.console(100) {
                 let _ = writeln!(out, "{line}");
             }
+            let _ = writeln!(out, "\nCPU profiles under the load of (3)");
+            for line in p.profiles.console(100) {
+                let _ = writeln!(out, "{line}");
+            }
         }
         let _ = writeln!(
             out,
@@ -626,6 +630,8 @@ impl Results {
         if let Some(p) = self.ok(HTTP_PHASE, &self.pipeline) {
             let _ = writeln!(out, "\n## Statements and round trips per order in (3)\n");
             let _ = write!(out, "{}", p.statements.markdown());
+            let _ = writeln!(out, "\n## CPU profiles under the load of (3)\n");
+            let _ = write!(out, "{}", p.profiles.markdown());
         }
         let _ = writeln!(
             out,
@@ -751,6 +757,7 @@ impl Results {
                 "seconds": p.http.elapsed.as_secs_f64(),
                 "orders_per_second": p.http.rate,
                 "statements": p.statements.json(),
+                "profiles": p.profiles.json(),
             })),
             "relay_drain": self.drain.as_ref().map(|d| json!({
                 "verified": self.checks.phase_ok(DRAIN_PHASE),
@@ -843,6 +850,16 @@ impl Results {
             series.push((SCALE_PHASE, &s.http.lines));
         }
         series
+    }
+}
+
+/// `text` cut to `width` characters, with an ellipsis when cut.
+pub fn shorten(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        text.to_string()
+    } else {
+        let cut: String = text.chars().take(width.saturating_sub(1)).collect();
+        format!("{cut}…")
     }
 }
 

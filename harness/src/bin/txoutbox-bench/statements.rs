@@ -19,6 +19,7 @@
 //! when it is not loaded the bench says so and what to run (`make pg-stat-statements`), and
 //! reports the rest of the run as usual.
 
+use crate::report::shorten;
 use std::collections::BTreeMap;
 use std::process::Command;
 
@@ -291,16 +292,6 @@ impl Counted {
             })
             .collect::<Vec<_>>()
             .join(", ")
-    }
-}
-
-/// `text` cut to `width` characters, with an ellipsis when cut.
-fn shorten(text: &str, width: usize) -> String {
-    if text.chars().count() <= width {
-        text.to_string()
-    } else {
-        let cut: String = text.chars().take(width.saturating_sub(1)).collect();
-        format!("{cut}…")
     }
 }
 
