@@ -37,7 +37,7 @@ help: ## list the targets (the default)
 		$(firstword $(MAKEFILE_LIST))
 	@echo
 	@echo "Variables: ORDERS=$(ORDERS) CONCURRENCY=$(CONCURRENCY) STRESS_URL=$(STRESS_URL) (stress, demo)"
-	@echo "           BENCH_ARGS='$(BENCH_ARGS)' (bench: --quick --concurrency C --out DIR --backlog N)"
+	@echo "           BENCH_ARGS='$(BENCH_ARGS)' (bench: --quick --concurrency C --out DIR --backlogs N,N,...)"
 	@echo "           CHAOS_ARGS='$(CHAOS_ARGS)' (chaos: --quick --only CASE,... --out DIR)"
 
 up: ## start Postgres 15 and RabbitMQ 3 in Docker, wait until healthy

@@ -179,9 +179,21 @@ fn run_scenarios(
             progress,
             checks,
             drain::DRAIN_PHASE,
-            &format!("backlog of {} events, relay only", count(plan.backlog as f64)),
-            |checks| drain::run(infra, plan, stop, checks),
-            |d| format!("{} events/s", count(d.throughput.rate)),
+            &format!(
+                "backlogs of {} events with RELAY_ORDERING=aggregate, {} with none, relay only",
+                list(&plan.backlogs),
+                list(&plan.unordered_backlogs)
+            ),
+            |checks| drain::run(infra, plan, stop, checks, progress),
+            |d| match d.growth(txoutbox::RelayOrdering::Aggregate) {
+                Some(g) => format!(
+                    "time per event x{:.2} from {} to {} events",
+                    g.ratio,
+                    count(g.smallest as f64),
+                    count(g.largest as f64)
+                ),
+                None => format!("{} drains", d.runs.len()),
+            },
         );
     }
 
@@ -248,6 +260,16 @@ fn run_scenarios(
     }
     if interrupted(stop) {
         checks.add("run", "not interrupted", false, "stopped by a signal".into());
+    }
+}
+
+/// `10,000, 100,000`.
+fn list(sizes: &[u64]) -> String {
+    let shown: Vec<String> = sizes.iter().map(|n| count(*n as f64)).collect();
+    if shown.is_empty() {
+        "no".into()
+    } else {
+        shown.join(", ")
     }
 }
 

@@ -10,7 +10,7 @@ use txoutbox::RelayConfig;
 
 use crate::ceilings::{BrokerCeiling, Throughput, BROKER_PHASE, DB_PHASE};
 use crate::cpu::{CpuUsage, GROUPS};
-use crate::drain::{Drain, DRAIN_PHASE};
+use crate::drain::{ordering_name, Drains, DRAIN_PHASE, GROWTH_GOAL};
 use crate::infra::Servers;
 use crate::latency::{Latency, Level, JUDGED_LEVEL, LEVELS, OPEN_LOOP_SENDERS};
 use crate::options::Plan;
@@ -18,6 +18,7 @@ use crate::pipeline::{Pipeline, ScaleOut, HTTP_PHASE, SCALE_PHASE};
 use crate::quantiles::Quantiles;
 use crate::sampler::Line;
 use crate::verify::Checks;
+use txoutbox::RelayOrdering;
 use txoutbox_harness::support::timestamp::Timestamp;
 
 /// HTTP POST throughput must reach this share of the database ceiling.
@@ -111,7 +112,7 @@ pub struct Results {
     /// (3), (5), (7).
     pub pipeline: Option<Pipeline>,
     /// (4).
-    pub drain: Option<Drain>,
+    pub drain: Option<Drains>,
     /// (6), one per level of [`LEVELS`] that ran, in order.
     pub latency: Vec<Latency>,
     /// (8).
@@ -197,6 +198,10 @@ impl Results {
             status: judge(value, |v| v >= goal),
         };
         let judged = self.latency_at(JUDGED_LEVEL);
+        let growth = self
+            .ok(DRAIN_PHASE, &self.drain)
+            .and_then(|d| d.growth(RelayOrdering::Aggregate))
+            .map(|g| g.ratio);
         let confirm_p99 = judged.map(|l| millis(l.confirm.p99));
         let completed_p99 = judged.map(|l| millis(l.completed.p99));
         let rss = pipeline.map(|p| mib(p.memory.server_peak_rss));
@@ -223,11 +228,22 @@ impl Results {
                 "relay drain / broker ceiling",
                 "relay drain / broker ceiling",
                 ratio(
-                    self.ok(DRAIN_PHASE, &self.drain).map(|d| d.throughput.rate),
+                    self.ok(DRAIN_PHASE, &self.drain)
+                        .and_then(Drains::reference)
+                        .map(|d| d.throughput.rate),
                     self.broker_rate(),
                 ),
                 DRAIN_GOAL,
             ),
+            Target {
+                key: "drain_time_per_event_growth",
+                name: "relay drain µs/event, largest / smallest backlog",
+                label: "drain µs/event growth",
+                value: growth,
+                shown: growth.map_or("-".into(), |v| format!("{v:.2} x")),
+                goal: format!("<= {GROWTH_GOAL:.1} x"),
+                status: judge(growth, |v| v <= GROWTH_GOAL),
+            },
             Target {
                 key: "commit_to_confirm_p99_ms",
                 name: "commit -> confirm p99 at 50% of (5)",
@@ -333,19 +349,48 @@ impl Results {
             }),
             HTTP_PHASE,
         );
-        let drain = self.ok(DRAIN_PHASE, &self.drain);
-        row(
-            "(4) relay drain",
-            drain.map(|d| format!("{} events/s", count(d.throughput.rate))),
-            drain.map_or(String::new(), |d| {
-                format!(
-                    "backlog of {} events, no consumer: published, confirmed and deleted in {:.1} s",
-                    count(d.throughput.count as f64),
-                    d.throughput.elapsed.as_secs_f64()
-                )
-            }),
-            DRAIN_PHASE,
-        );
+        match self.ok(DRAIN_PHASE, &self.drain) {
+            Some(drains) => {
+                for d in &drains.runs {
+                    row(
+                        if d.ordering == RelayOrdering::Aggregate {
+                            "(4) relay drain, aggregate"
+                        } else {
+                            "(4) relay drain, none"
+                        },
+                        Some(format!(
+                            "{} events/s, {:.1} µs/event",
+                            count(d.throughput.rate),
+                            d.us_per_event()
+                        )),
+                        format!(
+                            "backlog of {} events, RELAY_ORDERING={}, no consumer: published, confirmed and deleted; \
+                             rate from the first confirm, {:.1} s",
+                            count(d.backlog as f64),
+                            ordering_name(d.ordering),
+                            d.throughput.elapsed.as_secs_f64()
+                        ),
+                        DRAIN_PHASE,
+                    );
+                }
+                for ordering in [RelayOrdering::Aggregate, RelayOrdering::None] {
+                    if let Some(g) = drains.growth(ordering) {
+                        row(
+                            "(4) cost as the backlog grows",
+                            Some(format!("x{:.2} µs/event", g.ratio)),
+                            format!(
+                                "RELAY_ORDERING={}: time per event at {} events / at {} events",
+                                ordering_name(ordering),
+                                count(g.largest as f64),
+                                count(g.smallest as f64)
+                            ),
+                            DRAIN_PHASE,
+                        );
+                    }
+                }
+            }
+            None => row("(4) relay drain", None, String::new(), DRAIN_PHASE),
+        }
         row(
             "(5) end to end",
             pipeline.map(|p| format!("{} orders/s", count(p.e2e.rate))),
@@ -488,7 +533,7 @@ impl Results {
         for target in self.targets() {
             let _ = writeln!(
                 out,
-                "  {:<42} {:>10}  {:<10} {}",
+                "  {:<48} {:>10}  {:<10} {}",
                 target.name,
                 target.shown,
                 target.goal,
@@ -552,7 +597,7 @@ impl Results {
         if let Some(p) = &self.pipeline {
             cpu.push(("(3) HTTP POST /orders", &p.http.cpu));
         }
-        if let Some(d) = &self.drain {
+        if let Some(d) = self.drain.as_ref().and_then(Drains::reference) {
             cpu.push(("(4) relay drain", &d.throughput.cpu));
         }
         for l in &self.latency {
@@ -731,7 +776,8 @@ impl Results {
                 "broker_ceiling_seconds": self.plan.broker_ceiling.as_secs_f64(),
                 "http_seconds": self.plan.http.as_secs_f64(),
                 "memory_seconds": self.plan.memory.as_secs_f64(),
-                "backlog": self.plan.backlog,
+                "backlogs": self.plan.backlogs,
+                "unordered_backlogs": self.plan.unordered_backlogs,
                 "latency_seconds": self.plan.latency.as_secs_f64(),
                 "latency_warm_up_seconds": self.plan.latency_warm_up.as_secs_f64(),
                 "lone_confirms": self.plan.lone_confirms,
@@ -759,12 +805,18 @@ impl Results {
                 "statements": p.statements.json(),
                 "profiles": p.profiles.json(),
             })),
-            "relay_drain": self.drain.as_ref().map(|d| json!({
+            "relay_drain": self.drain.as_ref().map(|drains| json!({
                 "verified": self.checks.phase_ok(DRAIN_PHASE),
-                "events": d.throughput.count,
-                "seconds": d.throughput.elapsed.as_secs_f64(),
-                "events_per_second": d.throughput.rate,
-                "fill_seconds": d.fill.as_secs_f64(),
+                "runs": drains.runs.iter().map(|d| json!({
+                    "ordering": ordering_name(d.ordering),
+                    "backlog": d.backlog,
+                    "events_timed": d.throughput.count,
+                    "seconds": d.throughput.elapsed.as_secs_f64(),
+                    "events_per_second": d.throughput.rate,
+                    "us_per_event": d.us_per_event(),
+                    "fill_seconds": d.fill.as_secs_f64(),
+                })).collect::<Vec<_>>(),
+                "growth": drain_growth(drains),
             })),
             "end_to_end": self.pipeline.as_ref().map(|p| json!({
                 "verified": self.checks.phase_ok(HTTP_PHASE),
@@ -840,7 +892,7 @@ impl Results {
         if let Some(p) = &self.pipeline {
             series.push((HTTP_PHASE, &p.http.lines));
         }
-        if let Some(d) = &self.drain {
+        if let Some(d) = self.drain.as_ref().and_then(Drains::reference) {
             series.push((DRAIN_PHASE, &d.throughput.lines));
         }
         for l in &self.latency {
@@ -851,6 +903,24 @@ impl Results {
         }
         series
     }
+}
+
+/// How time per event grew with the backlog, per ordering, for results.json.
+fn drain_growth(drains: &Drains) -> Value {
+    let growth: Vec<Value> = [RelayOrdering::Aggregate, RelayOrdering::None]
+        .iter()
+        .filter_map(|o| {
+            drains.growth(*o).map(|g| {
+                json!({
+                    "ordering": ordering_name(*o),
+                    "smallest": g.smallest,
+                    "largest": g.largest,
+                    "us_per_event_ratio": g.ratio,
+                })
+            })
+        })
+        .collect();
+    Value::Array(growth)
 }
 
 /// `text` cut to `width` characters, with an ellipsis when cut.
