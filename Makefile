@@ -26,7 +26,7 @@ COMPOSE_AMQP_URL := amqp://txoutbox:txoutbox@127.0.0.1:5672/%2f
 COMPOSE_DATABASE_URL := postgres://postgres:postgres@127.0.0.1:5432/txoutbox
 -include $(COMPOSE_ENV)
 
-.PHONY: help up down build migrate server consumer stress demo bench bench-quick pg-stat-statements chaos chaos-quick test library-check fmt lint
+.PHONY: help up down build migrate server consumer stress demo bench bench-quick soak soak-quick pg-stat-statements chaos chaos-quick test library-check fmt lint
 
 help: ## list the targets (the default)
 	@echo "txoutbox: transactional outbox for Postgres and RabbitMQ"
@@ -81,6 +81,15 @@ bench: ## ceilings and txoutbox in one run, verified, ratios (~5 min): make benc
 
 bench-quick: ## the benchmark's one-minute smoke run (make bench BENCH_ARGS=--quick)
 	$(MAKE) --no-print-directory bench BENCH_ARGS="--quick $(BENCH_ARGS)"
+
+# The soak: the release server and consumer at half the capacity measured at its start, judged
+# for throughput, p99, table sizes and server RSS staying level (docs/performance.md).
+soak: ## 30 minutes at half capacity, per-minute throughput/p99/table sizes/RSS, judged: make soak BENCH_ARGS="--concurrency 64"
+	$(CARGO) build --release --workspace --bins
+	"$${CARGO_TARGET_DIR:-target}/release/txoutbox-bench" --soak $(BENCH_ARGS)
+
+soak-quick: ## the soak's 3-minute form (10-second points), as CI runs it
+	$(MAKE) --no-print-directory soak BENCH_ARGS="--quick $(BENCH_ARGS)"
 
 # The bench counts statements per order with pg_stat_statements, which Postgres loads only at
 # start (shared_preload_libraries). This adds it to the local cluster's list and restarts the

@@ -27,6 +27,8 @@ pub struct Servers {
     pub synchronous_commit: String,
     /// `SHOW fsync`.
     pub fsync: String,
+    /// `SHOW autovacuum`: with `off`, deleted rows are never reclaimed and tables only grow.
+    pub autovacuum: String,
     /// The broker's `version` server property.
     pub rabbitmq_version: String,
 }
@@ -66,6 +68,7 @@ impl Infra {
         infra.servers.postgres_version = show("server_version")?;
         infra.servers.synchronous_commit = show("synchronous_commit")?;
         infra.servers.fsync = show("fsync")?;
+        infra.servers.autovacuum = show("autovacuum")?;
         let _ = admin.close();
         let (connection, channel) = txoutbox::broker::connect(amqp_url)?;
         if let Some(AmqpValue::LongString(version)) = connection.server_properties().get("version") {

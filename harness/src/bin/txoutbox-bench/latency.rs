@@ -113,6 +113,7 @@ pub fn run(
         rate,
         warm_up: plan.latency_warm_up,
         duration: plan.latency,
+        bucket: None,
     };
     let measured_from = Mutex::new(None);
     let confirms = stack.relay().stats().confirm_latency();
@@ -184,7 +185,7 @@ pub fn run(
         late: outcome.late,
         confirm: Quantiles::of_histogram(confirms),
         completed: completion_quantiles(&mut client, measured_from)?,
-        http: Quantiles::of_histogram(&outcome.latency),
+        http: Quantiles::of_hdr(&outcome.latency),
         lines,
         cpu,
     })

@@ -17,12 +17,14 @@ mod latency;
 mod load;
 mod options;
 mod pipeline;
+mod plot;
 mod process;
 mod profile;
 mod quantiles;
 mod report;
 mod sampler;
 mod server;
+mod soak;
 mod statements;
 mod svg;
 mod verify;
@@ -63,6 +65,38 @@ fn try_main(options: &Options) -> Result<()> {
     let infra = Infra::connect(&database_url, &amqp_url)?;
     let launcher = Launcher::new(&out_dir.join("logs"), &amqp_url)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if options.soak {
+        let soak_plan = soak::SoakPlan::new(&plan);
+        println!(
+            "txoutbox-bench --soak: {} run on {cores} cores, {} s, PostgreSQL {}, RabbitMQ {}; results in {}",
+            if plan.quick { "quick" } else { "full" },
+            soak_plan.duration.as_secs(),
+            infra.servers.postgres_version,
+            infra.servers.rabbitmq_version,
+            out_dir.display()
+        );
+        let heading = format!(
+            "{}, {cores} cores, load average {} before",
+            timestamp.iso,
+            load_average().map_or("?".to_string(), |l| format!("{l:.2}"))
+        );
+        let verified = soak::main(
+            &infra,
+            &launcher,
+            &soak_plan,
+            &stop,
+            &Progress::new(),
+            &out_dir,
+            &heading,
+        )?;
+        return if verified {
+            Ok(())
+        } else {
+            Err(Error::Other(
+                "the soak did not complete or did not verify (see above)".into(),
+            ))
+        };
+    }
     println!(
         "txoutbox-bench: {} run on {cores} cores, concurrency {}, PostgreSQL {} (synchronous_commit={}), \
          RabbitMQ {}; results in {}",

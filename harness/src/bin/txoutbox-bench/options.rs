@@ -21,10 +21,15 @@ txoutbox-bench: measures the ceilings (Postgres commits, RabbitMQ confirmed publ
 txoutbox itself in one run on this machine, verifies every order, and reports the ratios.
 
 Usage: txoutbox-bench [--quick] [--concurrency C] [--out DIR] [--backlogs N,N,...]
+       txoutbox-bench --soak [--quick] [--concurrency C] [--out DIR]
 
 Options (--name VALUE or --name=VALUE):
   --quick             a smoke run of about a minute and a half: short phases, small backlogs
                       default: a full run of about ten minutes
+  --soak              instead of the scenarios, the soak: 30 minutes (3 with --quick) at half
+                      the end-to-end capacity measured at its start, judged for throughput,
+                      p99, table sizes and server memory staying level (soak.json, soak.md,
+                      soak.svg)
   --concurrency C     connections of the database ceiling, the HTTP run and the scale-out run
                       default: 32
   --out DIR           results go to DIR/<UTC timestamp>/ (results.json, summary.md, chart.svg,
@@ -59,6 +64,8 @@ pub struct Options {
     pub out: Option<PathBuf>,
     /// `--backlogs`, if given.
     pub backlogs: Option<Vec<u64>>,
+    /// `--soak`: the soak instead of the scenarios.
+    pub soak: bool,
     /// `--help` or `-h`.
     pub help: bool,
 }
@@ -68,6 +75,7 @@ impl Options {
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
         let mut concurrency = DEFAULT_CONCURRENCY;
         let mut backlogs = None;
+        let mut soak = false;
         let common = args::parse(args, |arg, args| {
             match arg.name.as_str() {
                 "--concurrency" => {
@@ -78,6 +86,7 @@ impl Options {
                         .filter(|c| (1..=512).contains(c))
                         .ok_or_else(|| format!("--concurrency must be 1..=512, got {text:?}"))?;
                 }
+                "--soak" if arg.inline.is_none() => soak = true,
                 "--backlogs" => {
                     let text = args.value(arg, "backlog sizes, e.g. 10000,100000")?;
                     let sizes: Option<Vec<u64>> = text
@@ -97,6 +106,7 @@ impl Options {
             concurrency,
             out: common.out,
             backlogs,
+            soak,
             help: common.help,
         })
     }

@@ -66,10 +66,13 @@ pub struct ScaleOut {
 }
 
 /// A closed-loop load and what it took to complete.
-struct Measured {
-    load: LoadOutcome,
-    http: Throughput,
-    e2e: Throughput,
+pub struct Measured {
+    /// The orders sent.
+    pub load: LoadOutcome,
+    /// Accepted POSTs per second.
+    pub http: Throughput,
+    /// First POST to last `COMPLETED`.
+    pub e2e: Throughput,
 }
 
 /// (3), (5) and (7): one server and one consumer.
@@ -265,7 +268,7 @@ pub fn scale_out(
 
 /// A closed loop on `urls`, then a wait until every accepted order is `COMPLETED`; samples
 /// accepted and completed orders per second throughout.
-fn measure(
+pub fn measure(
     fresh: &FreshDb,
     urls: &[String],
     connections: usize,

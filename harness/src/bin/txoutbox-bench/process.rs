@@ -69,6 +69,28 @@ impl Launcher {
         let log_path = self.log_dir.join(format!("{name}.log"));
         self.binaries.spawn(kind, name.to_string(), log_path, &env)
     }
+
+    /// [`Launcher::spawn`] with more settings (environment variables).
+    pub fn spawn_with(
+        &self,
+        kind: Kind,
+        name: &str,
+        db: &FreshDb,
+        broker: &FreshBroker,
+        http_addr: Option<SocketAddr>,
+        settings: &[(&str, String)],
+    ) -> Result<Process> {
+        let env = ChildEnv {
+            database_url: &db.url,
+            amqp_url: &self.amqp_url,
+            topology: &broker.topology,
+            rust_log: "info",
+            http_addr,
+        };
+        let log_path = self.log_dir.join(format!("{name}.log"));
+        self.binaries
+            .spawn_with(kind, name.to_string(), log_path, &env, settings)
+    }
 }
 
 /// Waits until `broker`'s queue has `consumers` consumers, checking that `services` live.
