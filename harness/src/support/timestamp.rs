@@ -37,6 +37,9 @@ mod tests {
         assert_eq!(stamp.compact, "20240229T123456Z");
         assert_eq!(Timestamp::of(UNIX_EPOCH).iso, "1970-01-01T00:00:00Z");
         let later = Timestamp::of(t + Duration::from_millis(999));
-        assert_eq!(later.iso, "2024-02-29T12:34:56Z", "fractions of a second are dropped");
+        assert_eq!(
+            later.iso, "2024-02-29T12:34:56Z",
+            "fractions of a second are dropped"
+        );
     }
 }

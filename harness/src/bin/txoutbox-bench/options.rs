@@ -4,8 +4,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use txoutbox_harness::support::args;
-
 /// Default `--concurrency`.
 pub const DEFAULT_CONCURRENCY: usize = 32;
 /// Connections of the memory measurement (the RSS target is stated at 64).
@@ -24,6 +22,7 @@ Usage: txoutbox-bench [--quick] [--concurrency C] [--out DIR] [--backlogs N,N,..
        txoutbox-bench --soak [--quick] [--concurrency C] [--out DIR]
 
 Options (--name VALUE or --name=VALUE):
+  -h, --help          this text
   --quick             a smoke run of about a minute and a half: short phases, small backlogs
                       default: a full run of about ten minutes
   --soak              instead of the scenarios, the soak: 30 minutes (3 with --quick) at half
@@ -71,44 +70,65 @@ pub struct Options {
 }
 
 impl Options {
-    /// Parses the arguments after the program name.
+    /// Parses the arguments after the program name (lexopt: `--name VALUE` or `--name=VALUE`).
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
-        let mut concurrency = DEFAULT_CONCURRENCY;
-        let mut backlogs = None;
-        let mut soak = false;
-        let common = args::parse(args, |arg, args| {
-            match arg.name.as_str() {
-                "--concurrency" => {
-                    let text = args.value(arg, "a number of connections")?;
-                    concurrency = text
+        use lexopt::prelude::*;
+        let mut options = Options {
+            quick: false,
+            concurrency: DEFAULT_CONCURRENCY,
+            out: None,
+            backlogs: None,
+            soak: false,
+            help: false,
+        };
+        let mut parser = lexopt::Parser::from_args(args);
+        let text = |value: std::ffi::OsString, name: &str| {
+            value
+                .into_string()
+                .map_err(|v| format!("{name} must be text, got {v:?}"))
+        };
+        while let Some(arg) = parser.next().map_err(|e| format!("{e}; see --help"))? {
+            match arg {
+                Short('h') | Long("help") => options.help = true,
+                Long("quick") => options.quick = true,
+                Long("soak") => options.soak = true,
+                Long("out") => {
+                    options.out = Some(PathBuf::from(
+                        parser.value().map_err(|e| format!("{e} (a directory)"))?,
+                    ))
+                }
+                Long("concurrency") => {
+                    let value = text(
+                        parser
+                            .value()
+                            .map_err(|e| format!("{e} (a number of connections)"))?,
+                        "--concurrency",
+                    )?;
+                    options.concurrency = value
                         .parse()
                         .ok()
                         .filter(|c| (1..=512).contains(c))
-                        .ok_or_else(|| format!("--concurrency must be 1..=512, got {text:?}"))?;
+                        .ok_or_else(|| format!("--concurrency must be 1..=512, got {value:?}"))?;
                 }
-                "--soak" if arg.inline.is_none() => soak = true,
-                "--backlogs" => {
-                    let text = args.value(arg, "backlog sizes, e.g. 10000,100000")?;
-                    let sizes: Option<Vec<u64>> = text
+                Long("backlogs") => {
+                    let value = text(
+                        parser
+                            .value()
+                            .map_err(|e| format!("{e} (backlog sizes, e.g. 10000,100000)"))?,
+                        "--backlogs",
+                    )?;
+                    let sizes: Option<Vec<u64>> = value
                         .split(',')
                         .map(|n| n.trim().parse().ok().filter(|n| (1..=10_000_000).contains(n)))
                         .collect();
-                    backlogs = Some(sizes.filter(|s| !s.is_empty()).ok_or_else(|| {
-                        format!("--backlogs must be sizes of 1..=10000000 separated by commas, got {text:?}")
+                    options.backlogs = Some(sizes.filter(|s| !s.is_empty()).ok_or_else(|| {
+                        format!("--backlogs must be sizes of 1..=10000000 separated by commas, got {value:?}")
                     })?);
                 }
-                other => return Err(args::unknown(other)),
+                other => return Err(format!("{}; see --help", other.unexpected())),
             }
-            Ok(())
-        })?;
-        Ok(Options {
-            quick: common.quick,
-            concurrency,
-            out: common.out,
-            backlogs,
-            soak,
-            help: common.help,
-        })
+        }
+        Ok(options)
     }
 }
 
