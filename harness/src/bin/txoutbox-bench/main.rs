@@ -8,6 +8,7 @@
 //! `target/bench/<timestamp>/{results.json,summary.md,chart.svg}`.
 
 mod ceilings;
+mod chart;
 #[allow(dead_code)]
 use txoutbox_service::settings as common;
 mod cpu;
@@ -26,7 +27,6 @@ mod sampler;
 mod server;
 mod soak;
 mod statements;
-mod svg;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -122,7 +122,10 @@ fn try_main(options: &Options) -> Result<()> {
     print!("{}", results.console());
     write(&out_dir.join("results.json"), &pretty_json(&results)?)?;
     write(&out_dir.join("summary.md"), &results.markdown())?;
-    write(&out_dir.join("chart.svg"), &svg::chart(&results))?;
+    write(
+        &out_dir.join("chart.svg"),
+        &chart::chart(&results).map_err(Error::Other)?,
+    )?;
     println!(
         "wrote {0}/results.json, {0}/summary.md, {0}/chart.svg",
         out_dir.display()

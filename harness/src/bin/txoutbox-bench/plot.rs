@@ -1,6 +1,7 @@
-//! Line charts for the run's SVG files, drawn with plotters' SVG backend: panels of named lines
-//! against time, stacked one under the other. Text is left to the viewer's fonts (plotters is
-//! built without `ttf`), so nothing here needs a system library.
+//! The run's SVG charts, drawn with plotters' SVG backend: blocks stacked one under the other,
+//! each a panel of named lines against time, a panel of values per category (percentiles,
+//! backlog sizes), or lines of text. Text is left to the viewer's fonts (plotters is built
+//! without `ttf`), so nothing here needs a system library.
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -62,23 +63,194 @@ pub struct Panel {
     pub series: Vec<Series>,
 }
 
+/// Values per category (x) for several named series, with dashed levels (goals).
+pub struct Categories {
+    /// Above the plot.
+    pub title: String,
+    /// Beside the y axis.
+    pub y_label: String,
+    /// The x positions' names, in order.
+    pub categories: Vec<String>,
+    /// (name, one value per category, `None` where there is none).
+    pub series: Vec<(String, Vec<Option<f64>>)>,
+    /// (name, value): dashed horizontal lines.
+    pub levels: Vec<(String, f64)>,
+    /// A logarithmic y axis (latencies spanning orders of magnitude).
+    pub log_y: bool,
+}
+
+/// One block of a chart.
+pub enum Block {
+    /// Lines against x.
+    Lines(Panel),
+    /// Values per category.
+    Categories(Categories),
+    /// Lines of text, each in its colour.
+    Text(Vec<(String, RGBColor)>),
+}
+
+impl Block {
+    fn height(&self) -> u32 {
+        match self {
+            Block::Text(lines) => 16 + 20 * lines.len() as u32,
+            _ => PANEL_HEIGHT,
+        }
+    }
+}
+
 /// Panels stacked into one SVG document, under `title`.
 pub fn stacked(title: &str, panels: &[Panel]) -> Result<String, String> {
-    let height = 50 + PANEL_HEIGHT * panels.len().max(1) as u32;
+    let blocks: Vec<Block> = panels
+        .iter()
+        .map(|p| {
+            Block::Lines(Panel {
+                title: p.title.clone(),
+                x_label: p.x_label.clone(),
+                y_label: p.y_label.clone(),
+                series: p
+                    .series
+                    .iter()
+                    .map(|s| Series {
+                        name: s.name.clone(),
+                        points: s.points.clone(),
+                        dashed: s.dashed,
+                    })
+                    .collect(),
+            })
+        })
+        .collect();
+    document(title, &blocks)
+}
+
+/// Blocks stacked into one SVG document, under `title`.
+pub fn document(title: &str, blocks: &[Block]) -> Result<String, String> {
+    let height = 50 + blocks.iter().map(Block::height).sum::<u32>().max(PANEL_HEIGHT);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_error)?;
-        let root = root
+        let mut rest = root
             .titled(title, ("sans-serif", 22).into_font().color(&BLACK))
             .map_err(draw_error)?;
-        let areas = root.split_evenly((panels.len().max(1), 1));
-        for (panel, area) in panels.iter().zip(areas.iter()) {
-            draw_panel(area, panel)?;
+        for block in blocks {
+            let (area, below) = rest.split_vertically(block.height());
+            match block {
+                Block::Lines(panel) => draw_panel(&area, panel)?,
+                Block::Categories(panel) => draw_categories(&area, panel)?,
+                Block::Text(lines) => {
+                    for (i, (line, color)) in lines.iter().enumerate() {
+                        area.draw_text(
+                            line,
+                            &("sans-serif", 15).into_font().color(color),
+                            (24, 8 + 20 * i as i32),
+                        )
+                        .map_err(draw_error)?;
+                    }
+                }
+            }
+            rest = below;
         }
         root.present().map_err(draw_error)?;
     }
     Ok(svg)
+}
+
+fn draw_categories(area: &DrawingArea<SVGBackend<'_>, Shift>, panel: &Categories) -> Result<(), String> {
+    let values = panel
+        .series
+        .iter()
+        .flat_map(|(_, v)| v.iter().flatten().copied())
+        .chain(panel.levels.iter().map(|(_, v)| *v))
+        .filter(|v| v.is_finite() && *v > 0.0);
+    let (mut lo, mut hi) = (f64::INFINITY, 0.0f64);
+    for v in values {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() {
+        (lo, hi) = (1.0, 10.0);
+    }
+    let n = panel.categories.len().max(1);
+    let x_range = -0.5..(n as f64 - 0.5);
+    let names = panel.categories.clone();
+    let label = move |x: &f64| {
+        let i = x.round();
+        if (x - i).abs() < 0.01 && i >= 0.0 {
+            names.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(&panel.title, ("sans-serif", 16).into_font())
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(70);
+    let style = |i: usize| ShapeStyle {
+        color: COLORS[i % COLORS.len()].to_rgba(),
+        filled: false,
+        stroke_width: 2,
+    };
+    macro_rules! draw {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_labels(n)
+                .x_label_formatter(&label)
+                .y_desc(panel.y_label.as_str())
+                .light_line_style(RGBColor(238, 238, 238))
+                .draw()
+                .map_err(draw_error)?;
+            for (i, (name, values)) in panel.series.iter().enumerate() {
+                let points: Vec<(f64, f64)> = values
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(x, v)| v.filter(|v| v.is_finite() && *v > 0.0).map(|v| (x as f64, v)))
+                    .collect();
+                let st = style(i);
+                chart
+                    .draw_series(LineSeries::new(points.iter().copied(), st))
+                    .map_err(draw_error)?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], st));
+                chart
+                    .draw_series(points.iter().map(|p| Circle::new(*p, 4, st.filled())))
+                    .map_err(draw_error)?;
+            }
+            for (j, (name, value)) in panel.levels.iter().enumerate() {
+                let st = style(panel.series.len() + j);
+                chart
+                    .draw_series(DashedLineSeries::new(
+                        vec![(-0.5, *value), (n as f64 - 0.5, *value)],
+                        6,
+                        4,
+                        st,
+                    ))
+                    .map_err(draw_error)?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], st));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(200, 200, 200))
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()
+                .map_err(draw_error)?;
+        }};
+    }
+    if panel.log_y {
+        draw!(builder
+            .build_cartesian_2d(x_range, ((lo / 2.0)..(hi * 2.0)).log_scale())
+            .map_err(draw_error)?);
+    } else {
+        draw!(builder
+            .build_cartesian_2d(x_range, 0.0..(hi * 1.15))
+            .map_err(draw_error)?);
+    }
+    Ok(())
 }
 
 fn draw_panel(area: &DrawingArea<SVGBackend<'_>, Shift>, panel: &Panel) -> Result<(), String> {
@@ -172,5 +344,33 @@ mod tests {
         .expect("drawn");
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("completed") && svg.contains("offered") && svg.contains("throughput"));
+    }
+
+    #[test]
+    fn text_and_categories_draw_too() {
+        let svg = document(
+            "bench",
+            &[
+                Block::Text(vec![("PASS relay drain".into(), COLORS[1])]),
+                Block::Categories(Categories {
+                    title: "latency".into(),
+                    y_label: "ms".into(),
+                    categories: vec!["p50".into(), "p99".into()],
+                    series: vec![("confirm".into(), vec![Some(1.5), Some(40.0)])],
+                    levels: vec![("goal".into(), 10.0)],
+                    log_y: true,
+                }),
+                Block::Categories(Categories {
+                    title: "no data".into(),
+                    y_label: "µs".into(),
+                    categories: Vec::new(),
+                    series: Vec::new(),
+                    levels: Vec::new(),
+                    log_y: false,
+                }),
+            ],
+        )
+        .expect("drawn");
+        assert!(svg.contains("PASS relay drain") && svg.contains("p99") && svg.contains("goal"));
     }
 }
