@@ -75,6 +75,7 @@ pub enum Profiles {
 /// perf, checked to record on this machine, with the event it can use.
 #[derive(Clone, Debug)]
 pub struct Perf {
+    program: String,
     event: &'static str,
 }
 
@@ -82,7 +83,12 @@ impl Perf {
     /// Checks that perf is installed and may record, and picks the event; the error says what
     /// is missing and what to do.
     pub fn detect(scratch: &Path) -> Result<Perf, String> {
-        let version = Command::new("perf").arg("--version").output();
+        Perf::detect_at("perf", scratch)
+    }
+
+    /// [`Perf::detect`] with the perf executable `program`.
+    fn detect_at(program: &str, scratch: &Path) -> Result<Perf, String> {
+        let version = Command::new(program).arg("--version").output();
         match version {
             Ok(output) if output.status.success() => {}
             Ok(_) | Err(_) => {
@@ -91,9 +97,13 @@ impl Perf {
                 ))
             }
         }
-        let event = if counts("cycles") { "cycles" } else { "cpu-clock" };
+        let event = if counts(program, "cycles") {
+            "cycles"
+        } else {
+            "cpu-clock"
+        };
         let probe = scratch.join("probe.perf.data");
-        let output = Command::new("perf")
+        let output = Command::new(program)
             .args(["record", "-q", "-e", event, "-F", FREQUENCY, "-o"])
             .arg(&probe)
             .args(["--", "true"])
@@ -101,7 +111,10 @@ impl Perf {
             .output();
         let _ = std::fs::remove_file(&probe);
         match output {
-            Ok(output) if output.status.success() => Ok(Perf { event }),
+            Ok(output) if output.status.success() => Ok(Perf {
+                program: program.to_string(),
+                event,
+            }),
             Ok(output) => Err(format!(
                 "perf cannot record here ({}); run the bench as root or lower kernel.perf_event_paranoid \
                  (sysctl kernel.perf_event_paranoid=1)",
@@ -113,7 +126,7 @@ impl Perf {
 
     /// Starts recording `pid` for `window` into `data`; [`Recording::finish`] waits for it.
     pub fn record(&self, pid: u32, window: Duration, data: &Path) -> Result<Recording, String> {
-        let child = Command::new("perf")
+        let child = Command::new(&self.program)
             .args([
                 "record",
                 "-q",
@@ -133,6 +146,7 @@ impl Perf {
             .spawn()
             .map_err(|e| format!("cannot start perf record: {e}"))?;
         Ok(Recording {
+            program: self.program.clone(),
             child: Some(child),
             data: data.to_path_buf(),
         })
@@ -146,8 +160,8 @@ impl Perf {
 
 /// True when `perf stat -e event` counts something here (`<not supported>` on machines without
 /// that counter).
-fn counts(event: &str) -> bool {
-    Command::new("perf")
+fn counts(program: &str, event: &str) -> bool {
+    Command::new(program)
         .args(["stat", "-x", ",", "-e", event, "--", "true"])
         .output()
         .map(|o| {
@@ -159,6 +173,7 @@ fn counts(event: &str) -> bool {
 
 /// A `perf record` running; killed if dropped before it finished.
 pub struct Recording {
+    program: String,
     child: Option<Child>,
     data: PathBuf,
 }
@@ -177,7 +192,7 @@ impl Recording {
                 String::from_utf8_lossy(&output.stderr).trim()
             ));
         }
-        let rendered = render(process, &self.data, dir);
+        let rendered = render(&self.program, process, &self.data, dir);
         let _ = std::fs::remove_file(&self.data);
         rendered
     }
@@ -194,12 +209,12 @@ impl Drop for Recording {
 
 /// `perf script` of `data`, folded by inferno into `<dir>/<process>.folded`, drawn into
 /// `<dir>/<process>.svg`.
-fn render(process: &'static str, data: &Path, dir: &Path) -> Result<Profile, String> {
+fn render(program: &str, process: &'static str, data: &Path, dir: &Path) -> Result<Profile, String> {
     let script = dir.join(format!("{process}.perf.txt"));
     let out = File::create(&script).map_err(|e| format!("cannot create {}: {e}", script.display()))?;
     // --no-inline: resolving inlined frames from the debug info takes minutes for a few
     // thousand samples; the flame graph shows the outer function instead.
-    let status = Command::new("perf")
+    let status = Command::new(program)
         .args(["script", "--no-inline", "-i"])
         .arg(data)
         .stdout(out)
@@ -409,6 +424,12 @@ impl Profiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_perf_is_reported_with_how_to_install_it() {
+        let reason = Perf::detect_at("/nonexistent/perf", &std::env::temp_dir()).expect_err("no perf there");
+        assert!(reason.contains("apt-get install -y linux-perf"), "{reason}");
+    }
 
     #[test]
     fn functions_are_ranked_by_their_own_samples() {
