@@ -252,7 +252,7 @@ pub fn run(
     ));
     let capacity = measure(
         &fresh,
-        &[url.clone()],
+        std::slice::from_ref(&url),
         plan.concurrency,
         plan.capacity,
         &plan.sampling,
