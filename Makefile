@@ -113,11 +113,11 @@ pg-stat-statements: ## load pg_stat_statements into the local Postgres (RESTARTS
 # Failure testing. It stops and starts this machine's RabbitMQ (rabbitmqctl stop_app/start_app)
 # and Postgres (pg_ctlcluster stop/start), and starts them again however it ends; like the
 # benchmark it runs the release binaries next to it.
-chaos: ## failures under load, each verified: RabbitMQ down, Postgres restart, kill -9 server/consumer, hostile clients (~2 min)
+chaos: ## failures under load, each verified: RabbitMQ down, Postgres restart, kill -9 server/consumer, hostile clients, poison deliveries, consumer's database cut (~3 min)
 	$(CARGO) build --release --workspace --bins
 	"$${CARGO_TARGET_DIR:-target}/release/txoutbox-chaos" $(CHAOS_ARGS)
 
-chaos-quick: ## the short form of every chaos case (~1 min), as CI runs it
+chaos-quick: ## the short form of every chaos case (~2 min), as CI runs it
 	$(MAKE) --no-print-directory chaos CHAOS_ARGS="--quick $(CHAOS_ARGS)"
 
 # nextest runs each test in its own process but no doctests, so those follow; plain

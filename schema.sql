@@ -2,7 +2,7 @@
 -- (`txoutbox migrate --print`), then the service's own orders table (service/schema/orders.sql).
 -- A test checks it equals both; `txoutbox migrate --create-database` applies the same.
 
--- txoutbox schema version 5, for schema public
+-- txoutbox schema version 7, for schema public
 BEGIN;
 CREATE TABLE IF NOT EXISTS "public".txoutbox_migrations (
     version     integer     PRIMARY KEY,
@@ -122,6 +122,44 @@ ALTER TABLE "public".outbox ADD COLUMN IF NOT EXISTS held boolean NOT NULL DEFAU
 -- The ordered claim's window: the oldest rows not held back.
 CREATE INDEX IF NOT EXISTS outbox_unheld_idx ON "public".outbox (id) WHERE NOT held;
 INSERT INTO "public".txoutbox_migrations (version, name) VALUES (5, 'held_back') ON CONFLICT (version) DO NOTHING;
+
+-- migration 6: trace_context
+-- txoutbox migration 6: the W3C trace context of each event.
+
+-- The `traceparent` and `tracestate` the event was written under (NewEvent::with_trace_context),
+-- validated by the library before the insert; the relay sends them as AMQP headers of the same
+-- names. NULL: the event has none. Nullable columns without a default touch no row: the lock is
+-- brief.
+ALTER TABLE "public".outbox ADD COLUMN IF NOT EXISTS traceparent text;
+ALTER TABLE "public".outbox ADD COLUMN IF NOT EXISTS tracestate text;
+INSERT INTO "public".txoutbox_migrations (version, name) VALUES (6, 'trace_context') ON CONFLICT (version) DO NOTHING;
+
+-- migration 7: scheduled
+-- txoutbox migration 7: events scheduled for later.
+
+-- An event written with a not-before time waits here, not in the outbox, so that however many
+-- wait and for however long, the relay's claims never look at them. Each relay moves the events
+-- that have come due into the outbox (in not-before order, under their aggregates' locks, as
+-- `enqueue_many_ordered` writes), where they are published like any other: an event joins its
+-- aggregate's order when it comes due, and holds back none of the aggregate's other events.
+CREATE TABLE IF NOT EXISTS "public".outbox_scheduled (
+    id              bigserial   PRIMARY KEY,
+    not_before      timestamptz NOT NULL,              -- not moved to the outbox before this time
+    message_id      uuid        NOT NULL UNIQUE,
+    aggregate_type  text        NOT NULL,
+    aggregate_id    text        NOT NULL,
+    event_type      text        NOT NULL,
+    payload         jsonb       NOT NULL,
+    exchange        text,
+    routing_key     text,
+    traceparent     text,
+    tracestate      text,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+
+-- What is due next, for the relay's move and its wait until then.
+CREATE INDEX IF NOT EXISTS outbox_scheduled_due_idx ON "public".outbox_scheduled (not_before, id);
+INSERT INTO "public".txoutbox_migrations (version, name) VALUES (7, 'scheduled') ON CONFLICT (version) DO NOTHING;
 COMMIT;
 
 -- The order domain of the example service: its own table, beside the library's.

@@ -19,17 +19,25 @@ pub struct Status {
     pub oldest_age_secs: f64,
     /// Events marked failed, waiting for an operator.
     pub failed: i64,
+    /// Events scheduled for later ([`NewEvent::not_before`](crate::NewEvent::not_before)), not
+    /// yet in the outbox.
+    pub scheduled: i64,
+    /// Seconds until the first scheduled event is due (negative when overdue), if any.
+    pub next_due_secs: Option<f64>,
     /// Messages ready in the main queue, when the broker answered.
     pub queue_depth: Option<u32>,
     /// Messages in the dead-letter queue, when the broker answered.
     pub dlq_depth: Option<u32>,
 }
 
-/// Backlog (not failed), age in seconds of its oldest row, failed rows: one pass over `outbox`.
+/// Backlog (not failed), age in seconds of its oldest row, failed rows: one pass over `outbox`;
+/// and the scheduled events (a count of `outbox_scheduled`) and when the first is due.
 const OUTBOX_STATUS: &str = "\
     SELECT count(*) FILTER (WHERE failed_at IS NULL),
            coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE failed_at IS NULL)), 0)::float8,
-           count(*) FILTER (WHERE failed_at IS NOT NULL)
+           count(*) FILTER (WHERE failed_at IS NOT NULL),
+           (SELECT count(*) FROM {schema}.outbox_scheduled),
+           (SELECT extract(epoch FROM min(not_before) - now())::float8 FROM {schema}.outbox_scheduled)
     FROM {schema}.outbox";
 
 /// What the outbox holds, from one pass over it.
@@ -40,9 +48,14 @@ pub struct OutboxSummary {
     pub oldest_age_secs: f64,
     /// Rows marked failed.
     pub failed: i64,
+    /// Events in `outbox_scheduled`, waiting for their not-before time.
+    pub scheduled: i64,
+    /// Seconds until the first of those is due (negative when overdue), if any.
+    pub next_due_secs: Option<f64>,
 }
 
-/// Reads the [`OutboxSummary`] (one sequential pass over the outbox, which the relay keeps small).
+/// Reads the [`OutboxSummary`] (one sequential pass over the outbox, which the relay keeps
+/// small, and a count of `outbox_scheduled`).
 pub fn outbox_summary(client: &mut impl GenericClient, schema: &Schema) -> Result<OutboxSummary> {
     let row = client
         .query_one(schema.qualify(OUTBOX_STATUS).as_str(), &[])
@@ -51,6 +64,8 @@ pub fn outbox_summary(client: &mut impl GenericClient, schema: &Schema) -> Resul
         backlog: row.get(0),
         oldest_age_secs: row.get(1),
         failed: row.get(2),
+        scheduled: row.get(3),
+        next_due_secs: row.get(4),
     })
 }
 
@@ -72,6 +87,8 @@ pub fn status(
         backlog: outbox.backlog,
         oldest_age_secs: outbox.oldest_age_secs,
         failed: outbox.failed,
+        scheduled: outbox.scheduled,
+        next_due_secs: outbox.next_due_secs,
         queue_depth,
         dlq_depth,
     })
@@ -92,10 +109,28 @@ fn queue_depths(amqp_url: &str, topology: &Topology) -> Result<(Option<u32>, Opt
     Ok(result)
 }
 
+/// Messages waiting in `topology`'s dead-letter queue (a passive declare: nothing is created).
+pub fn dead_letter_depth(amqp_url: &str, topology: &Topology) -> Result<u32> {
+    let (connection, channel) = broker::connect(amqp_url)?;
+    let depth = channel
+        .queue_declare_passive(topology.dead_letter_queue())
+        .map_err(|e| Error::broker("cannot read the dead-letter queue's depth", e))
+        .map(|queue| queue.declared_message_count().unwrap_or(0));
+    let _ = channel.close();
+    let _ = connection.close();
+    depth
+}
+
 /// Moves the messages in the dead-letter queue back onto the main queue, once each: only as
 /// many as were there when it started, each confirmed by the broker before its dead-letter copy
 /// is removed. Returns how many were moved.
 pub fn replay_dead_letters(amqp_url: &str, topology: &Topology) -> Result<u32> {
+    replay_dead_letters_at_most(amqp_url, topology, u32::MAX)
+}
+
+/// [`replay_dead_letters`], moving at most `limit` messages: for callers that must answer in
+/// bounded time (an HTTP request), and call again while more wait.
+pub fn replay_dead_letters_at_most(amqp_url: &str, topology: &Topology, limit: u32) -> Result<u32> {
     let (connection, channel) = broker::connect(amqp_url)?;
     topology.declare(&channel)?;
     let dlq = topology.dead_letter_queue();
@@ -103,7 +138,8 @@ pub fn replay_dead_letters(amqp_url: &str, topology: &Topology) -> Result<u32> {
         .queue_declare_passive(dlq.as_str())
         .map_err(|e| Error::broker("cannot read the dead-letter queue", e))?
         .declared_message_count()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .min(limit);
     let confirms = broker::enable_confirms(&channel)?;
     let mut moved = 0;
     while moved < waiting {

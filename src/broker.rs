@@ -11,6 +11,7 @@ use amiquip::{
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::config::redact_url;
+use crate::trace::{self, TraceContext};
 use crate::{Error, Result};
 
 /// Heartbeat interval (seconds) added to an AMQP URL that sets none: without heartbeats a
@@ -336,10 +337,59 @@ pub struct OutgoingEvent {
     /// aggregate (the outbox id), set only when the events of an aggregate are published in
     /// order. The consumer refuses an event older than one of its aggregate already applied.
     pub aggregate_sequence: Option<i64>,
+    /// Sent as the headers `traceparent` and `tracestate` ([`trace`]).
+    pub trace_context: Option<TraceContext>,
+    /// When the event was recorded, RFC 3339 in UTC: sent as `cloudEvents:time`.
+    pub created_at: Option<String>,
+    /// Sent as `cloudEvents:source`; `None`: [`DEFAULT_CLOUDEVENTS_SOURCE`] for the event's
+    /// aggregate type ([`cloudevents_source`]).
+    pub source: Option<String>,
 }
 
 /// The header carrying [`OutgoingEvent::aggregate_sequence`].
 pub const AGGREGATE_SEQUENCE_HEADER: &str = "aggregate_sequence";
+
+/// Prefix of the CloudEvents attributes in the headers: the CloudEvents AMQP protocol binding
+/// (binary content mode) names each attribute `cloudEvents:<name>` in the message's
+/// application properties, which AMQP 0-9-1 carries as headers. `datacontenttype` is the AMQP
+/// `content-type` property (`application/json`) instead.
+pub const CLOUDEVENTS_PREFIX: &str = "cloudEvents:";
+/// `cloudEvents:specversion` header: always [`CLOUDEVENTS_SPECVERSION`].
+pub const CE_SPECVERSION: &str = "cloudEvents:specversion";
+/// `cloudEvents:id` header: the message id.
+pub const CE_ID: &str = "cloudEvents:id";
+/// `cloudEvents:type` header: the event type.
+pub const CE_TYPE: &str = "cloudEvents:type";
+/// `cloudEvents:source` header: [`OutgoingEvent::source`].
+pub const CE_SOURCE: &str = "cloudEvents:source";
+/// `cloudEvents:subject` header: the aggregate id.
+pub const CE_SUBJECT: &str = "cloudEvents:subject";
+/// `cloudEvents:time` header: when the event was recorded (its transaction), RFC 3339 UTC.
+pub const CE_TIME: &str = "cloudEvents:time";
+/// The CloudEvents version the headers follow.
+pub const CLOUDEVENTS_SPECVERSION: &str = "1.0";
+
+/// The `cloudEvents:source` unless configured otherwise
+/// ([`RelayConfig::cloudevents_source`](crate::RelayConfig::cloudevents_source)):
+/// `{aggregate_type}` becomes the event's aggregate type, e.g. `/txoutbox/order`.
+pub const DEFAULT_CLOUDEVENTS_SOURCE: &str = "/txoutbox/{aggregate_type}";
+
+/// Characters of an aggregate type kept as they are in a source: RFC 3986 `unreserved`.
+const SOURCE_ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `template` with each `{aggregate_type}` replaced by `aggregate_type`, percent-encoded so
+/// that the result stays a URI reference.
+pub fn cloudevents_source(template: &str, aggregate_type: &str) -> String {
+    if !template.contains("{aggregate_type}") {
+        return template.to_string();
+    }
+    let encoded = percent_encoding::utf8_percent_encode(aggregate_type, SOURCE_ESCAPED).to_string();
+    template.replace("{aggregate_type}", &encoded)
+}
 
 /// The reason in [`PublishOutcome::refused`] of an event the broker nacked.
 pub const NACKED: &str = "RabbitMQ refused the message (nack)";
@@ -511,6 +561,32 @@ impl Publisher {
             if let Some(sequence) = event.aggregate_sequence {
                 headers.insert(AGGREGATE_SEQUENCE_HEADER.into(), AmqpValue::LongLongInt(sequence));
             }
+            if let Some(context) = &event.trace_context {
+                headers.insert(
+                    trace::TRACEPARENT.into(),
+                    AmqpValue::LongString(context.traceparent().to_string()),
+                );
+                if let Some(state) = context.tracestate() {
+                    headers.insert(trace::TRACESTATE.into(), AmqpValue::LongString(state.to_string()));
+                }
+            }
+            let source = match &event.source {
+                Some(source) => source.clone(),
+                None => cloudevents_source(DEFAULT_CLOUDEVENTS_SOURCE, &event.aggregate_type),
+            };
+            let mut cloudevent = vec![
+                (CE_SPECVERSION, CLOUDEVENTS_SPECVERSION.to_string()),
+                (CE_ID, event.message_id.clone()),
+                (CE_TYPE, event.event_type.clone()),
+                (CE_SOURCE, source),
+                (CE_SUBJECT, event.aggregate_id.clone()),
+            ];
+            if let Some(time) = &event.created_at {
+                cloudevent.push((CE_TIME, time.clone()));
+            }
+            for (name, value) in cloudevent {
+                headers.insert(name.into(), AmqpValue::LongString(value));
+            }
             let properties = AmqpProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
@@ -580,7 +656,8 @@ impl Publisher {
             if let Some(id) = returned.properties.message_id() {
                 unroutable.insert(id.clone());
                 log::warn!(
-                    "broker: message_id={id} returned as unroutable: {} {}",
+                    "broker: message_id={id} trace_id={} returned as unroutable: {} {}",
+                    trace_id_of(returned.properties.headers().as_ref()),
                     returned.reply_code,
                     returned.reply_text
                 );
@@ -608,5 +685,49 @@ impl Publisher {
         }
         let _ = self.channel.close();
         let _ = self.connection.close();
+    }
+}
+
+/// The text of header `name`, when it is a string.
+pub fn text_header<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a str> {
+    match headers?.get(name)? {
+        AmqpValue::LongString(text) => Some(text.as_str()),
+        _ => None,
+    }
+}
+
+/// The valid trace context the headers carry, if any: an invalid or non-string `traceparent`
+/// counts as none, an invalid `tracestate` is dropped ([`TraceContext::from_headers`]).
+pub fn trace_context_of(headers: Option<&FieldTable>) -> Option<TraceContext> {
+    TraceContext::from_headers(
+        text_header(headers, trace::TRACEPARENT),
+        text_header(headers, trace::TRACESTATE),
+    )
+}
+
+/// The trace id for a log line about a message with these headers: its valid trace context's,
+/// or `-`.
+pub fn trace_id_of(headers: Option<&FieldTable>) -> String {
+    trace_context_of(headers).map_or_else(|| "-".to_string(), |c| c.trace_id().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_source_template_takes_the_aggregate_type_percent_encoded() {
+        assert_eq!(
+            cloudevents_source(DEFAULT_CLOUDEVENTS_SOURCE, "order"),
+            "/txoutbox/order"
+        );
+        assert_eq!(
+            cloudevents_source("urn:shop:{aggregate_type}", "line item/é"),
+            "urn:shop:line%20item%2F%C3%A9"
+        );
+        assert_eq!(
+            cloudevents_source("https://shop.example/orders", "order"),
+            "https://shop.example/orders"
+        );
     }
 }

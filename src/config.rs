@@ -29,6 +29,14 @@ pub struct RelayConfig {
     /// Whether events of one aggregate must be published in commit order (`RELAY_ORDERING`,
     /// default [`RelayOrdering::None`]).
     pub ordering: RelayOrdering,
+    /// The CloudEvents `source` of every event the relay publishes (`cloudEvents:source`): a
+    /// URI reference in which `{aggregate_type}` stands for the event's aggregate type,
+    /// percent-encoded (`RELAY_CLOUDEVENTS_SOURCE`, default
+    /// [`DEFAULT_CLOUDEVENTS_SOURCE`](crate::broker::DEFAULT_CLOUDEVENTS_SOURCE),
+    /// `/txoutbox/{aggregate_type}`). CloudEvents identifies an event by `source` and `id`
+    /// together: give each service a source of its own, e.g.
+    /// `https://billing.example.com/{aggregate_type}` or `urn:billing:{aggregate_type}`.
+    pub cloudevents_source: String,
 }
 
 /// In what order the relay publishes events.
@@ -80,8 +88,17 @@ impl Default for RelayConfig {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
             ordering: RelayOrdering::None,
+            cloudevents_source: crate::broker::DEFAULT_CLOUDEVENTS_SOURCE.to_string(),
         }
     }
+}
+
+/// Longest [`RelayConfig::cloudevents_source`] template, in bytes.
+pub const MAX_CLOUDEVENTS_SOURCE_BYTES: usize = 1024;
+
+/// Whether `b` may appear in a URI reference (RFC 3986: unreserved, reserved, or `%`).
+fn is_uri_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=%".contains(&b)
 }
 
 /// Most refusals [`RelayConfig::max_attempts`] may allow: past a few dozen the wait between
@@ -89,8 +106,27 @@ impl Default for RelayConfig {
 pub const MAX_RELAY_ATTEMPTS: i32 = 1000;
 
 impl RelayConfig {
+    /// The `cloudEvents:source` of an event of `aggregate_type`: [`cloudevents_source`](Self::cloudevents_source)
+    /// with the aggregate type in place of `{aggregate_type}`.
+    pub fn cloudevents_source_for(&self, aggregate_type: &str) -> String {
+        crate::broker::cloudevents_source(&self.cloudevents_source, aggregate_type)
+    }
+
     /// Checks that the values can work together.
     pub fn validate(&self) -> Result<()> {
+        let source = self.cloudevents_source.replace("{aggregate_type}", "x");
+        if source.is_empty()
+            || self.cloudevents_source.len() > MAX_CLOUDEVENTS_SOURCE_BYTES
+            || !source.bytes().all(is_uri_char)
+        {
+            return Err(Error::Config(format!(
+                "RelayConfig::cloudevents_source (RELAY_CLOUDEVENTS_SOURCE) must be a non-empty URI \
+                 reference of at most {MAX_CLOUDEVENTS_SOURCE_BYTES} bytes (letters, digits and \
+                 -._~:/?#[]@!$&'()*+,;=%, with {{aggregate_type}} where the aggregate type goes), \
+                 got {:?}",
+                self.cloudevents_source
+            )));
+        }
         if self.workers == 0 || self.workers > 64 {
             return Err(Error::Config(format!(
                 "RelayConfig::workers (RELAY_WORKERS) must be 1..=64, got {}",

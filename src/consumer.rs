@@ -20,6 +20,7 @@ use crate::broker::{self, Topology};
 use crate::config::ConsumerConfig;
 use crate::db::Database;
 use crate::metrics::{self, Reason, Registry};
+use crate::trace::TraceContext;
 use crate::wakeup::{Backoff, FailureLog, Wakeup};
 use crate::{Error, Result};
 
@@ -74,6 +75,18 @@ pub struct Message {
     pub payload: serde_json::Value,
     /// True when the broker delivered this message before (it may or may not have been applied).
     pub redelivered: bool,
+    /// The W3C trace context of the work that wrote the event (the `traceparent` and
+    /// `tracestate` headers), when it carries a valid one: start the handler's span as its
+    /// child. An invalid `traceparent` counts as none and an invalid `tracestate` is dropped;
+    /// neither makes the message unusable.
+    pub trace_context: Option<TraceContext>,
+}
+
+impl Message {
+    /// The trace id for log lines: the trace context's, or `-` when there is none.
+    pub fn trace_id(&self) -> &str {
+        self.trace_context.as_ref().map_or("-", TraceContext::trace_id)
+    }
 }
 
 /// Why a handler could not apply a message.
@@ -514,8 +527,12 @@ impl<H: Handler> Worker<H> {
             match parse(&delivery) {
                 Ok(message) => valid.push((delivery, message)),
                 Err(reason) => {
+                    let headers = delivery.properties.headers().as_ref();
                     log::warn!(
-                        "consumer: dead-lettering delivery tag={} routing_key={}: {reason}",
+                        "consumer: dead-lettering delivery message_id={} trace_id={} tag={} \
+                         routing_key={}: {reason}",
+                        delivery.properties.message_id().as_deref().unwrap_or("-"),
+                        broker::trace_id_of(headers),
                         delivery.delivery_tag(),
                         delivery.routing_key
                     );
@@ -599,7 +616,10 @@ impl<H: Handler> Worker<H> {
             message.aggregate_id.as_deref().unwrap_or(""),
             message.aggregate_sequence.unwrap_or_default()
         );
-        log::warn!("consumer: message_id={id} {reason}; dead-lettering");
+        log::warn!(
+            "consumer: message_id={id} trace_id={} {reason}; dead-lettering",
+            message.trace_id()
+        );
         dead_letters.send(channel, delivery, &reason)?;
         self.stats.superseded.inc();
         Ok(())
@@ -624,7 +644,10 @@ impl<H: Handler> Worker<H> {
             }
             Err(ApplyError::Db(e)) => Err(e),
             Err(ApplyError::Handler(failure)) if failure.permanent => {
-                log::warn!("consumer: message_id={id} failed permanently, dead-lettering: {failure}");
+                log::warn!(
+                    "consumer: message_id={id} trace_id={} failed permanently, dead-lettering: {failure}",
+                    message.trace_id()
+                );
                 self.attempts.remove(&id);
                 dead_letters.send(channel, delivery, &format!("permanent failure: {failure}"))?;
                 self.stats.permanent.inc();
@@ -639,15 +662,19 @@ impl<H: Handler> Worker<H> {
                 *attempts += 1;
                 if *attempts > self.config.max_retries {
                     let reason = format!("failed {} times, last: {failure}", *attempts);
-                    log::warn!("consumer: message_id={id} {reason}; dead-lettering");
+                    log::warn!(
+                        "consumer: message_id={id} trace_id={} {reason}; dead-lettering",
+                        message.trace_id()
+                    );
                     self.attempts.remove(&id);
                     dead_letters.send(channel, delivery, &reason)?;
                     self.stats.exhausted.inc();
                     return Ok(Flow::Continue);
                 }
                 log::warn!(
-                    "consumer: message_id={id} failed (attempt {}), redelivering it and the \
-                     deliveries after it: {failure}",
+                    "consumer: message_id={id} trace_id={} failed (attempt {}), redelivering it \
+                     and the deliveries after it: {failure}",
+                    message.trace_id(),
                     *attempts
                 );
                 Ok(Flow::Redeliver)
@@ -743,6 +770,24 @@ impl<H: Handler> Worker<H> {
         tx.commit()
             .map_err(classify("cannot commit the consumer transaction"))?;
         metrics::observe_since(&self.stats.transaction_duration, started);
+        if log::log_enabled!(log::Level::Debug) {
+            let applied_ids: HashSet<Uuid> = new.iter().map(|m| m.message_id).collect();
+            for message in messages {
+                let id = message.message_id;
+                let outcome = if applied_ids.contains(&id) {
+                    "applied"
+                } else if superseded.contains(&id) {
+                    "superseded"
+                } else {
+                    "duplicate, no effect"
+                };
+                log::debug!(
+                    "consumer: message_id={id} trace_id={} type={} {outcome}",
+                    message.trace_id(),
+                    message.event_type.as_deref().unwrap_or("-")
+                );
+            }
+        }
         Ok(Applied {
             applied,
             duplicates,
@@ -776,6 +821,7 @@ fn parse(delivery: &Delivery) -> Result<Message, String> {
         Some(AmqpValue::LongString(s)) => Some(s.clone()),
         _ => None,
     };
+    let trace_context = broker::trace_context_of(properties.headers().as_ref());
     let aggregate_type = text_header("aggregate_type");
     let aggregate_id = text_header("aggregate_id");
     let aggregate_sequence = match header(broker::AGGREGATE_SEQUENCE_HEADER) {
@@ -809,6 +855,7 @@ fn parse(delivery: &Delivery) -> Result<Message, String> {
         aggregate_sequence,
         payload,
         redelivered: delivery.redelivered,
+        trace_context,
     })
 }
 

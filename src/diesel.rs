@@ -26,7 +26,7 @@
 //! ```
 
 use ::diesel::pg::PgConnection;
-use ::diesel::sql_types::{Jsonb, Nullable, Text, Uuid};
+use ::diesel::sql_types::{Double, Jsonb, Nullable, Text, Uuid};
 use ::diesel::RunQueryDsl;
 
 use crate::{Error, NewEvent, Outbox, Result};
@@ -47,20 +47,36 @@ impl Outbox {
     /// # }
     /// ```
     pub fn enqueue_diesel(&self, conn: &mut PgConnection, event: &NewEvent) -> Result<()> {
-        insert_event_diesel(conn, self.insert_sql(false), event)
+        self.insert_diesel(conn, false, event)
     }
 
     /// [`enqueue_ordered`](Self::enqueue_ordered) on a diesel connection: takes the aggregate's
     /// advisory lock first, so that outbox id order is commit order among the events of one
     /// aggregate (see there for the caveats).
     pub fn enqueue_ordered_diesel(&self, conn: &mut PgConnection, event: &NewEvent) -> Result<()> {
-        insert_event_diesel(conn, self.insert_sql(true), event)
+        self.insert_diesel(conn, true, event)
+    }
+
+    /// [`insert_sql`](Self::insert_sql), or [`insert_scheduled_sql`](Self::insert_scheduled_sql)
+    /// for an event with a not-before time.
+    fn insert_diesel(&self, conn: &mut PgConnection, ordered: bool, event: &NewEvent) -> Result<()> {
+        match event.not_before_epoch()? {
+            None => insert_event_diesel(conn, self.insert_sql(ordered), event, None),
+            Some(at) => insert_event_diesel(conn, self.insert_scheduled_sql(), event, Some(at)),
+        }
     }
 }
 
-/// Runs `statement` ([`Outbox::insert_sql`]: `$1..$7` in the order of the outbox's columns).
-fn insert_event_diesel(conn: &mut PgConnection, statement: &str, event: &NewEvent) -> Result<()> {
-    ::diesel::sql_query(statement)
+/// Runs `statement` ([`Outbox::insert_sql`]: `$1..$9` in the order of the outbox's columns;
+/// with `not_before`, [`Outbox::insert_scheduled_sql`], which takes it as `$10`).
+fn insert_event_diesel(
+    conn: &mut PgConnection,
+    statement: &str,
+    event: &NewEvent,
+    not_before: Option<f64>,
+) -> Result<()> {
+    crate::outbox::check(event)?;
+    let query = ::diesel::sql_query(statement)
         .bind::<Uuid, _>(event.message_id)
         .bind::<Text, _>(&event.aggregate_type)
         .bind::<Text, _>(&event.aggregate_id)
@@ -68,12 +84,17 @@ fn insert_event_diesel(conn: &mut PgConnection, statement: &str, event: &NewEven
         .bind::<Jsonb, _>(&event.payload)
         .bind::<Nullable<Text>, _>(event.exchange.as_deref())
         .bind::<Nullable<Text>, _>(event.routing_key.as_deref())
-        .execute(conn)
-        .map_err(|e| {
-            Error::diesel(
-                format!("cannot enqueue {} event {}", event.event_type, event.message_id),
-                e,
-            )
-        })?;
+        .bind::<Nullable<Text>, _>(event.trace_context.as_ref().map(|c| c.traceparent()))
+        .bind::<Nullable<Text>, _>(event.trace_context.as_ref().and_then(|c| c.tracestate()));
+    let done = match not_before {
+        None => query.execute(conn),
+        Some(at) => query.bind::<Double, _>(at).execute(conn),
+    };
+    done.map_err(|e| {
+        Error::diesel(
+            format!("cannot enqueue {} event {}", event.event_type, event.message_id),
+            e,
+        )
+    })?;
     Ok(())
 }

@@ -14,6 +14,10 @@
 //!   their version.
 //! - With the `diesel` feature, `Outbox::enqueue_diesel` (module `diesel`) enqueues inside a
 //!   `diesel::PgConnection::transaction`.
+//! - [`trace`]: an event can carry the W3C trace context of the work that wrote it
+//!   ([`NewEvent::with_trace_context`]), sent as the AMQP headers `traceparent`/`tracestate`
+//!   and read back onto [`Message::trace_context`]; every message also carries the CloudEvents
+//!   AMQP binding's `cloudEvents:*` headers ([`broker`]).
 //! - [`metrics`] exposes what the relay and the consumer count (their `stats().register(..)`)
 //!   and the outbox backlog in the Prometheus text format.
 //!
@@ -57,8 +61,10 @@ pub mod migrate;
 pub mod outbox;
 pub mod relay;
 pub mod retention;
+pub mod scheduler;
 pub mod schema;
 pub mod tls;
+pub mod trace;
 pub mod wakeup;
 
 pub use broker::{QueueType, Topology};
@@ -68,3 +74,4 @@ pub use db::{Database, PoolOptions};
 pub use error::{is_transient_db_error, Error, Result};
 pub use outbox::{enqueue, enqueue_many, enqueue_ordered, NewEvent, Outbox};
 pub use schema::Schema;
+pub use trace::TraceContext;

@@ -85,9 +85,9 @@ pub(crate) fn counters_by_reason<const N: usize>(
 const OUTBOX_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Adds gauges read from the outbox table at each scrape: `txoutbox_outbox_backlog`,
-/// `txoutbox_outbox_oldest_pending_age_seconds`, `txoutbox_outbox_failed`, and
-/// `txoutbox_outbox_scrape_error` (1 when the query failed; the three others are then left out
-/// of that scrape rather than reported stale).
+/// `txoutbox_outbox_oldest_pending_age_seconds`, `txoutbox_outbox_failed`,
+/// `txoutbox_outbox_scheduled`, and `txoutbox_outbox_scrape_error` (1 when the query failed;
+/// the others are then left out of that scrape rather than reported stale).
 ///
 /// The query takes one pooled connection and at most 2 s: a database that is down or locked
 /// makes the scrape slower by that much, never hang, and the other metrics are still served.
@@ -155,6 +155,13 @@ impl Collector for OutboxGauges {
                     "Events marked failed after RELAY_MAX_ATTEMPTS refusals, until re-queued",
                     None,
                     reading.failed,
+                )?;
+                encode_gauge(
+                    &mut encoder,
+                    "txoutbox_outbox_scheduled",
+                    "Events scheduled for later (not_before), not yet moved into the outbox",
+                    None,
+                    reading.scheduled,
                 )?;
                 0
             }

@@ -46,6 +46,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "held_back",
         sql: include_str!("../migrations/0005_held_back.sql"),
     },
+    Migration {
+        version: 6,
+        name: "trace_context",
+        sql: include_str!("../migrations/0006_trace_context.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "scheduled",
+        sql: include_str!("../migrations/0007_scheduled.sql"),
+    },
 ];
 
 /// The version this library needs (the last of [`MIGRATIONS`]).

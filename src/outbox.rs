@@ -1,11 +1,13 @@
 //! The write side: recording events inside the caller's own transaction.
 
 use std::sync::LazyLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use postgres::{GenericClient, ToStatement};
 use uuid::Uuid;
 
 use crate::schema::Schema;
+use crate::trace::TraceContext;
 use crate::{Error, Result};
 
 /// Channel the relay LISTENs on; [`Outbox::enqueue`] notifies it, and Postgres delivers the
@@ -18,12 +20,13 @@ pub const NOTIFY_CHANNEL: &str = "txoutbox_outbox";
 pub const LOCK_AGGREGATE: &str = "\
     SELECT pg_advisory_xact_lock(hashtextextended(length($1::text) || ':' || $1::text || $2::text, 0))";
 
-const COLUMNS: &str = "message_id, aggregate_type, aggregate_id, event_type, payload, exchange, routing_key";
+const COLUMNS: &str =
+    "message_id, aggregate_type, aggregate_id, event_type, payload, exchange, routing_key, traceparent, tracestate";
 
-/// One event: parameters `$1..$7` in [`COLUMNS`] order.
+/// One event: parameters `$1..$9` in [`COLUMNS`] order.
 const INSERT_ONE: &str = "\
     INSERT INTO {schema}.outbox ({columns})
-    VALUES ($1, $2, $3, $4, $5, $6, $7)";
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 /// One event under its aggregate's lock: the materialised CTE runs first, so the row's id is
 /// drawn under the lock.
@@ -32,14 +35,16 @@ const INSERT_ONE_ORDERED: &str = "\
         SELECT pg_advisory_xact_lock(hashtextextended(length($2::text) || ':' || $2::text || $3::text, 0))
     )
     INSERT INTO {schema}.outbox ({columns})
-    SELECT $1::uuid, $2::text, $3::text, $4::text, $5::jsonb, $6::text, $7::text FROM locked";
+    SELECT $1::uuid, $2::text, $3::text, $4::text, $5::jsonb, $6::text, $7::text, $8::text, $9::text
+    FROM locked";
 
-/// Many events from arrays `$1..$7`, ids drawn in the order given.
+/// Many events from arrays `$1..$9`, ids drawn in the order given.
 const INSERT_MANY: &str = "\
     INSERT INTO {schema}.outbox ({columns})
-    SELECT e.m, e.at, e.ai, e.et, e.p, e.ex, e.rk
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[])
-         WITH ORDINALITY AS e(m, at, ai, et, p, ex, rk, n)
+    SELECT e.m, e.at, e.ai, e.et, e.p, e.ex, e.rk, e.tp, e.ts
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[],
+                $8::text[], $9::text[])
+         WITH ORDINALITY AS e(m, at, ai, et, p, ex, rk, tp, ts, n)
     ORDER BY e.n";
 
 /// [`INSERT_MANY`] after locking each distinct aggregate, in sorted order (so two such
@@ -50,10 +55,26 @@ const INSERT_MANY_ORDERED: &str = "\
         FROM (SELECT DISTINCT t, i FROM unnest($2::text[], $3::text[]) AS a(t, i) ORDER BY t, i) k
     )
     INSERT INTO {schema}.outbox ({columns})
-    SELECT e.m, e.at, e.ai, e.et, e.p, e.ex, e.rk
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[])
-         WITH ORDINALITY AS e(m, at, ai, et, p, ex, rk, n)
+    SELECT e.m, e.at, e.ai, e.et, e.p, e.ex, e.rk, e.tp, e.ts
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[],
+                $8::text[], $9::text[])
+         WITH ORDINALITY AS e(m, at, ai, et, p, ex, rk, tp, ts, n)
          CROSS JOIN locked
+    ORDER BY e.n";
+
+/// One scheduled event: [`COLUMNS`] as `$1..$9`, and `$10` its not-before time in seconds since
+/// the Unix epoch.
+const INSERT_SCHEDULED_ONE: &str = "\
+    INSERT INTO {schema}.outbox_scheduled (not_before, {columns})
+    VALUES (to_timestamp($10::float8), $1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// Many scheduled events from arrays `$1..$10` (as [`INSERT_SCHEDULED_ONE`]).
+const INSERT_SCHEDULED_MANY: &str = "\
+    INSERT INTO {schema}.outbox_scheduled (not_before, {columns})
+    SELECT to_timestamp(e.nb), e.m, e.at, e.ai, e.et, e.p, e.ex, e.rk, e.tp, e.ts
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[],
+                $8::text[], $9::text[], $10::float8[])
+         WITH ORDINALITY AS e(m, at, ai, et, p, ex, rk, tp, ts, nb, n)
     ORDER BY e.n";
 
 /// An event to publish once the transaction that records it commits.
@@ -74,6 +95,14 @@ pub struct NewEvent {
     pub exchange: Option<String>,
     /// Routing key; `None`: the event type.
     pub routing_key: Option<String>,
+    /// W3C trace context of the work that wrote the event, sent as the AMQP headers
+    /// `traceparent` and `tracestate` and handed to the consumer's handler as
+    /// [`Message::trace_context`](crate::Message::trace_context); `None`: the message carries
+    /// none. Set it with [`with_trace_context`](Self::with_trace_context).
+    pub trace_context: Option<TraceContext>,
+    /// Not published before this time; `None`: as soon as the transaction commits. Set it with
+    /// [`not_before`](Self::not_before) or [`delayed_by`](Self::delayed_by).
+    pub not_before: Option<SystemTime>,
 }
 
 impl NewEvent {
@@ -93,7 +122,54 @@ impl NewEvent {
             payload,
             exchange: None,
             routing_key: None,
+            trace_context: None,
+            not_before: None,
         }
+    }
+
+    /// The same event, published no earlier than `at` (and within a relay poll interval after
+    /// it, `RELAY_POLL_INTERVAL`, 1 s by default).
+    ///
+    /// It waits in the table `outbox_scheduled`, which the relay's claims never read, and is
+    /// moved into the outbox when due. In aggregate order it takes its place among its
+    /// aggregate's events then, as if written at that time: it holds back none of them, and the
+    /// events of its aggregate written after it came due are published after it. The relay
+    /// compares `at` with the database's clock.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use txoutbox::NewEvent;
+    ///
+    /// let reminder = NewEvent::new("invoice", "42", "PaymentReminder", serde_json::json!({"id": 42}))
+    ///     .not_before(SystemTime::now() + Duration::from_secs(7 * 24 * 3600));
+    /// assert!(reminder.not_before.is_some());
+    /// ```
+    pub fn not_before(self, at: SystemTime) -> Self {
+        NewEvent {
+            not_before: Some(at),
+            ..self
+        }
+    }
+
+    /// The same event, published no earlier than `delay` from now (this process's clock): see
+    /// [`not_before`](Self::not_before).
+    pub fn delayed_by(self, delay: Duration) -> Self {
+        self.not_before(SystemTime::now() + delay)
+    }
+
+    /// [`not_before`](Self::not_before) in seconds since the Unix epoch, for the database.
+    pub(crate) fn not_before_epoch(&self) -> Result<Option<f64>> {
+        let Some(at) = self.not_before else {
+            return Ok(None);
+        };
+        at.duration_since(UNIX_EPOCH)
+            .map(|since| Some(since.as_secs_f64()))
+            .map_err(|_| {
+                Error::Config(format!(
+                    "NewEvent {}: not_before is before 1970; leave it unset to publish at once",
+                    self.message_id
+                ))
+            })
     }
 
     /// The same event, published to `exchange` (which must exist on the broker: the relay
@@ -103,6 +179,46 @@ impl NewEvent {
             exchange: Some(exchange.into()),
             ..self
         }
+    }
+
+    /// The same event, carrying `trace_context`: the trace of the request or job that writes
+    /// it, so that whoever consumes the event can continue that trace.
+    ///
+    /// txoutbox sends the context as it is given (it records no span of its own): pass the
+    /// context of *your* current span, so that the consumer's span becomes its child. From an
+    /// incoming request, [`TraceContext::from_headers`] reads its `traceparent` and
+    /// `tracestate` (an invalid one gives `None`: start a new trace with
+    /// [`TraceContext::new_root`]).
+    ///
+    /// ```
+    /// use txoutbox::trace::TraceContext;
+    /// use txoutbox::NewEvent;
+    ///
+    /// let incoming = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    /// let context = TraceContext::from_headers(incoming, Some("congo=t61rcWkgMzE"))
+    ///     .unwrap_or_else(TraceContext::new_root);
+    /// let event = NewEvent::new("invoice", "42", "InvoiceSent", serde_json::json!({"id": 42}))
+    ///     .with_trace_context(context);
+    /// assert_eq!(
+    ///     event.trace_context.as_ref().map(|c| c.trace_id()),
+    ///     Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    /// );
+    /// ```
+    pub fn with_trace_context(self, trace_context: TraceContext) -> Self {
+        NewEvent {
+            trace_context: Some(trace_context),
+            ..self
+        }
+    }
+
+    /// The `traceparent` to store, if any.
+    fn traceparent(&self) -> Option<&str> {
+        self.trace_context.as_ref().map(TraceContext::traceparent)
+    }
+
+    /// The `tracestate` to store, if any.
+    fn tracestate(&self) -> Option<&str> {
+        self.trace_context.as_ref().and_then(TraceContext::tracestate)
     }
 
     /// The same event, published with `routing_key` instead of its event type.
@@ -137,6 +253,8 @@ pub struct Outbox {
     insert_one_ordered: String,
     insert_many: String,
     insert_many_ordered: String,
+    insert_scheduled_one: String,
+    insert_scheduled_many: String,
 }
 
 impl Default for Outbox {
@@ -186,7 +304,13 @@ impl Outbox {
             insert_one_ordered: String::new(),
             insert_many: String::new(),
             insert_many_ordered: String::new(),
+            insert_scheduled_one: String::new(),
+            insert_scheduled_many: String::new(),
         };
+        // Scheduled events need no notification: the relay moves them when they are due.
+        let scheduled = |template: &str| outbox.sql(&template.replace("{columns}", COLUMNS));
+        let (one, many) = (scheduled(INSERT_SCHEDULED_ONE), scheduled(INSERT_SCHEDULED_MANY));
+        (outbox.insert_scheduled_one, outbox.insert_scheduled_many) = (one, many);
         let sql = |template: &str| {
             let insert = outbox.sql(&template.replace("{columns}", COLUMNS));
             if !notify {
@@ -242,7 +366,62 @@ impl Outbox {
     /// # Ok(()) }
     /// ```
     pub fn enqueue(&self, client: &mut impl GenericClient, event: &NewEvent) -> Result<()> {
-        insert_event(client, self.insert_one.as_str(), event)
+        match event.not_before {
+            Some(_) => self.enqueue_scheduled(client, event),
+            None => insert_event(client, self.insert_one.as_str(), event),
+        }
+    }
+
+    /// Records an event with a [not-before time](NewEvent::not_before) in `outbox_scheduled`.
+    fn enqueue_scheduled(&self, client: &mut impl GenericClient, event: &NewEvent) -> Result<()> {
+        check(event)?;
+        let not_before = event.not_before_epoch()?;
+        client
+            .execute(
+                self.insert_scheduled_one.as_str(),
+                &[
+                    &event.message_id,
+                    &event.aggregate_type,
+                    &event.aggregate_id,
+                    &event.event_type,
+                    &event.payload,
+                    &event.exchange,
+                    &event.routing_key,
+                    &event.traceparent(),
+                    &event.tracestate(),
+                    &not_before,
+                ],
+            )
+            .map_err(|e| {
+                Error::db(
+                    format!("cannot schedule {} event {}", event.event_type, event.message_id),
+                    e,
+                )
+            })?;
+        Ok(())
+    }
+
+    /// The statement that records a scheduled event (`$1..$9` as [`insert_sql`](Self::insert_sql),
+    /// `$10` the not-before time in seconds since the Unix epoch), for other drivers.
+    pub fn insert_scheduled_sql(&self) -> &str {
+        &self.insert_scheduled_one
+    }
+
+    /// Runs `statement` on the events of `events` with no not-before time, and records the
+    /// others in `outbox_scheduled`.
+    fn enqueue_split(
+        &self,
+        client: &mut impl GenericClient,
+        statement: &str,
+        events: &[NewEvent],
+    ) -> Result<u64> {
+        let (later, now): (Vec<&NewEvent>, Vec<&NewEvent>) =
+            events.iter().partition(|e| e.not_before.is_some());
+        let mut recorded = insert_events(client, statement, &now, false)?;
+        if !later.is_empty() {
+            recorded += insert_events(client, &self.insert_scheduled_many, &later, true)?;
+        }
+        Ok(recorded)
     }
 
     /// Like [`enqueue`](Self::enqueue), taking the aggregate's lock first, so that outbox id
@@ -262,20 +441,28 @@ impl Outbox {
     /// - Each distinct aggregate holds one entry of Postgres' lock table until the transaction
     ///   ends: one enqueuing for many thousands of distinct aggregates can fail with "out of
     ///   shared memory" (raise `max_locks_per_transaction`, or split it).
+    ///
+    /// An event with a [not-before time](NewEvent::not_before) takes no lock: it joins its
+    /// aggregate's order when the relay moves it into the outbox, under the lock then.
     pub fn enqueue_ordered(&self, client: &mut impl GenericClient, event: &NewEvent) -> Result<()> {
-        insert_event(client, self.insert_one_ordered.as_str(), event)
+        match event.not_before {
+            Some(_) => self.enqueue_scheduled(client, event),
+            None => insert_event(client, self.insert_one_ordered.as_str(), event),
+        }
     }
 
     /// Records every event of `events` in one statement, their outbox ids in the order given:
-    /// all of them, or none and an error. Returns how many were recorded.
+    /// all of them, or none and an error. Returns how many were recorded. (Events with a
+    /// [not-before time](NewEvent::not_before) go to `outbox_scheduled` in a second statement;
+    /// an error in either leaves the caller's transaction to roll back.)
     pub fn enqueue_many(&self, client: &mut impl GenericClient, events: &[NewEvent]) -> Result<u64> {
-        insert_events(client, &self.insert_many, events)
+        self.enqueue_split(client, &self.insert_many, events)
     }
 
     /// [`enqueue_many`](Self::enqueue_many) under the lock of each aggregate involved (see
     /// [`enqueue_ordered`](Self::enqueue_ordered)), taken in sorted order.
     pub fn enqueue_many_ordered(&self, client: &mut impl GenericClient, events: &[NewEvent]) -> Result<u64> {
-        insert_events(client, &self.insert_many_ordered, events)
+        self.enqueue_split(client, &self.insert_many_ordered, events)
     }
 
     /// The statement [`enqueue`](Self::enqueue) (or, with `ordered`,
@@ -313,7 +500,7 @@ pub fn enqueue_many(client: &mut impl GenericClient, events: &[NewEvent]) -> Res
 pub const MAX_NAME_BYTES: usize = 255;
 
 /// Refuses an event the broker could never take, before it is written.
-fn check(event: &NewEvent) -> Result<()> {
+pub(crate) fn check(event: &NewEvent) -> Result<()> {
     let names = [
         ("event_type", Some(event.event_type.as_str())),
         ("exchange", event.exchange.as_deref()),
@@ -330,12 +517,26 @@ fn check(event: &NewEvent) -> Result<()> {
     Ok(())
 }
 
-/// Inserts `event` with `statement`: [`Outbox::insert_sql`], as text or prepared.
+/// Refuses a scheduled event on a path that writes to the outbox itself.
+fn check_not_scheduled(event: &NewEvent) -> Result<()> {
+    match event.not_before {
+        None => Ok(()),
+        Some(_) => Err(Error::Config(format!(
+            "NewEvent {} has a not-before time: record it with Outbox::enqueue (or \
+             Outbox::insert_scheduled_sql), which writes it to outbox_scheduled",
+            event.message_id
+        ))),
+    }
+}
+
+/// Inserts `event` with `statement`: [`Outbox::insert_sql`], as text or prepared. An event
+/// with a [not-before time](NewEvent::not_before) is refused: use [`Outbox::enqueue`].
 pub fn insert_event<S>(client: &mut impl GenericClient, statement: &S, event: &NewEvent) -> Result<()>
 where
     S: ToStatement + ?Sized,
 {
     check(event)?;
+    check_not_scheduled(event)?;
     client
         .execute(
             statement,
@@ -347,6 +548,8 @@ where
                 &event.payload,
                 &event.exchange,
                 &event.routing_key,
+                &event.traceparent(),
+                &event.tracestate(),
             ],
         )
         .map_err(|e| {
@@ -358,11 +561,22 @@ where
     Ok(())
 }
 
-fn insert_events(client: &mut impl GenericClient, statement: &str, events: &[NewEvent]) -> Result<u64> {
+/// Inserts `events` with `statement`, bound as arrays: [`COLUMNS`], and with `scheduled` their
+/// not-before times as a tenth.
+fn insert_events(
+    client: &mut impl GenericClient,
+    statement: &str,
+    events: &[&NewEvent],
+    scheduled: bool,
+) -> Result<u64> {
     if events.is_empty() {
         return Ok(0);
     }
-    events.iter().try_for_each(check)?;
+    events.iter().copied().try_for_each(check)?;
+    let not_before: Vec<Option<f64>> = events
+        .iter()
+        .map(|e| e.not_before_epoch())
+        .collect::<Result<_>>()?;
     let ids: Vec<Uuid> = events.iter().map(|e| e.message_id).collect();
     let aggregate_types: Vec<&str> = events.iter().map(|e| e.aggregate_type.as_str()).collect();
     let aggregate_ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
@@ -370,19 +584,24 @@ fn insert_events(client: &mut impl GenericClient, statement: &str, events: &[New
     let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
     let exchanges: Vec<Option<&str>> = events.iter().map(|e| e.exchange.as_deref()).collect();
     let routing_keys: Vec<Option<&str>> = events.iter().map(|e| e.routing_key.as_deref()).collect();
+    let traceparents: Vec<Option<&str>> = events.iter().map(|e| e.traceparent()).collect();
+    let tracestates: Vec<Option<&str>> = events.iter().map(|e| e.tracestate()).collect();
+    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![
+        &ids,
+        &aggregate_types,
+        &aggregate_ids,
+        &event_types,
+        &payloads,
+        &exchanges,
+        &routing_keys,
+        &traceparents,
+        &tracestates,
+    ];
+    if scheduled {
+        params.push(&not_before);
+    }
     client
-        .execute(
-            statement,
-            &[
-                &ids,
-                &aggregate_types,
-                &aggregate_ids,
-                &event_types,
-                &payloads,
-                &exchanges,
-                &routing_keys,
-            ],
-        )
+        .execute(statement, &params)
         .map_err(|e| Error::db(format!("cannot enqueue {} events", events.len()), e))?;
     // One statement: every event was recorded, or none (and the error says why).
     Ok(events.len() as u64)
@@ -403,10 +622,13 @@ pub struct FailedEvent {
     pub attempts: i32,
     /// Why the last attempt failed.
     pub last_error: Option<String>,
+    /// Seconds since the event was written.
+    pub age_secs: f64,
 }
 
 const SELECT_FAILED: &str = "\
-    SELECT id, message_id, event_type, aggregate_id, attempts, last_error
+    SELECT id, message_id, event_type, aggregate_id, attempts, last_error,
+           extract(epoch FROM now() - created_at)::float8
     FROM {schema}.outbox WHERE failed_at IS NOT NULL ORDER BY id LIMIT $1";
 
 const REQUEUE_FAILED: &str = "\
@@ -428,6 +650,7 @@ impl Outbox {
                 aggregate_id: row.get(3),
                 attempts: row.get(4),
                 last_error: row.get(5),
+                age_secs: row.get(6),
             })
             .collect())
     }

@@ -19,6 +19,7 @@ use crate::config::{RelayConfig, RelayOrdering};
 use crate::db::Database;
 use crate::metrics::{self, LatencyHistogram, Reason, Registry};
 use crate::outbox::NOTIFY_CHANNEL;
+use crate::trace::TraceContext;
 use crate::wakeup::{Backoff, FailureLog, Wakeup};
 use crate::{Error, Result};
 use postgres::Statement;
@@ -26,7 +27,9 @@ use postgres::Statement;
 /// Available rows in outbox order; rows other workers hold are skipped, not waited for.
 const CLAIM: &str = "\
     SELECT id, message_id::text, aggregate_type, aggregate_id, event_type, payload::text,
-           extract(epoch FROM clock_timestamp() - created_at)::float8, exchange, routing_key
+           extract(epoch FROM clock_timestamp() - created_at)::float8, exchange, routing_key,
+           traceparent, tracestate,
+           to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
     FROM {schema}.outbox
     WHERE available_at <= now() AND failed_at IS NULL
     ORDER BY id
@@ -48,7 +51,9 @@ const CLAIM: &str = "\
 /// plan a hash anti-join that costs seconds on a backlog of one aggregate.
 const CLAIM_IN_AGGREGATE_ORDER: &str = "\
     SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
-           extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key
+           extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key,
+           o.traceparent, o.tracestate,
+           to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
     FROM {schema}.outbox o
     WHERE o.id <= (SELECT max(id) FROM (
               SELECT id FROM {schema}.outbox WHERE NOT held ORDER BY id LIMIT $2) oldest)
@@ -105,7 +110,9 @@ const HOLD_BACK: &str = "\
 /// mark) is found here and published, at most a poll interval late.
 const CLAIM_AGGREGATE_HEADS: &str = "\
     SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
-           extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key
+           extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key,
+           o.traceparent, o.tracestate,
+           to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
     FROM {schema}.outbox o
     WHERE o.id IN (SELECT min(id) FROM {schema}.outbox GROUP BY aggregate_type, aggregate_id)
       AND o.id <> ALL($2)
@@ -274,6 +281,7 @@ impl RelayStats {
 
 /// A running relay. Dropping it stops the relay the same way as [`stop`](Self::stop).
 pub struct RelayHandle {
+    workers: usize,
     wakeup: Arc<Wakeup>,
     stats: Arc<RelayStats>,
     threads: Vec<JoinHandle<()>>,
@@ -346,7 +354,7 @@ impl RelayHandle {
     pub fn health(&self) -> RelayHealth {
         RelayHealth {
             stats: self.stats.clone(),
-            workers: self.threads.len().saturating_sub(1),
+            workers: self.workers,
         }
     }
 
@@ -419,7 +427,8 @@ impl Shared {
     }
 }
 
-/// Starts `config.workers` worker threads and one LISTEN thread; returns at once.
+/// Starts `config.workers` worker threads, one LISTEN thread and one thread that moves scheduled
+/// events into the outbox when they come due ([`crate::scheduler`]); returns at once.
 ///
 /// Each worker owns a broker connection; each round is one transaction: claim up to
 /// `batch_size` rows, publish them, wait for every confirm, delete the confirmed rows, commit.
@@ -437,13 +446,28 @@ pub fn start(db: Database, amqp_url: &str, topology: Topology, config: RelayConf
         stats: stats.clone(),
         last_heads_scan: Mutex::new(None),
     });
-    let mut threads = Vec::with_capacity(shared.config.workers + 1);
+    let mut threads = Vec::with_capacity(shared.config.workers + 2);
     let spawn_error = |e: std::io::Error| Error::Other(format!("cannot start a relay thread: {e}"));
     let listener = shared.clone();
     threads.push(
         std::thread::Builder::new()
             .name("relay-listen".into())
             .spawn(move || listen_loop(&listener))
+            .map_err(spawn_error)?,
+    );
+    let scheduler = shared.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name("relay-schedule".into())
+            .spawn(move || {
+                let config = &scheduler.config;
+                crate::scheduler::release_loop(
+                    &scheduler.db,
+                    &scheduler.wakeup,
+                    config.poll_interval,
+                    Backoff::new(config.min_backoff, config.max_backoff),
+                )
+            })
             .map_err(spawn_error)?,
     );
     for worker in 0..shared.config.workers {
@@ -472,6 +496,7 @@ pub fn start(db: Database, amqp_url: &str, topology: Topology, config: RelayConf
         shared.topology.exchange
     );
     Ok(RelayHandle {
+        workers: shared.config.workers,
         wakeup,
         stats,
         threads,
@@ -748,6 +773,9 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
             exchange: row.get(7),
             routing_key: row.get(8),
             aggregate_sequence: ordered.then(|| row.get(0)),
+            trace_context: TraceContext::from_headers(row.get(9), row.get(10)),
+            created_at: row.get(11),
+            source: Some(shared.config.cloudevents_source_for(row.get(2))),
         });
     }
     let stats = &shared.stats;

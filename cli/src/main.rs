@@ -13,7 +13,7 @@ use txoutbox_service::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
 const USAGE: &str = "txoutbox <command>
 
 Commands:
-  status                          backlog, oldest pending age, failed count, queue and DLQ depth
+  status                          backlog, oldest pending age, failed and scheduled counts, queue and DLQ depth
   failed list [--limit N]         events the relay gave up on (default limit 50)
   failed retry <id> | --all       put failed events back in line for the relay
   dlq replay                      move dead-lettered messages back onto the main queue, once each
@@ -110,6 +110,10 @@ fn try_main() -> Result<(), String> {
             println!("outbox backlog:      {}", s.backlog);
             println!("oldest pending age:  {:.1} s", s.oldest_age_secs);
             println!("failed events:       {}", s.failed);
+            match s.next_due_secs {
+                Some(secs) => println!("scheduled events:    {} (next due in {secs:.1} s)", s.scheduled),
+                None => println!("scheduled events:    {}", s.scheduled),
+            }
             println!("queue {}: {}", topology.queue, depth(s.queue_depth));
             println!("queue {}: {}", topology.dead_letter_queue(), depth(s.dlq_depth));
         }

@@ -19,8 +19,16 @@
 //! }
 //! ```
 //!
+//! Every order carries an `Idempotency-Key` of its own (a fresh UUID). An answer 5xx, a lost
+//! connection or a timeout leaves the client not knowing whether the order was created, so the
+//! same request is sent again with the same key (at most [`StressOptions::retries`] times, after
+//! 100 ms, 200 ms, 400 ms ... at most 1 s): the server answers a retry of an order it did create
+//! with that order (`Idempotent-Replayed: true`), so a retry never creates a second one. The
+//! report counts the retries, the orders accepted only on a retry, and the replayed answers.
+//!
 //! How the numbers are measured:
-//! - *HTTP latency* is client side: from writing the request to reading the whole response.
+//! - *HTTP latency* is client side: from writing the first request of an order to reading the
+//!   response that accepted it, retries and their pauses included.
 //! - *POST->COMPLETED* latency is measured by Postgres, `orders.updated_at - created_at`: from the
 //!   transaction that inserted the order (and its outbox row) to the consumer's transaction that
 //!   completed it. One clock, so it holds even when Postgres runs on another machine.
@@ -60,9 +68,17 @@ pub const DEFAULT_ORDERS: usize = 10_000;
 pub const DEFAULT_CONCURRENCY: usize = 32;
 /// Default `--timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default `--retries`.
+pub const DEFAULT_RETRIES: usize = 3;
 
 /// Most connections (threads) a run may open.
 const MAX_CONCURRENCY: usize = 1024;
+/// Most retries of one order `--retries` may ask for.
+const MAX_RETRIES: usize = 100;
+/// Pause before the first retry of an order; it doubles with each retry, up to [`RETRY_PAUSE_MAX`].
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between two attempts of one order.
+const RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// Connect, read and write timeout of every HTTP connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often Postgres is asked which orders have completed once sending is over, at most.
@@ -124,6 +140,9 @@ pub struct StressOptions {
     pub database_url: String,
     /// Print a progress line to stderr about once a second (default `false`).
     pub progress: bool,
+    /// How many times an order is sent again, with the same `Idempotency-Key`, after a 5xx, a
+    /// lost connection or a timeout (default [`DEFAULT_RETRIES`]; 0 sends each order once).
+    pub retries: usize,
 }
 
 impl Default for StressOptions {
@@ -135,6 +154,7 @@ impl Default for StressOptions {
             timeout: DEFAULT_TIMEOUT,
             database_url: DEFAULT_DATABASE_URL.into(),
             progress: false,
+            retries: DEFAULT_RETRIES,
         }
     }
 }
@@ -153,6 +173,12 @@ impl StressOptions {
         }
         if self.timeout.is_zero() {
             return Err(Error::Config("--timeout must be more than 0 seconds".into()));
+        }
+        if self.retries > MAX_RETRIES {
+            return Err(Error::Config(format!(
+                "--retries must be 0..={MAX_RETRIES}, got {}",
+                self.retries
+            )));
         }
         Ok(())
     }
@@ -228,12 +254,20 @@ pub struct StressReport {
     pub concurrency: usize,
     /// The deadline the run had.
     pub timeout: Duration,
-    /// POSTs sent (fewer than `orders` when sending stopped early).
+    /// Orders sent (fewer than `orders` when sending stopped early); retries not counted.
     pub sent: usize,
-    /// POSTs answered 201 with an order id.
+    /// Orders answered 201 with an order id (on the first attempt or a retry).
     pub accepted: usize,
-    /// POSTs that failed: another status, a malformed answer, or a connection error.
+    /// Orders that failed for good: another status, a malformed answer, or a 5xx or connection
+    /// error on every attempt.
     pub errors: usize,
+    /// POSTs sent again with the same `Idempotency-Key` after a 5xx or no answer.
+    pub retries: usize,
+    /// Orders accepted only on a retry.
+    pub recovered: usize,
+    /// Of those, the ones answered `Idempotent-Replayed: true`: the first attempt had created
+    /// the order, and the retry got it back instead of a second one.
+    pub replayed: usize,
     /// Up to five distinct error messages, first seen first.
     pub error_samples: Vec<String>,
     /// From the start until the last POST was answered.
@@ -356,6 +390,14 @@ impl fmt::Display for StressReport {
             self.http_elapsed.as_secs_f64(),
             self.http_rate
         )?;
+        if self.retries > 0 {
+            writeln!(
+                f,
+                "  retries:     {} (same Idempotency-Key, after a 5xx or no answer): {} orders accepted \
+                 on a retry, {} of them replayed (created by the first attempt)",
+                self.retries, self.recovered, self.replayed
+            )?;
+        }
         for sample in &self.error_samples {
             writeln!(f, "    error: {sample}")?;
         }
@@ -444,6 +486,9 @@ pub fn run(options: &StressOptions) -> Result<StressReport> {
         sent: AtomicUsize::new(0),
         accepted: AtomicUsize::new(0),
         errors: AtomicUsize::new(0),
+        retries: AtomicUsize::new(0),
+        recovered: AtomicUsize::new(0),
+        replayed: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
         error_samples: Mutex::new(Vec::new()),
     };
@@ -470,9 +515,10 @@ pub fn run(options: &StressOptions) -> Result<StressReport> {
         for index in 0..concurrency {
             let sender = sender.clone();
             let (shared, target) = (&shared, &target);
+            let retries = options.retries;
             let spawned = thread::Builder::new()
                 .name(format!("stress-{index}"))
-                .spawn_scoped(scope, move || send_orders(target, shared, &sender));
+                .spawn_scoped(scope, move || send_orders(target, shared, retries, &sender));
             if let Err(e) = spawned {
                 shared.stop.store(true, Ordering::Relaxed);
                 return Err(Error::Other(format!("cannot start a sender thread: {e}")));
@@ -500,6 +546,12 @@ struct Shared {
     sent: AtomicUsize,
     accepted: AtomicUsize,
     errors: AtomicUsize,
+    /// POSTs sent again after a 5xx or no answer.
+    retries: AtomicUsize,
+    /// Orders accepted on a retry.
+    recovered: AtomicUsize,
+    /// Of those, answered as a replay of the first attempt's order.
+    replayed: AtomicUsize,
     stop: AtomicBool,
     error_samples: Mutex<Vec<String>>,
 }
@@ -527,8 +579,8 @@ struct Accepted {
 }
 
 /// A sender thread: takes order numbers until all are taken, the deadline passes or the run
-/// stops, and POSTs each on its own connection.
-fn send_orders(target: &Target, shared: &Shared, accepted: &Sender<Accepted>) {
+/// stops, and sends each on its own connection, retrying it up to `retries` times.
+fn send_orders(target: &Target, shared: &Shared, retries: usize, accepted: &Sender<Accepted>) {
     let mut connection = Connection::new(target);
     loop {
         if shared.stop.load(Ordering::Relaxed) || Instant::now() >= shared.deadline {
@@ -540,17 +592,84 @@ fn send_orders(target: &Target, shared: &Shared, accepted: &Sender<Accepted>) {
         let body = random_order_body();
         let sent = Instant::now();
         shared.sent.fetch_add(1, Ordering::Relaxed);
-        let outcome = connection.post_json(&target.path, body.as_bytes());
+        let order = send_order(&mut connection, &body, retries, shared.deadline);
         let latency = sent.elapsed();
-        match created_order(outcome) {
+        shared.retries.fetch_add(order.retries, Ordering::Relaxed);
+        match order.outcome {
             Ok(id) => {
                 shared.accepted.fetch_add(1, Ordering::Relaxed);
+                if order.retries > 0 {
+                    shared.recovered.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .replayed
+                        .fetch_add(usize::from(order.replayed), Ordering::Relaxed);
+                }
                 // The monitor outlives the senders; a send error cannot happen.
                 let _ = accepted.send(Accepted { id, sent, latency });
             }
             Err(e) => shared.fail(e),
         }
     }
+}
+
+/// How one order went over all its attempts.
+#[derive(Debug)]
+struct SentOrder {
+    /// The created order's id, or why the last attempt did not get one.
+    outcome: Result<Uuid, String>,
+    /// Attempts after the first.
+    retries: usize,
+    /// The answer that accepted it said `Idempotent-Replayed: true`.
+    replayed: bool,
+}
+
+/// POSTs `body` under a fresh `Idempotency-Key`, and again under the same key after a 5xx or
+/// no answer (whether the order was created is then unknown), at most `retries` times, pausing
+/// [`retry_pause`] between attempts, never past `deadline`.
+fn send_order(connection: &mut Connection, body: &str, retries: usize, deadline: Instant) -> SentOrder {
+    let key = Uuid::new_v4().to_string();
+    let headers = [("Idempotency-Key", key.as_str())];
+    let target = connection.target;
+    let path = target.path.as_str();
+    let mut attempt = 0;
+    loop {
+        let outcome = connection.post_json(path, body.as_bytes(), &headers);
+        let pause = retry_pause(attempt);
+        let retry = attempt < retries && worth_retrying(&outcome) && Instant::now() + pause < deadline;
+        if !retry {
+            return SentOrder {
+                replayed: outcome.as_ref().is_ok_and(|r| r.replayed),
+                outcome: created_order(outcome),
+                retries: attempt,
+            };
+        }
+        log::debug!(
+            "stress: retrying order {key} in {} ms after {}",
+            pause.as_millis(),
+            match &outcome {
+                Ok(response) => format!("HTTP {}", response.status),
+                Err(e) => e.clone(),
+            }
+        );
+        thread::sleep(pause);
+        attempt += 1;
+    }
+}
+
+/// A 5xx, a lost connection or a timeout: the order may or may not exist, and only a retry
+/// under the same key tells. A 4xx (or a 201 without an id) would come back the same.
+fn worth_retrying(outcome: &Result<Response, String>) -> bool {
+    match outcome {
+        Ok(response) => response.status >= 500,
+        Err(_) => true,
+    }
+}
+
+/// The pause before retry number `attempt + 1`: 100 ms, doubling, at most 1 s.
+fn retry_pause(attempt: usize) -> Duration {
+    RETRY_PAUSE
+        .saturating_mul(1u32 << attempt.min(10))
+        .min(RETRY_PAUSE_MAX)
 }
 
 /// A `POST /orders` body with a random user and an amount from 0.01 to 10000.00.
@@ -599,7 +718,7 @@ impl OrderClient {
             target: &self.target,
             stream: self.stream.take(),
         };
-        let outcome = connection.post_json(&self.target.path, random_order_body().as_bytes());
+        let outcome = connection.post_json(&self.target.path, random_order_body().as_bytes(), &[]);
         self.stream = connection.stream;
         created_order(outcome)
     }
@@ -613,7 +732,20 @@ impl OrderClient {
             target: &self.target,
             stream: self.stream.take(),
         };
-        let outcome = connection.post_json(&self.target.path, random_order_body().as_bytes());
+        let outcome = connection.post_json(&self.target.path, random_order_body().as_bytes(), &[]);
+        self.stream = connection.stream;
+        outcome.map(|response| (response.status, response.body))
+    }
+
+    /// `POST /orders/{id}/cancel` (no body); the answer as it came, like
+    /// [`post_order_raw`](Self::post_order_raw): 200 cancelled now, 409 cancelled before.
+    pub fn cancel_order_raw(&mut self, id: Uuid) -> Result<(u16, Vec<u8>), String> {
+        let mut connection = Connection {
+            target: &self.target,
+            stream: self.stream.take(),
+        };
+        let path = format!("{}/{id}/cancel", self.target.path);
+        let outcome = connection.post_json(&path, b"", &[]);
         self.stream = connection.stream;
         outcome.map(|response| (response.status, response.body))
     }
@@ -816,6 +948,9 @@ impl Monitor<'_> {
             sent: self.shared.sent.load(Ordering::Relaxed),
             accepted,
             errors: self.shared.errors.load(Ordering::Relaxed),
+            retries: self.shared.retries.load(Ordering::Relaxed),
+            recovered: self.shared.recovered.load(Ordering::Relaxed),
+            replayed: self.shared.replayed.load(Ordering::Relaxed),
             error_samples,
             http_elapsed,
             http_rate: rate(accepted, Some(http_elapsed)),
@@ -1126,11 +1261,13 @@ fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> 
     head.eq_ignore_ascii_case(prefix).then(|| &text[prefix.len()..])
 }
 
-/// An HTTP response: the status and the body.
+/// An HTTP response: the status, the body, and whether it replays an earlier answer.
 #[derive(Debug)]
 struct Response {
     status: u16,
     body: Vec<u8>,
+    /// `Idempotent-Replayed: true`: the answer of the first request under the same key.
+    replayed: bool,
 }
 
 /// Why one exchange failed; `stale` when a reused keep-alive connection turned out closed
@@ -1182,18 +1319,18 @@ impl<'t> Connection<'t> {
         Connection { target, stream: None }
     }
 
-    /// POSTs a JSON body. A reused connection found closed is replaced once before the
-    /// failure counts.
-    fn post_json(&mut self, path: &str, body: &[u8]) -> Result<Response, String> {
+    /// POSTs a JSON body with `headers` besides the usual ones. A reused connection found
+    /// closed is replaced once before the failure counts.
+    fn post_json(&mut self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> Result<Response, String> {
         let reused = self.stream.is_some();
-        match self.exchange(path, body) {
+        match self.exchange(path, body, headers) {
             Ok(response) => Ok(response),
             Err(failure) if reused && failure.stale => {
                 log::debug!(
                     "stress: keep-alive connection closed ({}), reconnecting",
                     failure.message
                 );
-                self.exchange(path, body).map_err(|f| f.message)
+                self.exchange(path, body, headers).map_err(|f| f.message)
             }
             Err(failure) => Err(failure.message),
         }
@@ -1201,8 +1338,8 @@ impl<'t> Connection<'t> {
 
     /// One request and its response; the connection is dropped after any failure, and after a
     /// response that ends it.
-    fn exchange(&mut self, path: &str, body: &[u8]) -> Result<Response, Failure> {
-        let result = self.try_exchange(path, body);
+    fn exchange(&mut self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> Result<Response, Failure> {
+        let result = self.try_exchange(path, body, headers);
         match &result {
             Ok((_, true)) => {}
             _ => self.stream = None,
@@ -1210,7 +1347,12 @@ impl<'t> Connection<'t> {
         result.map(|(response, _)| response)
     }
 
-    fn try_exchange(&mut self, path: &str, body: &[u8]) -> Result<(Response, bool), Failure> {
+    fn try_exchange(
+        &mut self,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<(Response, bool), Failure> {
         let stream = match self.stream.take() {
             Some(stream) => stream,
             None => BufReader::new(self.target.connect().map_err(Failure::new)?),
@@ -1218,11 +1360,15 @@ impl<'t> Connection<'t> {
         let stream = self.stream.insert(stream);
         let mut request = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             Accept: application/json\r\nContent-Length: {}\r\n\r\n",
+             Accept: application/json\r\nContent-Length: {}\r\n",
             self.target.authority,
             body.len()
-        )
-        .into_bytes();
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        let mut request = request.into_bytes();
         request.extend_from_slice(body);
         stream.get_mut().write_all(&request).map_err(|e| Failure {
             stale: is_closed_by_peer(&e),
@@ -1263,6 +1409,7 @@ fn read_response(reader: &mut impl BufRead) -> Result<(Response, bool), Failure>
         let mut keep_alive = version == "HTTP/1.1";
         let mut content_length = None;
         let mut chunked = false;
+        let mut replayed = false;
         for index in 0.. {
             line.clear();
             match read_line(reader, &mut line) {
@@ -1287,6 +1434,8 @@ fn read_response(reader: &mut impl BufRead) -> Result<(Response, bool), Failure>
                     .parse::<usize>()
                     .map_err(|_| Failure::new(format!("malformed Content-Length {value:?}")))?;
                 content_length = Some(length);
+            } else if name.eq_ignore_ascii_case("idempotent-replayed") {
+                replayed = value.eq_ignore_ascii_case("true");
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 chunked = value.to_ascii_lowercase().contains("chunked");
             } else if name.eq_ignore_ascii_case("connection") {
@@ -1327,7 +1476,14 @@ fn read_response(reader: &mut impl BufRead) -> Result<(Response, bool), Failure>
                 .map_err(|e| Failure::io("cannot read the body", &e))?;
             body
         };
-        return Ok((Response { status, body }, keep_alive));
+        return Ok((
+            Response {
+                status,
+                body,
+                replayed,
+            },
+            keep_alive,
+        ));
     }
 }
 
@@ -1454,7 +1610,13 @@ mod tests {
 
     /// Reads one request (headers and Content-Length body) from a test server's connection.
     fn read_request(reader: &mut BufReader<TcpStream>) -> Vec<u8> {
+        read_keyed_request(reader).1
+    }
+
+    /// Reads one request; its `Idempotency-Key` (empty without one) and body.
+    fn read_keyed_request(reader: &mut BufReader<TcpStream>) -> (String, Vec<u8>) {
         let mut length = 0;
+        let mut key = String::new();
         let mut line = String::new();
         loop {
             line.clear();
@@ -1465,10 +1627,102 @@ mod tests {
             if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                 length = value.trim().parse().expect("length");
             }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("idempotency-key") {
+                    key = value.trim().to_string();
+                }
+            }
         }
         let mut body = vec![0; length];
         reader.read_exact(&mut body).expect("body");
-        body
+        (key, body)
+    }
+
+    /// The `Idempotency-Key` and body of each request a test server received.
+    type Received = Vec<(String, Vec<u8>)>;
+
+    /// A server that takes one request per connection and gives it the next of `answers`
+    /// (`None`: it closes without answering); returns the keys and bodies it received.
+    fn serve_once_each(answers: Vec<Option<String>>) -> (Target, thread::JoinHandle<Received>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = thread::spawn(move || {
+            let mut received = Vec::new();
+            for answer in answers {
+                let (stream, _) = listener.accept().expect("accept");
+                let mut reader = BufReader::new(stream);
+                received.push(read_keyed_request(&mut reader));
+                if let Some(answer) = answer {
+                    reader.get_mut().write_all(answer.as_bytes()).expect("write");
+                }
+            }
+            received
+        });
+        let target = Target::parse(&format!("http://127.0.0.1:{port}")).expect("url");
+        (target, server)
+    }
+
+    fn answer(status: &str, extra: &str, body: &str) -> Option<String> {
+        Some(format!(
+            "HTTP/1.1 {status}\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+    }
+
+    #[test]
+    fn an_order_is_retried_under_its_key_after_a_5xx_or_no_answer() {
+        let id = Uuid::new_v4();
+        let (target, server) = serve_once_each(vec![
+            answer("503 Service Unavailable", "", r#"{"error":"retry later"}"#),
+            None,
+            answer(
+                "201 Created",
+                "Idempotent-Replayed: true\r\n",
+                &format!(r#"{{"id":"{id}"}}"#),
+            ),
+        ]);
+        let mut connection = Connection::new(&target);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let order = send_order(&mut connection, "{}", 3, deadline);
+        assert_eq!(order.outcome, Ok(id));
+        assert_eq!((order.retries, order.replayed), (2, true));
+        let received = server.join().expect("server");
+        assert_eq!(received.len(), 3);
+        assert!(!received[0].0.is_empty(), "no Idempotency-Key sent");
+        assert!(
+            received.iter().all(|r| r == &received[0]),
+            "every attempt carries the same key and body: {received:?}"
+        );
+    }
+
+    #[test]
+    fn retries_stop_at_the_bound_and_skip_4xx() {
+        let unavailable = || answer("503 Service Unavailable", "", "{}");
+        let (target, server) = serve_once_each(vec![unavailable(), unavailable()]);
+        let order = send_order(
+            &mut Connection::new(&target),
+            "{}",
+            1,
+            Instant::now() + Duration::from_secs(10),
+        );
+        assert_eq!(order.retries, 1);
+        assert!(order.outcome.expect_err("503 twice").contains("HTTP 503"));
+        server.join().expect("server");
+
+        let (target, server) = serve_once_each(vec![answer("422 Unprocessable Entity", "", "{}")]);
+        let order = send_order(
+            &mut Connection::new(&target),
+            "{}",
+            3,
+            Instant::now() + Duration::from_secs(10),
+        );
+        assert_eq!(order.retries, 0, "a 4xx is not retried");
+        assert!(order.outcome.is_err());
+        assert_eq!(server.join().expect("server").len(), 1);
+        assert_eq!(
+            (retry_pause(0), retry_pause(1), retry_pause(9)),
+            (RETRY_PAUSE, 2 * RETRY_PAUSE, RETRY_PAUSE_MAX)
+        );
     }
 
     #[test]
@@ -1491,11 +1745,11 @@ mod tests {
         });
         let target = Target::parse(&format!("http://127.0.0.1:{port}")).expect("url");
         let mut connection = Connection::new(&target);
-        let first = connection.post_json("/orders", b"1").expect("first");
+        let first = connection.post_json("/orders", b"1", &[]).expect("first");
         assert_eq!(first.body, b"{\"n\":0,\"echo\":1}");
         thread::sleep(Duration::from_millis(50));
         let second = connection
-            .post_json("/orders", b"2")
+            .post_json("/orders", b"2", &[])
             .expect("second, on a new connection");
         assert_eq!(second.body, b"{\"n\":1,\"echo\":2}");
         server.join().expect("server");
@@ -1511,6 +1765,9 @@ mod tests {
             sent: 10,
             accepted: 10,
             errors: 0,
+            retries: 0,
+            recovered: 0,
+            replayed: 0,
             error_samples: Vec::new(),
             http_elapsed: Duration::from_secs(1),
             http_rate: 10.0,

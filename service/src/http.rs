@@ -16,11 +16,13 @@ use crate::front::Front;
 use crate::gate::GateStats;
 use crate::metrics::HttpMetrics;
 use crate::orders::{self, Announce, Cancellation, Creation};
+pub use crate::status::BrokerAccess;
 use crate::status::{self, Sampler, StatusPage};
 use txoutbox::db::Database;
 use txoutbox::metrics::{self, Registry};
 use txoutbox::outbox::Outbox;
 use txoutbox::relay::RelayHealth;
+use txoutbox::trace::{self, TraceContext};
 use txoutbox::{Error, Result};
 
 /// The OpenAPI document of this API, served at `GET /openapi.yaml`.
@@ -89,6 +91,18 @@ pub fn serve_with_relay(
     announce: Announce,
     relay: Option<RelayHealth>,
 ) -> Result<HttpHandle> {
+    serve_with(config, db, announce, relay, None)
+}
+
+/// Like [`serve_with_relay`], with access to RabbitMQ for the dead-letter queue: its depth on
+/// the status page and `POST /dead-letters/replay` (without it, replay answers 503).
+pub fn serve_with(
+    config: &HttpConfig,
+    db: Database,
+    announce: Announce,
+    relay: Option<RelayHealth>,
+    broker: Option<BrokerAccess>,
+) -> Result<HttpHandle> {
     config.validate()?;
     let gate_stats = GateStats::default();
     let front = Arc::new(Front::bind(
@@ -98,7 +112,7 @@ pub fn serve_with_relay(
         gate_stats.clone(),
         true,
     )?);
-    let (status, sampler) = StatusPage::start(db.clone(), relay.clone())?;
+    let (status, sampler) = StatusPage::start(db.clone(), relay.clone(), broker, config.api_token.is_some())?;
     let metrics = HttpMetrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -253,6 +267,17 @@ impl Api {
             (["orders", _], _) => Reply::method_not_allowed("GET"),
             (["orders", id, "cancel"], Method::Post) => self.cancel_order(request, id),
             (["orders", _, "cancel"], _) => Reply::method_not_allowed("POST"),
+            (["failed-events", "retry"], Method::Post) => {
+                self.operator(request, |api| api.retry_failed(None))
+            }
+            (["failed-events", "retry"], _) => Reply::method_not_allowed("POST"),
+            (["failed-events", id, "retry"], Method::Post) => match id.parse::<i64>() {
+                Ok(id) if id > 0 => self.operator(request, |api| api.retry_failed(Some(id))),
+                _ => Reply::error(400, format!("{id:?} is not an outbox id (a positive integer)")),
+            },
+            (["failed-events", _, "retry"], _) => Reply::method_not_allowed("POST"),
+            (["dead-letters", "replay"], Method::Post) => self.operator(request, Api::replay_dead_letters),
+            (["dead-letters", "replay"], _) => Reply::method_not_allowed("POST"),
             _ => Reply::error(404, format!("no route for {path}")),
         }
     }
@@ -295,6 +320,61 @@ impl Api {
         })
     }
 
+    /// Runs an operator action once the request passed the token check; the status page's
+    /// cached figures are dropped so that its next view shows the effect.
+    fn operator(&self, request: &Request, action: impl FnOnce(&Self) -> Reply) -> Reply {
+        if let Some(reply) = self.unauthorized(request) {
+            return reply;
+        }
+        let reply = action(self);
+        self.status.invalidate();
+        reply
+    }
+
+    /// `POST /failed-events/retry` (all) and `POST /failed-events/{id}/retry` (one): the
+    /// library's [`Outbox::requeue_failed`], as `txoutbox failed retry` runs it.
+    fn retry_failed(&self, id: Option<i64>) -> Reply {
+        let result = self
+            .db
+            .get()
+            .and_then(|mut client| self.db.outbox().requeue_failed(&mut *client, id));
+        match (result, id) {
+            (Ok(0), Some(id)) => Reply::error(404, format!("no failed event with outbox id {id}")),
+            (Ok(requeued), _) => {
+                log::info!("http: operator re-queued {requeued} failed event(s) ({id:?})");
+                Reply::json(200, json!({ "requeued": requeued }))
+            }
+            (Err(e), _) => failure("cannot re-queue failed events", &e),
+        }
+    }
+
+    /// `POST /dead-letters/replay`: the library's [`txoutbox::admin::replay_dead_letters`], as
+    /// `txoutbox dlq replay` runs it.
+    fn replay_dead_letters(&self) -> Reply {
+        let Some(broker) = self.status.broker() else {
+            return Reply::error(
+                503,
+                "this server was started without access to RabbitMQ's dead-letter queue",
+            );
+        };
+        let result = txoutbox::admin::replay_dead_letters_at_most(
+            &broker.amqp_url,
+            &broker.topology,
+            REPLAY_PER_REQUEST,
+        );
+        self.status.refresh_dead_letters();
+        match result {
+            Ok(replayed) => {
+                log::info!("http: operator replayed {replayed} dead letter(s)");
+                Reply::json(200, json!({ "replayed": replayed, "limit": REPLAY_PER_REQUEST }))
+            }
+            Err(e) => {
+                log::warn!("http: cannot replay the dead letters: {e}");
+                Reply::error(503, format!("cannot replay the dead letters: {e}"))
+            }
+        }
+    }
+
     fn create_order(&self, request: &mut Request) -> Reply {
         if let Some(reply) = self.unauthorized(request) {
             return reply;
@@ -320,17 +400,34 @@ impl Api {
             Ok(key) => key,
             Err(reply) => return reply,
         };
+        let trace = trace_context(request);
         let result = self.db.get().and_then(|mut client| match &key {
-            None => {
-                orders::create(&mut client, &self.outbox, &new_order, &self.announce).map(Creation::Created)
-            }
-            Some(key) => {
-                orders::create_idempotent(&mut client, &self.outbox, &new_order, key, &self.announce)
-            }
+            None => orders::create(
+                &mut client,
+                &self.outbox,
+                &new_order,
+                Some(&trace),
+                &self.announce,
+            )
+            .map(Creation::Created),
+            Some(key) => orders::create_idempotent(
+                &mut client,
+                &self.outbox,
+                &new_order,
+                key,
+                Some(&trace),
+                &self.announce,
+            ),
         });
         match result {
             Ok(Creation::Created(order)) => {
                 self.metrics.order_created();
+                log::debug!(
+                    "http: order {} created trace_id={} traceparent={}",
+                    order.id,
+                    trace.trace_id(),
+                    trace.traceparent()
+                );
                 Reply::json(201, order.to_json())
             }
             Ok(Creation::Replayed(order)) => Reply {
@@ -354,12 +451,20 @@ impl Api {
         let Ok(id) = Uuid::parse_str(id) else {
             return Reply::error(400, format!("order id must be a UUID, got {id:?}"));
         };
-        let result = self
-            .db
-            .get()
-            .and_then(|mut client| orders::cancel(&mut client, &self.outbox, id, &self.announce));
+        let trace = trace_context(request);
+        let result = self.db.get().and_then(|mut client| {
+            orders::cancel(&mut client, &self.outbox, id, Some(&trace), &self.announce)
+        });
         match result {
-            Ok(Cancellation::Cancelled(order)) => Reply::json(200, order.to_json()),
+            Ok(Cancellation::Cancelled(order)) => {
+                log::debug!(
+                    "http: order {} cancelled trace_id={} traceparent={}",
+                    order.id,
+                    trace.trace_id(),
+                    trace.traceparent()
+                );
+                Reply::json(200, order.to_json())
+            }
             Ok(Cancellation::AlreadyCancelled(order)) => Reply::json(
                 409,
                 json!({
@@ -399,6 +504,9 @@ fn route_template(url: &str) -> &'static str {
         ["orders"] => "/orders",
         ["orders", _] => "/orders/{id}",
         ["orders", _, "cancel"] => "/orders/{id}/cancel",
+        ["failed-events", "retry"] => "/failed-events/retry",
+        ["failed-events", _, "retry"] => "/failed-events/{id}/retry",
+        ["dead-letters", "replay"] => "/dead-letters/replay",
         _ => "unmatched",
     }
 }
@@ -418,6 +526,10 @@ fn method_label(method: &Method) -> &'static str {
         Method::NonStandard(_) => "other",
     }
 }
+
+/// Dead letters one `POST /dead-letters/replay` moves at most (each waits for its confirm, a
+/// millisecond or so): a request holds its handler thread for seconds, not for the whole queue.
+const REPLAY_PER_REQUEST: u32 = 1000;
 
 /// 503 when the database is away (the client may retry), 500 otherwise.
 fn failure(what: &str, error: &Error) -> Reply {
@@ -450,6 +562,37 @@ fn idempotency_key(request: &Request) -> Result<Option<String>, Reply> {
         ));
     }
     Ok(Some(key))
+}
+
+/// The request's W3C trace context, which its event carries: its `traceparent` if it sent
+/// exactly one valid one (with its `tracestate` headers, joined by commas, kept if valid),
+/// else a new trace, as the specification asks of a receiver. Never refuses the request.
+fn trace_context(request: &Request) -> TraceContext {
+    let values = |name: &'static str| {
+        request
+            .headers()
+            .iter()
+            .filter(move |h| h.field.equiv(name))
+            .map(|h| h.value.as_str().trim_matches([' ', '\t']))
+    };
+    let parents: Vec<&str> = values(trace::TRACEPARENT).collect();
+    let states: Vec<&str> = values(trace::TRACESTATE).collect();
+    let state = (!states.is_empty()).then(|| states.join(","));
+    let given = match parents.as_slice() {
+        [one] => TraceContext::from_headers(Some(one), state.as_deref()),
+        _ => None,
+    };
+    given.unwrap_or_else(|| {
+        let root = TraceContext::new_root();
+        if !parents.is_empty() {
+            log::debug!(
+                "http: ignoring {} traceparent header(s) (not exactly one valid one); new trace_id={}",
+                parents.len(),
+                root.trace_id()
+            );
+        }
+        root
+    })
 }
 
 /// True when the request carries `Authorization: Bearer <token>`, compared in constant time.

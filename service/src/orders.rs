@@ -12,6 +12,7 @@ use txoutbox::consumer::{Handler, HandlerError, Message};
 use txoutbox::db::PooledClient;
 use txoutbox::outbox::{self, NewEvent, Outbox};
 use txoutbox::relay::Waker;
+use txoutbox::trace::TraceContext;
 use txoutbox::{Error, Result};
 
 /// Aggregate type of order events.
@@ -278,11 +279,13 @@ fn prepared_insert_event(
 
 /// Inserts the order and its `OrderCreated` event in one transaction, commits it, and
 /// announces the event to the relay. Statements are prepared once per connection. `outbox` is
-/// [`Announce::outbox`] of the database's.
+/// [`Announce::outbox`] of the database's; `trace` is the request's trace context, which the
+/// event carries.
 pub fn create(
     conn: &mut PooledClient,
     outbox: &Outbox,
     new: &NewOrder,
+    trace: Option<&TraceContext>,
     announce: &Announce,
 ) -> Result<Order> {
     let prepare = |e| Error::db("cannot prepare the order statements", e);
@@ -292,12 +295,20 @@ pub fn create(
         .transaction()
         .map_err(|e| Error::db("cannot begin the order transaction", e))?;
     let order = insert_order_row(&mut tx, &insert_order, new)?;
-    outbox::insert_event(&mut tx, &insert_event, &created_event(&order))?;
+    outbox::insert_event(&mut tx, &insert_event, &traced(created_event(&order), trace))?;
     tx.commit().map_err(|e| Error::db("cannot commit the order", e))?;
     if let Announce::Wake(waker) = announce {
         waker.wake();
     }
     Ok(order)
+}
+
+/// `event` carrying `trace`, if any.
+fn traced(event: NewEvent, trace: Option<&TraceContext>) -> NewEvent {
+    match trace {
+        Some(trace) => event.with_trace_context(trace.clone()),
+        None => event,
+    }
 }
 
 /// How long an `Idempotency-Key` is remembered.
@@ -345,12 +356,13 @@ fn fingerprint(new: &NewOrder) -> String {
 /// [`create`] at most once per `key` within [`IDEMPOTENCY_WINDOW_HOURS`]: a second request with
 /// the key and the same order gets the first one's order back (also after a restart, and when
 /// both arrive at once: the second waits on the first's key), another order gets
-/// [`Creation::KeyReused`].
+/// [`Creation::KeyReused`]. The event of a new order carries `trace`.
 pub fn create_idempotent(
     conn: &mut PooledClient,
     outbox: &Outbox,
     new: &NewOrder,
     key: &str,
+    trace: Option<&TraceContext>,
     announce: &Announce,
 ) -> Result<Creation> {
     let print = fingerprint(new);
@@ -386,7 +398,7 @@ pub fn create_idempotent(
         drop(tx);
         return lookup(conn)?.ok_or_else(|| Error::Other("the idempotency key vanished; retry".into()));
     }
-    outbox::insert_event(&mut tx, &insert_event, &created_event(&order))?;
+    outbox::insert_event(&mut tx, &insert_event, &traced(created_event(&order), trace))?;
     tx.commit().map_err(|e| Error::db("cannot commit the order", e))?;
     if let Announce::Wake(waker) = announce {
         waker.wake();
@@ -480,11 +492,12 @@ pub enum Cancellation {
 /// row lock of its update, so concurrent cancels of one order are serialised (the second finds it
 /// cancelled) and the event's outbox id comes after every earlier event of the order: with
 /// [`RelayOrdering::Aggregate`](txoutbox::RelayOrdering::Aggregate) it is published after
-/// the order's `OrderCreated`.
+/// the order's `OrderCreated`. The event carries `trace`, the request's trace context.
 pub fn cancel(
     conn: &mut PooledClient,
     outbox: &Outbox,
     id: Uuid,
+    trace: Option<&TraceContext>,
     announce: &Announce,
 ) -> Result<Cancellation> {
     let prepare = |e| Error::db("cannot prepare the order statements", e);
@@ -512,7 +525,7 @@ pub fn cancel(
         });
     };
     let order = Order::from_row(&row);
-    outbox::insert_event(&mut tx, &insert_event, &cancelled_event(&order))?;
+    outbox::insert_event(&mut tx, &insert_event, &traced(cancelled_event(&order), trace))?;
     tx.commit()
         .map_err(|e| Error::db("cannot commit the cancellation", e))?;
     if let Announce::Wake(waker) = announce {

@@ -1,6 +1,7 @@
 //! The status page: `GET /` serves one self-contained HTML page that polls `GET /status.json`
-//! for orders by status, the outbox backlog and its oldest age, failed events, and events
-//! published per second over the last ten minutes.
+//! for orders by status, the outbox backlog and its oldest age, the failed events, the
+//! dead-letter queue's depth, and events published per second over the last ten minutes. Its
+//! buttons call the operator actions of [`crate::http`] (retry failed events, replay dead letters).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use serde_json::{json, Map, Value};
 
-use txoutbox::admin::outbox_summary;
+use txoutbox::admin::{self, outbox_summary};
 use txoutbox::db::Database;
 use txoutbox::relay::RelayHealth;
 use txoutbox::{Error, Result};
@@ -36,6 +37,12 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One pass over `orders`: a scan of the table, cheap at thousands of rows (docs/operating.md, Status page).
 const ORDERS_BY_STATUS: &str = "SELECT status, count(*) FROM orders GROUP BY status";
+
+/// Failed events listed at most (oldest first); the count shows them all.
+const FAILED_LISTED: i64 = 20;
+
+/// How often the sampler reads the dead-letter queue's depth from RabbitMQ.
+const DEAD_LETTER_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Order statuses the page always shows, even at zero.
 const STATUSES: [&str; 3] = ["PENDING", "COMPLETED", "CANCELLED"];
@@ -86,10 +93,45 @@ impl Drop for Sampler {
     }
 }
 
+/// Where the server reaches RabbitMQ for the dead-letter queue: its depth on the status page
+/// and `POST /dead-letters/replay`.
+#[derive(Clone)]
+pub struct BrokerAccess {
+    /// `AMQP_URL` (it may hold a password: never logged).
+    pub amqp_url: String,
+    /// The exchange and queues of the relay and consumer.
+    pub topology: txoutbox::Topology,
+}
+
+/// The dead-letter queue's depth as last read, or why it could not be read.
+#[derive(Default)]
+pub(crate) struct DeadLetters(Mutex<Option<std::result::Result<u32, String>>>);
+
+impl DeadLetters {
+    /// Reads the depth from RabbitMQ now and keeps it.
+    pub(crate) fn read(&self, broker: &BrokerAccess) {
+        let depth = admin::dead_letter_depth(&broker.amqp_url, &broker.topology).map_err(|e| e.to_string());
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(depth);
+    }
+
+    fn to_json(&self) -> Value {
+        match &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => json!({ "depth": null, "error": null }),
+            Some(Ok(depth)) => json!({ "depth": depth, "error": null }),
+            Some(Err(e)) => json!({ "depth": null, "error": e }),
+        }
+    }
+}
+
 /// What `GET /status.json` reports, shared by the HTTP threads.
 pub(crate) struct StatusPage {
     db: Database,
     relay: Option<RelayHealth>,
+    /// `None` when the server was given no broker access: no dead-letter figures or replay.
+    broker: Option<BrokerAccess>,
+    dead_letters: Arc<DeadLetters>,
+    /// Whether the operator actions need the API token (the page then asks for it).
+    auth_required: bool,
     history: Arc<History>,
     /// The last database figures and until when they are served; the lock also makes
     /// concurrent viewers wait for one query instead of each running their own.
@@ -97,20 +139,53 @@ pub(crate) struct StatusPage {
 }
 
 impl StatusPage {
-    /// The page's state, and the sampler thread when a relay runs in this process.
-    pub(crate) fn start(db: Database, relay: Option<RelayHealth>) -> Result<(StatusPage, Option<Sampler>)> {
+    /// The page's state, and the sampler thread when a relay runs in this process or the
+    /// broker is given.
+    pub(crate) fn start(
+        db: Database,
+        relay: Option<RelayHealth>,
+        broker: Option<BrokerAccess>,
+        auth_required: bool,
+    ) -> Result<(StatusPage, Option<Sampler>)> {
         let history = Arc::new(History::default());
-        let sampler = match &relay {
-            Some(health) => Some(start_sampler(health.clone(), history.clone())?),
-            None => None,
+        let dead_letters = Arc::new(DeadLetters::default());
+        let sampler = if relay.is_some() || broker.is_some() {
+            Some(start_sampler(
+                relay.clone(),
+                broker.clone(),
+                history.clone(),
+                dead_letters.clone(),
+            )?)
+        } else {
+            None
         };
         let page = StatusPage {
             db,
             relay,
+            broker,
+            dead_letters,
+            auth_required,
             history,
             cached: Mutex::new(None),
         };
         Ok((page, sampler))
+    }
+
+    /// The broker access the server was given, if any.
+    pub(crate) fn broker(&self) -> Option<&BrokerAccess> {
+        self.broker.as_ref()
+    }
+
+    /// Reads the dead-letter queue's depth again now (after a replay).
+    pub(crate) fn refresh_dead_letters(&self) {
+        if let Some(broker) = &self.broker {
+            self.dead_letters.read(broker);
+        }
+    }
+
+    /// Drops the cached database figures, so that the next view shows an action's effect.
+    pub(crate) fn invalidate(&self) {
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// The figures as JSON. Always an answer: a database failure is reported in
@@ -131,6 +206,9 @@ impl StatusPage {
             "outbox": Value::Null,
             "database_error": Value::Null,
             "relay": relay,
+            "dead_letters": self.broker.as_ref().map(|_| self.dead_letters.to_json()),
+            "failed_events": Value::Null,
+            "auth_required": self.auth_required,
             "events_per_sec": {
                 "interval_secs": SAMPLE_INTERVAL.as_secs(),
                 "window_secs": HISTORY as u64 * SAMPLE_INTERVAL.as_secs(),
@@ -142,6 +220,7 @@ impl StatusPage {
             Ok(figures) => {
                 body["orders"] = figures["orders"].clone();
                 body["outbox"] = figures["outbox"].clone();
+                body["failed_events"] = figures["failed_events"].clone();
             }
             Err(e) => body["database_error"] = Value::String(e.to_string()),
         }
@@ -173,27 +252,65 @@ impl StatusPage {
                 orders.insert(row.get(0), json!(row.get::<_, i64>(1)));
             }
             let outbox = outbox_summary(tx, self.db.schema())?;
+            let failed: Vec<Value> = self
+                .db
+                .outbox()
+                .failed_events(tx, FAILED_LISTED)?
+                .into_iter()
+                .map(|event| {
+                    json!({
+                        "id": event.id,
+                        "message_id": event.message_id.to_string(),
+                        "event_type": event.event_type,
+                        "aggregate_id": event.aggregate_id,
+                        "attempts": event.attempts,
+                        "last_error": event.last_error,
+                        "age_secs": event.age_secs.round(),
+                    })
+                })
+                .collect();
             Ok(json!({
+                "failed_events": failed,
                 "orders": orders,
                 "outbox": {
                     "backlog": outbox.backlog,
                     "oldest_age_secs": (outbox.oldest_age_secs * 10.0).round() / 10.0,
                     "failed": outbox.failed,
+                    "scheduled": outbox.scheduled,
+                    "next_due_secs": outbox.next_due_secs.map(|s| (s * 10.0).round() / 10.0),
                 },
             }))
         })
     }
 }
 
-fn start_sampler(health: RelayHealth, history: Arc<History>) -> Result<Sampler> {
+/// Samples the relay's published counter every [`SAMPLE_INTERVAL`] and the dead-letter
+/// queue's depth every [`DEAD_LETTER_INTERVAL`], on one thread.
+fn start_sampler(
+    relay: Option<RelayHealth>,
+    broker: Option<BrokerAccess>,
+    history: Arc<History>,
+    dead_letters: Arc<DeadLetters>,
+) -> Result<Sampler> {
     let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
     let thread = std::thread::Builder::new()
         .name("status-sampler".into())
-        .spawn(move || loop {
-            history.record(Instant::now(), health.published());
-            match stopped.recv_timeout(SAMPLE_INTERVAL) {
-                Err(RecvTimeoutError::Timeout) => {}
-                Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        .spawn(move || {
+            let mut dead_letters_read: Option<Instant> = None;
+            loop {
+                if let Some(health) = &relay {
+                    history.record(Instant::now(), health.published());
+                }
+                if let Some(broker) = &broker {
+                    if dead_letters_read.map_or(true, |at| at.elapsed() >= DEAD_LETTER_INTERVAL) {
+                        dead_letters.read(broker);
+                        dead_letters_read = Some(Instant::now());
+                    }
+                }
+                match stopped.recv_timeout(SAMPLE_INTERVAL) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                }
             }
         })
         .map_err(|e| Error::Other(format!("cannot start the status sampler thread: {e}")))?;

@@ -54,8 +54,14 @@ fn dead_letters_are_replayed_onto_the_main_queue_once() {
         broker.ready(&dlq) == 5
     });
     assert_eq!(
+        admin::replay_dead_letters_at_most(&broker.url, &broker.topology, 2).unwrap(),
+        2,
+        "a bounded replay stops at its limit"
+    );
+    assert_eq!((broker.ready(&dlq), broker.ready_main()), (3, 2));
+    assert_eq!(
         admin::replay_dead_letters(&broker.url, &broker.topology).unwrap(),
-        5
+        3
     );
     assert_eq!(broker.ready(&dlq), 0);
     assert_eq!(broker.ready_main(), 5);

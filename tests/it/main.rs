@@ -13,4 +13,6 @@ mod migrate;
 mod outbox;
 mod pool;
 mod quorum;
+mod scheduled;
 mod tls;
+mod trace;

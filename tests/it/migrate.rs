@@ -147,9 +147,9 @@ fn tables_can_live_in_a_schema_of_their_own() {
 pub const DATA_ONLY_GRANTS: &str = "
     GRANT CONNECT ON DATABASE {db} TO {role};
     GRANT USAGE ON SCHEMA public TO {role};
-    GRANT SELECT, INSERT, UPDATE, DELETE ON outbox, processed_messages TO {role};
+    GRANT SELECT, INSERT, UPDATE, DELETE ON outbox, outbox_scheduled, processed_messages TO {role};
     GRANT SELECT ON txoutbox_migrations TO {role};
-    GRANT USAGE ON SEQUENCE outbox_id_seq TO {role};
+    GRANT USAGE ON SEQUENCE outbox_id_seq, outbox_scheduled_id_seq TO {role};
     GRANT SELECT, INSERT, UPDATE, DELETE ON effects TO {role};";
 
 #[test]

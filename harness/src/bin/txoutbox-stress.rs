@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{env_or, Setting};
 use txoutbox_harness::stress::{
-    self, StressOptions, DEFAULT_CONCURRENCY, DEFAULT_ORDERS, DEFAULT_TIMEOUT, DEFAULT_URL,
+    self, StressOptions, DEFAULT_CONCURRENCY, DEFAULT_ORDERS, DEFAULT_RETRIES, DEFAULT_TIMEOUT, DEFAULT_URL,
 };
 use txoutbox_service::config::DEFAULT_DATABASE_URL;
 
@@ -54,6 +54,11 @@ const FLAGS: &[Flag] = &[
         value: "SECONDS",
         help: "deadline for every order to be COMPLETED, from the start",
     },
+    Flag {
+        name: "--retries",
+        value: "N",
+        help: "resends of an order (same Idempotency-Key) after a 5xx or no answer; 0: none",
+    },
 ];
 
 fn flag_default(name: &str) -> String {
@@ -62,13 +67,15 @@ fn flag_default(name: &str) -> String {
         "--orders" => DEFAULT_ORDERS.to_string(),
         "--concurrency" => DEFAULT_CONCURRENCY.to_string(),
         "--timeout" => DEFAULT_TIMEOUT.as_secs().to_string(),
+        "--retries" => DEFAULT_RETRIES.to_string(),
         _ => String::new(),
     }
 }
 
 fn print_help() {
-    let mut usage =
-        String::from("txoutbox-stress [--url URL] [--orders N] [--concurrency C] [--timeout SECONDS]");
+    let mut usage = String::from(
+        "txoutbox-stress [--url URL] [--orders N] [--concurrency C] [--timeout SECONDS] [--retries N]",
+    );
     usage.push_str("\n\nOptions (--name VALUE or --name=VALUE):");
     for flag in FLAGS {
         let name = format!("{} {}", flag.name, flag.value);
@@ -82,7 +89,8 @@ fn print_help() {
     usage.push_str(&format!("\n  {:<22} {}", "--help", "print this help"));
     common::print_help(
         "txoutbox-stress",
-        "load test: POSTs orders, waits until each is COMPLETED, and verifies \
+        "load test: POSTs orders (each with an Idempotency-Key of its own, resent under the \
+         same key after a 5xx or no answer), waits until each is COMPLETED, and verifies \
          accepted = COMPLETED = processed with an empty outbox (exit 1 otherwise)",
         &usage,
         SETTINGS,
@@ -144,6 +152,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<StressOptions, S
             "--url" => options.url = value.trim().to_string(),
             "--orders" => options.orders = number("a whole number of orders")?,
             "--concurrency" => options.concurrency = number("a whole number of connections")?,
+            "--retries" => options.retries = number("a whole number of retries")?,
             "--timeout" => {
                 let seconds = value
                     .trim()
@@ -178,12 +187,15 @@ mod tests {
             "--timeout=2.5",
             "--url",
             "http://h:1",
+            "--retries=0",
         ])
         .expect("valid arguments");
         assert_eq!(options.orders, 100);
         assert_eq!(options.concurrency, 4);
         assert_eq!(options.timeout, Duration::from_millis(2500));
         assert_eq!(options.url, "http://h:1");
+        assert_eq!(options.retries, 0);
+        assert_eq!(parse(&[]).expect("defaults").retries, DEFAULT_RETRIES);
         assert_eq!(parse(&[]).expect("defaults").orders, DEFAULT_ORDERS);
     }
 

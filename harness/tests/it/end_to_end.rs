@@ -6,7 +6,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use txoutbox_harness::stress::{self, StressOptions};
-use txoutbox_testkit::{amqp_url, stall_a_body, wait_until, workspace_binary, TestBroker, TestDb};
+use txoutbox_testkit::{
+    amqp_url, base_database_url, stall_a_body, url_with_database, wait_until, workspace_binary, TestBroker,
+    TestDb,
+};
 
 /// A child process killed when the test ends, whatever happens.
 struct Process(Child);
@@ -39,7 +42,7 @@ fn start_server(t: &TestDb, broker: &TestBroker) -> (Process, String) {
     (server, addr)
 }
 
-/// [`spawn`] with `extra` settings on top.
+/// [`spawn`] with `extra` settings on top (they win over the defaults).
 fn spawn_with(
     binary: &str,
     t: &TestDb,
@@ -48,7 +51,6 @@ fn spawn_with(
     extra: &[(&str, &str)],
 ) -> Process {
     let child = Command::new(binary)
-        .envs(extra.iter().copied())
         .env("DATABASE_URL", &t.url)
         .env("AMQP_URL", amqp_url())
         .env("AMQP_EXCHANGE", &broker.topology.exchange)
@@ -58,6 +60,7 @@ fn spawn_with(
         // Tests run side by side: each consumer's metrics listener takes a port of its own.
         .env("CONSUMER_METRICS_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
+        .envs(extra.iter().copied())
         .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
@@ -78,6 +81,7 @@ fn orders_over_http_are_all_completed_exactly_once_by_the_real_binaries() {
         timeout: Duration::from_secs(120),
         database_url: t.url.clone(),
         progress: false,
+        ..StressOptions::default()
     })
     .expect("the stress run completes");
     println!("{report}");
@@ -88,6 +92,72 @@ fn orders_over_http_are_all_completed_exactly_once_by_the_real_binaries() {
     );
     assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 1000);
     assert_eq!(t.count("SELECT count(*) FROM outbox"), 0);
+}
+
+/// The server's database refuses connections for 2.5 s and the server's sessions are ended
+/// under the load: POSTs get 503 (or lose their connection), `txoutbox-stress` sends them
+/// again under their `Idempotency-Key`, and no retry makes a second order.
+#[test]
+fn stress_retries_through_a_database_cut_without_a_second_order() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    // Named, so that only its sessions are ended (stress's own stays to verify).
+    let separator = if t.url.contains('?') { '&' } else { '?' };
+    let server_url = format!("{}{separator}application_name=e2e-server", t.url);
+    let _server = spawn_with(
+        &workspace_binary("txoutbox-server"),
+        &t,
+        &broker,
+        &addr,
+        &[("DATABASE_URL", &server_url)],
+    );
+    wait_until("the server answers", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    let _consumer = spawn(&workspace_binary("txoutbox-consumer"), &t, &broker, "unused");
+    let url = format!("http://{addr}");
+    let database_url = t.url.clone();
+    let load = std::thread::spawn(move || {
+        stress::run(&StressOptions {
+            url,
+            orders: 3000,
+            concurrency: 8,
+            timeout: Duration::from_secs(90),
+            database_url,
+            progress: false,
+            retries: 6,
+        })
+    });
+    wait_until("orders are flowing", Duration::from_secs(30), || {
+        t.count("SELECT count(*) FROM orders") > 200
+    });
+    let mut admin = postgres::Client::connect(
+        &url_with_database(&base_database_url(), "postgres"),
+        postgres::NoTls,
+    )
+    .expect("the maintenance database");
+    let allow = |allow: bool| format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS {allow}", t.name);
+    admin.batch_execute(&allow(false)).expect("refuse connections");
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = 'e2e-server'",
+            &[&t.name],
+        )
+        .expect("terminate the sessions");
+    std::thread::sleep(Duration::from_millis(2500));
+    admin.batch_execute(&allow(true)).expect("allow connections");
+
+    let report = load.join().expect("the load thread").expect("the stress run");
+    println!("{report}");
+    assert!(report.verified(), "verification failed:\n{report}");
+    assert!(report.retries > 0, "the cut made no POST fail:\n{report}");
+    assert_eq!(
+        t.count("SELECT count(*) FROM orders") as usize,
+        report.accepted,
+        "a retry created a second order"
+    );
 }
 
 #[test]
@@ -378,6 +448,7 @@ fn sigterm_under_load_stops_both_binaries_cleanly_and_loses_nothing() {
             timeout: Duration::from_secs(5),
             database_url,
             progress: false,
+            ..StressOptions::default()
         })
     });
     wait_until("orders are flowing", Duration::from_secs(30), || {

@@ -71,6 +71,12 @@ const SETTINGS: &[Setting] = &[
         default: "10",
         help: "broker refusals (nack, unroutable) before an event is marked failed",
     },
+    Setting {
+        name: "RELAY_CLOUDEVENTS_SOURCE",
+        default: txoutbox::broker::DEFAULT_CLOUDEVENTS_SOURCE,
+        help: "CloudEvents source of each message (cloudEvents:source header), a URI reference; \
+               {aggregate_type} is replaced by the event's aggregate type",
+    },
 ];
 
 fn main() {
@@ -110,6 +116,10 @@ fn try_main() -> Result<(), String> {
         // The order consumer applies each event's transition as it arrives, so the service
         // keeps per-aggregate order unless told otherwise (the library default is none).
         ordering: env_parse("RELAY_ORDERING", RelayOrdering::Aggregate)?,
+        cloudevents_source: env_or(
+            "RELAY_CLOUDEVENTS_SOURCE",
+            txoutbox::broker::DEFAULT_CLOUDEVENTS_SOURCE,
+        ),
         ..RelayConfig::default()
     };
     let pool_size = http_config.threads + 2;
@@ -127,9 +137,13 @@ fn try_main() -> Result<(), String> {
     let db = Database::connect(&database_url, &pool).map_err(|e| e.to_string())?;
     orders::install_table(&db).map_err(|e| e.to_string())?;
     orders::start_key_purge(db.clone()).map_err(|e| e.to_string())?;
+    let broker = http::BrokerAccess {
+        amqp_url: amqp_url.clone(),
+        topology: topology.clone(),
+    };
     let relay = relay::start(db.clone(), &amqp_url, topology, relay_config).map_err(|e| e.to_string())?;
     let announce = orders::Announce::Wake(relay.waker());
-    let server = http::serve_with_relay(&http_config, db, announce, Some(relay.health()))
+    let server = http::serve_with(&http_config, db, announce, Some(relay.health()), Some(broker))
         .map_err(|e| e.to_string())?;
     println!("txoutbox-server listening on http://{}", server.addr());
     shutdown.wait();

@@ -439,6 +439,7 @@ fn order_message(event_type: &str, order_id: Uuid) -> Message {
         aggregate_sequence: None,
         payload: json!({ "order_id": order_id.to_string() }),
         redelivered: false,
+        trace_context: None,
     }
 }
 

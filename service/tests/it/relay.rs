@@ -43,7 +43,7 @@ fn an_order_is_not_written_when_its_outbox_insert_fails() {
         amount: Amount::parse("10.00").unwrap(),
     };
     let mut conn = t.db.get().unwrap();
-    let result = orders::create(&mut conn, t.db.outbox(), &new, &orders::Announce::Notify);
+    let result = orders::create(&mut conn, t.db.outbox(), &new, None, &orders::Announce::Notify);
     let error = result.expect_err("the order must fail when its event cannot be written");
     assert!(error.to_string().contains("outbox refused by test"), "{error}");
     assert_eq!(t.count("SELECT count(*) FROM orders"), 0);

@@ -94,6 +94,10 @@ impl SampleEvent {
                 exchange: None,
                 routing_key: None,
                 aggregate_sequence: None,
+                // What the server's events carry: a trace context and a creation time.
+                trace_context: Some(txoutbox::TraceContext::new_root()),
+                created_at: Some("2024-01-01T00:00:00.000000Z".into()),
+                source: None,
             })
             .collect()
     }
@@ -125,7 +129,7 @@ pub fn database(
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections {
         let mut client = fresh.db.get()?;
-        orders::create(&mut client, &outbox, &random_order()?, &announce)?;
+        orders::create(&mut client, &outbox, &random_order()?, None, &announce)?;
         clients.push(client);
     }
     let warm_up = connections as u64;
@@ -145,8 +149,11 @@ pub fn database(
                     barrier.wait();
                     let deadline = Instant::now() + plan.db_ceiling;
                     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-                        let created = random_order()
-                            .and_then(|order| orders::create(&mut client, outbox, &order, announce));
+                        let created = random_order().and_then(|order| {
+                            // Like the server, which gives every event a trace context.
+                            let trace = txoutbox::TraceContext::new_root();
+                            orders::create(&mut client, outbox, &order, Some(&trace), announce)
+                        });
                         match created {
                             Ok(_) => commits.fetch_add(1, Ordering::Relaxed),
                             Err(e) => return Some(e.to_string()),

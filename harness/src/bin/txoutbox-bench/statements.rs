@@ -501,11 +501,17 @@ pub fn attribute(raw: Vec<Statement>) -> Vec<Statement> {
     out
 }
 
-/// The relay's: it reads or changes the outbox without inserting into it, or sets up its
-/// session (`LISTEN`, `SET`; the HTTP path's connections run no such statement).
+/// The relay's: it reads or changes the outbox without inserting into it, moves scheduled
+/// events (anything on `outbox_scheduled` but the insert that schedules one, which is the
+/// request's), or sets up its session (`LISTEN`, `SET`; the HTTP path's connections run no
+/// such statement).
 fn is_relay(query: &str) -> bool {
     let q = query.to_ascii_lowercase();
+    if inserts_into(&q, "outbox_scheduled") {
+        return false;
+    }
     ["listen ", "unlisten ", "set "].iter().any(|p| q.starts_with(p))
+        || q.contains("outbox_scheduled")
         || (q.contains("outbox") && !inserts_into(&q, "outbox"))
 }
 
@@ -623,6 +629,12 @@ mod tests {
                 30,
             ),
             statement(Component::Http, "LISTEN txoutbox_outbox", 1),
+            statement(
+                Component::Http,
+                "WITH due AS (DELETE FROM public.outbox_scheduled RETURNING *) INSERT INTO public.outbox (a) SELECT 1",
+                2,
+            ),
+            statement(Component::Http, "INSERT INTO public.outbox_scheduled (not_before) VALUES ($1)", 3),
             statement(Component::Consumer, "BEGIN", 10),
         ]);
         let calls = |component, query: &str| {
@@ -634,20 +646,22 @@ mod tests {
         assert_eq!(calls(Component::Http, "BEGIN"), 100);
         assert_eq!(calls(Component::Relay, "BEGIN"), 30);
         assert_eq!(calls(Component::Relay, "COMMIT"), 30);
-        assert_eq!(calls(Component::Http, "INSERT INTO public.outbox"), 100);
+        assert_eq!(calls(Component::Http, "INSERT INTO public.outbox (message_id)"), 100);
         assert_eq!(calls(Component::Relay, "WITH c"), 30);
         assert_eq!(calls(Component::Relay, "DELETE"), 30);
         assert_eq!(calls(Component::Relay, "LISTEN"), 1);
         assert_eq!(calls(Component::Relay, "ROLLBACK"), 5);
         assert_eq!(calls(Component::Relay, "SET"), 5);
+        assert_eq!(calls(Component::Relay, "WITH due"), 2);
+        assert_eq!(calls(Component::Http, "INSERT INTO public.outbox_scheduled"), 3);
         assert_eq!(calls(Component::Consumer, "BEGIN"), 10);
         let counted = Counted {
             orders: 100,
             statements: out,
             ..Counted::default()
         };
-        assert_eq!(counted.per_order(Component::Http).calls, 4.0);
-        assert!((counted.per_order(Component::Relay).calls - 1.31).abs() < 1e-9);
+        assert_eq!(counted.per_order(Component::Http).calls, 4.03);
+        assert!((counted.per_order(Component::Relay).calls - 1.33).abs() < 1e-9);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The five cases. Each: a fresh database and queue, a server and a consumer, load; then the
-//! failure mid-load, the repair, more load; then the drain and the verification.
+//! The cases. Each: a fresh database and queue, a server and a consumer, load; then the
+//! failure mid-load, the repair, more load; then the drain and the verification. The two
+//! delivery cases (poison deliveries, the consumer's database cut) are in [`crate::delivery`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,12 +10,13 @@ use std::time::{Duration, Instant};
 use txoutbox::{Error, Result};
 
 use crate::attack::Attack;
-use crate::load::{accepted_ids, Load, Record, Summary};
+use crate::delivery::{self, CutOutcome, CutSeen, PoisonSeen};
+use crate::load::{accepted_ids, Cancels, Load, Record, Summary};
 use crate::options::{Case, Plan, MAX_WARNINGS_PER_WORKER, SLOW_ANSWER};
 use crate::procs::{application_name, Kind, Launcher, Proc, READY_TIMEOUT};
 use crate::report::CaseResult;
 use crate::services::{unacked_deliveries, Services, Which};
-use crate::verify::{outbox_rows, wait_for_drain};
+use crate::verify::{outbox_rows, wait_for_drain, Accepted};
 use crate::world::{ChaosBroker, ChaosDb, World};
 use txoutbox_harness::support::process::free_port;
 
@@ -55,6 +57,10 @@ struct Injection {
     caught: Option<String>,
     /// The server's figures under attack (hostile-clients only).
     hostile: Option<Hostile>,
+    /// The poison published and the queue while it passed (poison-header only).
+    poison: Option<PoisonSeen>,
+    /// The consumer's database cut (consumer-database-failure only).
+    cut: Option<CutSeen>,
 }
 
 /// The server's threads and descriptors around the attack, and what the attackers did.
@@ -78,10 +84,32 @@ fn thread_ceiling(baseline: usize) -> usize {
     baseline + SERVER_MAX_CONNECTIONS + 2 * SERVER_THREADS
 }
 
-/// What the server may keep after an attack: the handlers' connections to tiny_http (a thread
-/// and two descriptors each) and a little slack.
-fn settled(baseline: (usize, usize), now: (usize, usize)) -> bool {
-    now.0 <= baseline.0 + 2 * SERVER_THREADS + 2 && now.1 <= baseline.1 + 4 * SERVER_THREADS + 8
+/// What the server may keep after an attack over its baseline (threads, descriptors): the
+/// handlers' connections to tiny_http (a thread and two descriptors each) and a little slack.
+const SERVER_SLACK: (usize, usize) = (2 * SERVER_THREADS + 2, 4 * SERVER_THREADS + 8);
+
+/// How long a process's threads and descriptors may take to come back after a failure.
+const SETTLE_WITHIN: Duration = Duration::from_secs(15);
+
+/// True when `now` is at most `slack` over `baseline` (threads, descriptors).
+fn settled(baseline: (usize, usize), now: (usize, usize), slack: (usize, usize)) -> bool {
+    now.0 <= baseline.0 + slack.0 && now.1 <= baseline.1 + slack.1
+}
+
+/// Waits up to [`SETTLE_WITHIN`] until `process`'s threads and descriptors are back within
+/// `slack` of `baseline`; what they are then, and how long it took (`None`: not back).
+pub fn wait_settled(
+    process: &Proc,
+    baseline: (usize, usize),
+    slack: (usize, usize),
+) -> ((usize, usize), Option<Duration>) {
+    let started = Instant::now();
+    let mut now = process.resources().unwrap_or_default();
+    while !settled(baseline, now, slack) && started.elapsed() < SETTLE_WITHIN {
+        std::thread::sleep(SAMPLE_EVERY);
+        now = process.resources().unwrap_or_default();
+    }
+    (now, settled(baseline, now, slack).then(|| started.elapsed()))
 }
 
 /// The 99th percentile latency of the records sent within `window`.
@@ -98,6 +126,9 @@ fn p99(records: &[Record], window: (Duration, Duration)) -> Duration {
 
 /// How long the consumer is frozen to build a backlog before it is killed.
 const BACKLOG_PAUSE: Duration = Duration::from_millis(500);
+/// For every this many orders of the load's rate, one more is created and cancelled
+/// (consumer-database-failure).
+const CANCEL_SHARE: u32 = 10;
 /// Freeze-and-look attempts before a process is killed whatever it is doing.
 const CATCH_TRIES: u64 = 100;
 
@@ -136,7 +167,14 @@ fn run_case(
     server.wait_listening(addr)?;
     wait_consuming(&broker, &mut [&mut server, &mut consumer])?;
 
-    let load = Load::start(&format!("http://{addr}"), plan.rate, plan.connections)?;
+    let url = format!("http://{addr}");
+    let load = Load::start(&url, plan.rate, plan.connections)?;
+    // Orders created and cancelled 300 ms later beside the load: each aggregate's two events
+    // are in flight together, through the cut.
+    let cancels = match case {
+        Case::ConsumerDatabaseFailure => Some(Cancels::start(&url, plan.rate / CANCEL_SHARE)?),
+        _ => None,
+    };
     pause(plan.warmup, &mut [&mut server, &mut consumer])?;
     println!(
         "  load running: {} accepted in {:.0} s",
@@ -155,6 +193,8 @@ fn run_case(
         repair_took: Duration::ZERO,
         caught: None,
         hostile: None,
+        poison: None,
+        cut: None,
     };
     match case {
         Case::BrokerOutage => {
@@ -194,23 +234,10 @@ fn run_case(
         }
         Case::KillConsumer => {
             // A backlog first, so that it is busy; then killed inside a batch's transaction.
-            consumer.signal("STOP")?;
-            std::thread::sleep(BACKLOG_PAUSE);
-            consumer.signal("CONT")?;
+            build_backlog(&consumer)?;
             let mut client = db.client()?;
-            let queue = broker.topology.queue.clone();
             let caught = kill_mid_work(&mut consumer, || {
-                let open = client
-                    .query_one(IN_TRANSACTION, &[&application_name(Kind::Consumer)])
-                    .map_err(|e| Error::db("cannot read pg_stat_activity", e))?;
-                if open.get::<_, i64>(0) == 0 {
-                    return Ok(None);
-                }
-                // Frozen, so the count holds still while rabbitmqctl takes its second.
-                Ok(Some(match unacked_deliveries(&queue) {
-                    Some(n) => format!("inside a batch's transaction, holding {n} unacked deliveries"),
-                    None => "inside a batch's transaction".to_string(),
-                }))
+                consumer_in_transaction(&mut client, &broker.topology.queue)
             })?;
             println!(
                 "  consumer killed (kill -9){}",
@@ -243,13 +270,7 @@ fn run_case(
                 .load(std::sync::atomic::Ordering::Relaxed);
             let refusals = attack.tally.refusals.load(std::sync::atomic::Ordering::Relaxed);
             attack.stop();
-            let stopped = Instant::now();
-            let mut after = server.resources().unwrap_or_default();
-            while !settled(baseline, after) && stopped.elapsed() < Duration::from_secs(15) {
-                std::thread::sleep(SAMPLE_EVERY);
-                after = server.resources().unwrap_or_default();
-            }
-            let back_within = settled(baseline, after).then(|| stopped.elapsed());
+            let (after, back_within) = wait_settled(&server, baseline, SERVER_SLACK);
             println!(
                 "  attack over: {connections} hostile connections, {refusals} refused; threads/descriptors \
                  {baseline:?} before, {peak:?} at peak, {after:?} after"
@@ -263,19 +284,46 @@ fn run_case(
                 refusals,
             });
         }
+        Case::PoisonHeader => {
+            let watched = &mut [&mut server, &mut consumer];
+            injection.poison = Some(delivery::inject_poison(
+                &world.amqp_url,
+                &broker,
+                plan.outage,
+                watched,
+            )?);
+        }
+        Case::ConsumerDatabaseFailure => {
+            injection.cut = Some(delivery::cut_consumer_database(
+                &db,
+                &broker,
+                &mut consumer,
+                plan.outage,
+            )?);
+        }
     }
     injection.window.1 = load.elapsed();
 
     pause(plan.after, &mut [&mut server, &mut consumer])?;
     let records = load.stop();
+    let tally = cancels.map(Cancels::stop).unwrap_or_default();
     let ids = accepted_ids(&records);
     println!(
-        "  load stopped: {} POSTs, {} accepted; waiting for the drain (at most {} s)",
+        "  load stopped: {} POSTs, {} accepted{}; waiting for the drain (at most {} s)",
         records.len(),
         ids.len(),
+        if tally.cancelled.is_empty() {
+            String::new()
+        } else {
+            format!(", {} more created and cancelled", tally.cancelled.len())
+        },
         plan.drain_deadline.as_secs()
     );
-    let drain = wait_for_drain(&db, &ids, plan.drain_deadline)?;
+    let accepted = Accepted {
+        completed: &ids,
+        cancelled: &tally.cancelled,
+    };
+    let drain = wait_for_drain(&db, accepted, plan.drain_deadline)?;
     result.drained = drain.drained;
     result.drain_took = drain.took;
     let counts = drain.counts;
@@ -290,9 +338,14 @@ fn run_case(
         );
     }
     if let Ok(state) = broker.state() {
+        let poisoned = injection.poison.as_ref().map_or(0, |p| p.poisons.len());
         result.check(
-            "nothing was dead-lettered",
-            state.dead_lettered == 0,
+            if poisoned == 0 {
+                "nothing was dead-lettered".to_string()
+            } else {
+                format!("nothing but the {poisoned} poison deliveries was dead-lettered")
+            },
+            state.dead_lettered as usize == poisoned,
             format!(
                 "{} in {}",
                 state.dead_lettered,
@@ -414,7 +467,14 @@ fn run_case(
                     counts.redelivered
                 ),
             );
-            let before = Summary::of(&records, Some((Duration::ZERO, from)));
+            // Requests still in flight when the server died may get no answer: judge those
+            // whose answer (or failure) came before the kill.
+            let answered_before: Vec<Record> = records
+                .iter()
+                .filter(|r| r.sent + r.latency < from)
+                .cloned()
+                .collect();
+            let before = Summary::of(&answered_before, None);
             result.check(
                 "POSTs were answered 201 until the kill",
                 before.created == before.sent,
@@ -501,9 +561,58 @@ fn run_case(
                 ),
             );
         }
+        Case::PoisonHeader => {
+            if let Some(seen) = &injection.poison {
+                delivery::check_poison(
+                    result,
+                    seen,
+                    &world.amqp_url,
+                    &db,
+                    &broker,
+                    &records,
+                    injection.window.0,
+                )?;
+            }
+        }
+        Case::ConsumerDatabaseFailure => {
+            if let Some(seen) = &injection.cut {
+                let outcome = CutOutcome {
+                    seen,
+                    counts: &counts,
+                    tally: &tally,
+                    during: &during,
+                };
+                delivery::check_cut(result, &outcome, &db, &broker, &server, &consumer)?;
+            }
+        }
     }
     drop(records);
     Ok(())
+}
+
+/// Freezes the consumer for [`BACKLOG_PAUSE`] so that deliveries pile up, then lets it go: its
+/// next batches are full.
+pub fn build_backlog(consumer: &Proc) -> Result<()> {
+    consumer.signal("STOP")?;
+    std::thread::sleep(BACKLOG_PAUSE);
+    consumer.signal("CONT")
+}
+
+/// What the consumer is in the middle of, for [`freeze_mid_work`]: a batch's transaction
+/// (its connection inside one, seen through `client`), with the unacked deliveries of `queue`
+/// when `rabbitmqctl` can count them; `None` between batches.
+pub fn consumer_in_transaction(client: &mut postgres::Client, queue: &str) -> Result<Option<String>> {
+    let open = client
+        .query_one(IN_TRANSACTION, &[&application_name(Kind::Consumer)])
+        .map_err(|e| Error::db("cannot read pg_stat_activity", e))?;
+    if open.get::<_, i64>(0) == 0 {
+        return Ok(None);
+    }
+    // Frozen, so the count holds still while rabbitmqctl takes its second.
+    Ok(Some(match unacked_deliveries(queue) {
+        Some(n) => format!("inside a batch's transaction, holding {n} unacked deliveries"),
+        None => "inside a batch's transaction".to_string(),
+    }))
 }
 
 /// Waits until the case's queue has a consumer, checking that `processes` live.
@@ -542,7 +651,16 @@ fn pause(duration: Duration, processes: &mut [&mut Proc]) -> Result<()> {
 /// Freezes `process` (SIGSTOP) at varying moments until `busy` says what it is in the middle
 /// of, then kills it (SIGKILL); if it is never caught busy, kills it anyway. Returns what it
 /// was caught doing.
-fn kill_mid_work(
+fn kill_mid_work(process: &mut Proc, busy: impl FnMut() -> Result<Option<String>>) -> Result<Option<String>> {
+    let caught = freeze_mid_work(process, busy)?;
+    process.kill9()?;
+    Ok(caught)
+}
+
+/// Freezes `process` (SIGSTOP) at varying moments until `busy` says what it is in the middle
+/// of, and leaves it frozen there (the caller sends `CONT` or kills it); returns what it was
+/// caught doing, or `None`, with the process running, when it never was.
+pub fn freeze_mid_work(
     process: &mut Proc,
     mut busy: impl FnMut() -> Result<Option<String>>,
 ) -> Result<Option<String>> {
@@ -552,10 +670,7 @@ fn kill_mid_work(
         // A statement already sent finishes meanwhile; what is left open stays open.
         std::thread::sleep(Duration::from_millis(20));
         match busy() {
-            Ok(Some(doing)) => {
-                process.kill9()?;
-                return Ok(Some(doing));
-            }
+            Ok(Some(doing)) => return Ok(Some(doing)),
             Ok(None) => process.signal("CONT")?,
             Err(e) => {
                 process.signal("CONT")?;
@@ -563,7 +678,6 @@ fn kill_mid_work(
             }
         }
     }
-    process.kill9()?;
     Ok(None)
 }
 
@@ -589,7 +703,7 @@ fn watch_outbox(db: &ChaosDb, duration: Duration) -> usize {
 }
 
 /// Checks that relay workers and the consumer logged their trouble once per state change.
-fn check_warnings(result: &mut CaseResult, server: &Proc, consumer: &Proc) -> Result<()> {
+pub fn check_warnings(result: &mut CaseResult, server: &Proc, consumer: &Proc) -> Result<()> {
     let mut per_worker = warnings_per_worker(server.log_path(), "server")?;
     for (worker, n) in warnings_per_worker(consumer.log_path(), "consumer")? {
         *per_worker.entry(worker).or_default() += n;
@@ -654,7 +768,7 @@ fn is_warning(line: &str) -> bool {
     line.starts_with('[') && (line.contains(" WARN ") || line.contains(" ERROR "))
 }
 
-/// `relay[3]`, `relay-listen`, `consumer` or `pool` (r2d2 itself, or txoutbox's `db:` lines
+/// `relay[3]`, `relay-listen`, `relay-schedule`, `consumer` or `pool` (r2d2 itself, or txoutbox's `db:` lines
 /// about the pool) for a line one of them logged.
 fn worker_of(line: &str) -> Option<String> {
     let message = line.split_once("] ").map_or(line, |(_, m)| m);
@@ -665,7 +779,7 @@ fn worker_of(line: &str) -> Option<String> {
         let index = rest.split(']').next()?;
         return Some(format!("relay[{index}]"));
     }
-    for name in ["relay-listen", "consumer"] {
+    for name in ["relay-listen", "relay-schedule", "consumer"] {
         if message.starts_with(&format!("{name}:")) {
             return Some(name.to_string());
         }

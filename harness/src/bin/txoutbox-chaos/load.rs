@@ -3,7 +3,7 @@
 //! Every answer is recorded with when it was sent and how long it took, so a case can look at
 //! the window of its failure; the ids of the 201s are the orders that must not be lost.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -135,6 +135,123 @@ impl Drop for Load {
             let _ = thread.join();
         }
     }
+}
+
+/// How many times a cancel is sent again after a 5xx or no answer, and the pause between.
+const CANCEL_TRIES: u32 = 20;
+const CANCEL_PAUSE: Duration = Duration::from_millis(250);
+/// How long after its creation an order is cancelled: its two events are then some tens of
+/// deliveries apart, often in different batches of the consumer, within one prefetch window.
+const CANCEL_AFTER: Duration = Duration::from_millis(300);
+
+/// Orders created and cancelled [`CANCEL_AFTER`] later, from one thread beside the [`Load`]:
+/// each leaves an `OrderCreated` and then an `OrderCancelled` of its aggregate on the way to
+/// the consumer. [`stop`](Self::stop) cancels the orders still waiting, ends it and says which
+/// orders are cancelled for certain.
+pub struct Cancels {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<CancelTally>>,
+}
+
+/// What the cancelling thread did.
+#[derive(Clone, Debug, Default)]
+pub struct CancelTally {
+    /// Orders created (201) and cancelled for certain: answered 200, or 409 on a retry after
+    /// an answer lost (the first attempt had cancelled it).
+    pub cancelled: Vec<Uuid>,
+    /// Orders created whose cancel got no 200 or 409 in [`CANCEL_TRIES`]: their state is
+    /// unknown, so they are left out of the counts.
+    pub unresolved: Vec<Uuid>,
+    /// Cancels sent again after a 5xx or no answer.
+    pub retries: usize,
+    /// Creations that got no 201 (nothing to cancel).
+    pub not_created: usize,
+}
+
+impl Cancels {
+    /// Starts creating and cancelling `rate` orders per second at `url`.
+    pub fn start(url: &str, rate: u32) -> Result<Cancels> {
+        let mut client = OrderClient::new(url)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("cancels".into())
+            .spawn(move || create_and_cancel(&mut client, interval, &stopping))
+            .map_err(|e| Error::Other(format!("cannot start the cancelling thread: {e}")))?;
+        Ok(Cancels {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops (the order in hand is finished) and returns the tally.
+    pub fn stop(mut self) -> CancelTally {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|thread| thread.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Cancels {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The cancelling thread: an order every `interval` until `stop`, each cancelled once it is
+/// [`CANCEL_AFTER`] old; the ones still waiting at the end are cancelled then.
+fn create_and_cancel(client: &mut OrderClient, interval: Duration, stop: &AtomicBool) -> CancelTally {
+    let mut tally = CancelTally::default();
+    let mut waiting: VecDeque<(Uuid, Instant)> = VecDeque::new();
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        next = (next + interval).max(Instant::now());
+        match client.post_order_raw() {
+            Ok((201, body)) => match order_id(&body) {
+                Some(id) => waiting.push_back((id, Instant::now())),
+                None => tally.not_created += 1,
+            },
+            _ => tally.not_created += 1,
+        }
+        while let Some(&(id, created)) = waiting.front() {
+            if created.elapsed() < CANCEL_AFTER {
+                break;
+            }
+            waiting.pop_front();
+            cancel_for_certain(client, id, &mut tally);
+        }
+    }
+    for (id, _) in waiting {
+        cancel_for_certain(client, id, &mut tally);
+    }
+    tally
+}
+
+/// Cancels order `id`, again after a 5xx or no answer (a cancel is idempotent: a retry of one
+/// that went through gets 409), until it is cancelled for certain or [`CANCEL_TRIES`] pass.
+fn cancel_for_certain(client: &mut OrderClient, id: Uuid, tally: &mut CancelTally) {
+    for attempt in 0..CANCEL_TRIES {
+        if attempt > 0 {
+            tally.retries += 1;
+            std::thread::sleep(CANCEL_PAUSE);
+        }
+        match client.cancel_order_raw(id) {
+            Ok((200 | 409, _)) => {
+                tally.cancelled.push(id);
+                return;
+            }
+            Ok((status, _)) if status < 500 => break,
+            _ => {}
+        }
+    }
+    tally.unresolved.push(id);
 }
 
 fn is_json_error(body: &[u8]) -> bool {

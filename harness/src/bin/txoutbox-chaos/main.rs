@@ -1,10 +1,12 @@
-//! `txoutbox-chaos`: injects the failures of issue 4 into the real binaries under load, one
-//! after the other, and verifies after each that every order answered 201 is `COMPLETED`
-//! exactly once: nothing lost, nothing doubled.
+//! `txoutbox-chaos`: injects failures into the real binaries under load, one after the other,
+//! and verifies after each that every order answered 201 is `COMPLETED` (or `CANCELLED`, when
+//! the case cancelled it) exactly once: nothing lost, nothing doubled.
 //!
 //! Cases, in order: RabbitMQ stopped (`rabbitmqctl stop_app` ... `start_app`), Postgres stopped
 //! and started again (`pg_ctlcluster`), `kill -9` of the server then a new one, `kill -9` of the
-//! consumer then a new one. Each case gets its own database, exchange, queue, port and logs
+//! consumer then a new one, hostile HTTP clients, poison deliveries published beside the load,
+//! the consumer's database refusing connections mid-batch (`ALTER DATABASE ... ALLOW_CONNECTIONS
+//! false`) with orders cancelled in flight. Each case gets its own database, exchange, queue, port and logs
 //! (`target/chaos/<timestamp>/<case>-*.log`); the table goes to stdout and to
 //! `target/chaos/<timestamp>/results.md`. Every service it stops is started again on every
 //! way out: normal end, error, panic, Ctrl-C or SIGTERM.
@@ -12,8 +14,10 @@
 #[allow(dead_code)]
 mod attack;
 mod cases;
+mod delivery;
 mod load;
 mod options;
+mod poison;
 mod procs;
 mod report;
 mod services;

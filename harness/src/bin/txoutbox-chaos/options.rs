@@ -30,10 +30,22 @@ Cases, in this order:
                   Content-Lengths, slow uploads, oversized heads, idle connections up to the
                   cap: POSTs keep answering 201 quickly, the server's threads and descriptors
                   stay bounded and come back
+  poison-header   deliveries the consumer can never record, published straight to the queue
+                  beside the load (NUL in type, NUL in aggregate_id, a 5,000-character
+                  aggregate_id, a body that is not UTF-8): each is dead-lettered with its
+                  reason, the queue keeps its consumer, later orders complete within 5 s
+  consumer-database-failure
+                  orders created and cancelled 300 ms later beside the load; the consumer's
+                  database refuses connections for the outage (ALTER DATABASE ...
+                  ALLOW_CONNECTIONS false, its sessions terminated inside a batch; Postgres
+                  keeps running):
+                  the consumer recovers by itself, cancelled orders end CANCELLED and never
+                  COMPLETED after the cancel, every event is applied once, its threads and
+                  descriptors come back
 
 Options (--name VALUE or --name=VALUE):
-  --quick         a short run (about 1 minute): 3 s outages, 200 orders/s, short phases
-                  default: 10 s outages, 300 orders/s (about 1.5 minutes)
+  --quick         a short run (about 2 minutes): 3 s outages, 200 orders/s, short phases
+                  default: 10 s outages, 300 orders/s (about 3 minutes)
   --only CASES    run only these cases (comma separated names from the list above)
   --out DIR       logs and results go to DIR/<UTC timestamp>/
                   default: target/chaos
@@ -71,16 +83,22 @@ pub enum Case {
     KillConsumer,
     /// Hostile HTTP clients beside the load.
     HostileClients,
+    /// Deliveries the consumer cannot record, published beside the load.
+    PoisonHeader,
+    /// The consumer's database refuses connections for the outage, cancellations in flight.
+    ConsumerDatabaseFailure,
 }
 
 impl Case {
     /// Every case, in the order they run.
-    pub const ALL: [Case; 5] = [
+    pub const ALL: [Case; 7] = [
         Case::BrokerOutage,
         Case::DbRestart,
         Case::KillServer,
         Case::KillConsumer,
         Case::HostileClients,
+        Case::PoisonHeader,
+        Case::ConsumerDatabaseFailure,
     ];
 
     /// The name used on the command line, in file and database names.
@@ -91,6 +109,8 @@ impl Case {
             Case::KillServer => "kill-server",
             Case::KillConsumer => "kill-consumer",
             Case::HostileClients => "hostile-clients",
+            Case::PoisonHeader => "poison-header",
+            Case::ConsumerDatabaseFailure => "consumer-database-failure",
         }
     }
 
@@ -103,6 +123,10 @@ impl Case {
             Case::KillServer => "kill -9 server mid-load, restart".into(),
             Case::KillConsumer => "kill -9 consumer mid-batch, restart".into(),
             Case::HostileClients => format!("hostile HTTP clients for {outage} s beside the load"),
+            Case::PoisonHeader => "poison deliveries beside the load (NUL, oversize, not UTF-8)".into(),
+            Case::ConsumerDatabaseFailure => {
+                format!("consumer's database refused {outage} s mid-batch, cancels in flight")
+            }
         }
     }
 
@@ -243,6 +267,11 @@ mod tests {
         assert_eq!(o.out, Some(PathBuf::from("x")));
         assert!(Plan::new(&o).outage < Plan::new(&parse(&[]).expect("default")).outage);
         assert!(parse(&["--only", "nope"]).unwrap_err().contains("kill-consumer"));
+        let o = parse(&["--only", "poison-header,consumer-database-failure"]).expect("new cases");
+        assert_eq!(
+            o.only,
+            Some(vec![Case::PoisonHeader, Case::ConsumerDatabaseFailure])
+        );
         assert!(parse(&["--only"]).unwrap_err().contains("needs a value"));
         assert!(parse(&["--fast"]).unwrap_err().contains("--fast"));
         assert!(parse(&["-h"]).expect("help").help);

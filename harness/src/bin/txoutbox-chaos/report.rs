@@ -103,7 +103,7 @@ impl CaseResult {
                 "  -> {}: accepted {}, COMPLETED {}, duplicates {}, lost {}",
                 self.verdict(),
                 c.accepted,
-                c.completed,
+                completed(c),
                 c.duplicates(),
                 c.lost()
             ),
@@ -119,6 +119,15 @@ impl CaseResult {
     }
 }
 
+/// The COMPLETED figure: `N`, or `N + M CANCELLED` when the case cancelled orders.
+fn completed(c: &Counts) -> String {
+    if c.cancelled == 0 {
+        c.completed.to_string()
+    } else {
+        format!("{} + {} CANCELLED", c.completed, c.cancelled)
+    }
+}
+
 /// The results table (markdown, also readable as plain text).
 pub fn table(results: &[CaseResult]) -> String {
     let mut out = String::new();
@@ -128,7 +137,7 @@ pub fn table(results: &[CaseResult]) -> String {
         let (accepted, completed, duplicates, lost) = match &r.counts {
             Some(c) => (
                 c.accepted.to_string(),
-                c.completed.to_string(),
+                completed(c),
                 c.duplicates().to_string(),
                 c.lost().to_string(),
             ),
@@ -169,9 +178,10 @@ pub fn render(results: &[CaseResult], plan: &Plan, timestamp: &Timestamp, elapse
     );
     out.push_str(&table(results));
     out.push_str(
-        "\nAccepted: POSTs answered 201. COMPLETED: of those, COMPLETED at the end. Duplicates: \
-         second effects (an order with two processed OrderCreated rows or two status changes). \
-         Lost: accepted - COMPLETED.\n",
+        "\nAccepted: POSTs answered 201. COMPLETED: of those, COMPLETED at the end (+ the orders \
+         the case cancelled that are CANCELLED). Duplicates: second effects (an order with two \
+         processed events of one type or two changes to one status). Lost: accepted orders not \
+         in their final state.\n",
     );
     for r in results {
         let _ = writeln!(out, "\n## {} ({}): {}\n", r.title, r.case.slug(), r.verdict());
@@ -182,10 +192,10 @@ pub fn render(results: &[CaseResult], plan: &Plan, timestamp: &Timestamp, elapse
             let _ = writeln!(
                 out,
                 "- counts: accepted {}, COMPLETED {}, processed {}, missing {}, duplicates {}, lost {}; \
-                 orders in the database {} (not COMPLETED {}), outbox left {} (failed {}); \
-                 redeliveries absorbed by the dedupe {}",
+                 orders in the database {} (PENDING {}), outbox left {} (failed {}); \
+                 redeliveries absorbed by the dedupe {}{}",
                 c.accepted,
-                c.completed,
+                completed(c),
                 c.processed,
                 c.missing,
                 c.duplicates(),
@@ -194,7 +204,15 @@ pub fn render(results: &[CaseResult], plan: &Plan, timestamp: &Timestamp, elapse
                 c.pending_total,
                 c.outbox_left,
                 c.outbox_failed,
-                c.redelivered
+                c.redelivered,
+                if c.cancelled == 0 {
+                    String::new()
+                } else {
+                    format!(
+                        "; OrderCancelled processed {}, cancellations undone {}",
+                        c.cancels_processed, c.undone_cancels
+                    )
+                }
             );
             let _ = writeln!(
                 out,

@@ -1,11 +1,12 @@
-//! After a case: wait (with a deadline) until every order is `COMPLETED` and the outbox is
-//! empty, then count what happened to the accepted orders, in Postgres.
+//! After a case: wait (with a deadline) until every order is in its final state (`COMPLETED`,
+//! or `CANCELLED` for the orders the case cancelled) and the outbox is empty, then count what
+//! happened to the accepted orders, in Postgres.
 
 use std::time::{Duration, Instant};
 
 use postgres::Client;
 use txoutbox::{Error, Result};
-use txoutbox_service::orders::ORDER_CREATED;
+use txoutbox_service::orders::{ORDER_CANCELLED, ORDER_CREATED};
 use uuid::Uuid;
 
 use crate::world::ChaosDb;
@@ -15,35 +16,62 @@ const CHUNK: usize = 5_000;
 /// How often the drain is polled.
 const POLL: Duration = Duration::from_millis(250);
 
+/// Of the orders `$1`, those in status `$2`, and those found.
 const COUNT_ACCEPTED: &str = "\
-    SELECT count(*) FILTER (WHERE status = 'COMPLETED'), count(*) FROM orders WHERE id = ANY($1)";
-const COUNT_ALL_ORDERS: &str = "SELECT count(*), count(*) FILTER (WHERE status <> 'COMPLETED') FROM orders";
+    SELECT count(*) FILTER (WHERE status = $2), count(*) FROM orders WHERE id = ANY($1)";
+const COUNT_ALL_ORDERS: &str = "SELECT count(*), count(*) FILTER (WHERE status = 'PENDING') FROM orders";
 const COUNT_OUTBOX: &str = "SELECT count(*), count(*) FILTER (WHERE failed_at IS NOT NULL) FROM outbox";
 const COUNT_PROCESSED: &str = "\
     SELECT count(*) FROM processed_messages WHERE event_type = $2 AND aggregate_id = ANY($1::text[])";
-/// Orders with more than one processed `OrderCreated`, and the extra rows.
+/// Orders with more than one processed event of one type (two `OrderCreated`, two
+/// `OrderCancelled`), and the extra rows.
 const DOUBLED_PROCESSED: &str = "\
     SELECT count(*), coalesce(sum(n - 1), 0)::bigint FROM (
-        SELECT count(*) AS n FROM processed_messages WHERE event_type = $1
-        GROUP BY aggregate_id HAVING count(*) > 1) doubled";
-/// Orders whose status changed more than once (audit trigger), and the extra changes.
+        SELECT count(*) AS n FROM processed_messages
+        GROUP BY event_type, aggregate_id HAVING count(*) > 1) doubled";
+/// Orders that changed to one status more than once (audit trigger), and the extra changes.
+/// `PENDING -> COMPLETED -> CANCELLED` is two changes of two events, not a double.
 const DOUBLED_EFFECTS: &str = "\
     SELECT count(*), coalesce(sum(n - 1), 0)::bigint FROM (
-        SELECT count(*) AS n FROM chaos_effects GROUP BY order_id HAVING count(*) > 1) doubled";
+        SELECT count(*) AS n FROM chaos_effects
+        GROUP BY order_id, new_status HAVING count(*) > 1) doubled";
+/// Status changes out of `CANCELLED` (audit trigger): a cancellation undone.
+const UNDONE_CANCELS: &str = "SELECT count(*) FROM chaos_effects WHERE old_status = 'CANCELLED'";
 /// Deliveries that reached the consumer's transaction more than once (audit trigger).
 const REDELIVERED: &str = "SELECT count(*) - count(DISTINCT message_id) FROM chaos_deliveries";
+
+/// The orders a case had answered 201, by the state each must end in.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Accepted<'a> {
+    /// Orders that must end `COMPLETED`.
+    pub completed: &'a [Uuid],
+    /// Orders the case cancelled (answered 200 or 409), which must end `CANCELLED`.
+    pub cancelled: &'a [Uuid],
+}
+
+impl Accepted<'_> {
+    fn len(&self) -> usize {
+        self.completed.len() + self.cancelled.len()
+    }
+}
 
 /// What happened to the orders of a case.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
     /// Orders answered 201.
     pub accepted: usize,
-    /// Of those, `COMPLETED`.
+    /// Of those that must end `COMPLETED`, the ones that did.
     pub completed: usize,
-    /// Of those, not in the database at all (a 201 for an order that did not commit).
+    /// Of those the case cancelled, the ones `CANCELLED` at the end.
+    pub cancelled: usize,
+    /// Accepted orders not in the database at all (a 201 for an order that did not commit).
     pub missing: usize,
     /// `processed_messages` rows of their `OrderCreated` events.
     pub processed: usize,
+    /// `processed_messages` rows of the `OrderCancelled` events of the cancelled orders.
+    pub cancels_processed: usize,
+    /// Status changes out of `CANCELLED` (any order): cancellations undone.
+    pub undone_cancels: usize,
     /// Orders (any, answered or not) processed or changed more than once.
     pub doubled_orders: usize,
     /// The extra processed rows and extra status changes of those orders: second effects.
@@ -52,7 +80,7 @@ pub struct Counts {
     pub redelivered: usize,
     /// Every order in the database, answered or not (a 201 lost on the wire still commits).
     pub orders_total: usize,
-    /// Orders in the database not `COMPLETED`.
+    /// Orders in the database still `PENDING`.
     pub pending_total: usize,
     /// Outbox rows left.
     pub outbox_left: usize,
@@ -61,9 +89,10 @@ pub struct Counts {
 }
 
 impl Counts {
-    /// Accepted orders not `COMPLETED`.
+    /// Accepted orders not in the state they must end in (`COMPLETED`, or `CANCELLED` for the
+    /// cancelled ones).
     pub fn lost(&self) -> usize {
-        self.accepted.saturating_sub(self.completed)
+        self.accepted.saturating_sub(self.completed + self.cancelled)
     }
 
     /// Deliveries with a second effect.
@@ -83,9 +112,10 @@ pub struct Drain {
     pub took: Duration,
 }
 
-/// Waits until every order in the database is `COMPLETED` and the outbox is empty, or
-/// `deadline` passes; then counts. Connection failures are retried until the deadline.
-pub fn wait_for_drain(db: &ChaosDb, accepted: &[Uuid], deadline: Duration) -> Result<Drain> {
+/// Waits until every accepted order is in its final state, no order in the database is
+/// `PENDING` and the outbox is empty, or `deadline` passes; then counts. Connection failures
+/// are retried until the deadline.
+pub fn wait_for_drain(db: &ChaosDb, accepted: Accepted, deadline: Duration) -> Result<Drain> {
     let started = Instant::now();
     let mut client: Option<Client> = None;
     let mut last_error = None;
@@ -137,9 +167,10 @@ fn connected<'c>(db: &ChaosDb, client: &'c mut Option<Client>) -> Result<&'c mut
     }
 }
 
-fn is_drained(client: &mut Client, accepted: &[Uuid]) -> Result<bool> {
-    let (completed, _) = count_accepted(client, accepted)?;
-    if completed < accepted.len() {
+fn is_drained(client: &mut Client, accepted: Accepted) -> Result<bool> {
+    let (completed, _) = count_in_status(client, accepted.completed, "COMPLETED")?;
+    let (cancelled, _) = count_in_status(client, accepted.cancelled, "CANCELLED")?;
+    if completed + cancelled < accepted.len() {
         return Ok(false);
     }
     let outbox = outbox_rows(client)?;
@@ -147,41 +178,59 @@ fn is_drained(client: &mut Client, accepted: &[Uuid]) -> Result<bool> {
     Ok(outbox == 0 && pending == 0)
 }
 
-fn count_accepted(client: &mut Client, ids: &[Uuid]) -> Result<(usize, usize)> {
-    let (mut completed, mut found) = (0, 0);
+/// Of `ids`, (those in `status`, those found).
+fn count_in_status(client: &mut Client, ids: &[Uuid], status: &str) -> Result<(usize, usize)> {
+    let (mut in_status, mut found) = (0, 0);
     for chunk in ids.chunks(CHUNK) {
-        let (c, f) = two_counts(client, COUNT_ACCEPTED, &[&chunk])?;
-        completed += c;
+        let (n, f) = two_counts(client, COUNT_ACCEPTED, &[&chunk, &status])?;
+        in_status += n;
         found += f;
     }
-    Ok((completed, found))
+    Ok((in_status, found))
 }
 
-fn count(client: &mut Client, accepted: &[Uuid]) -> Result<Counts> {
-    let (completed, found) = count_accepted(client, accepted)?;
+/// `processed_messages` rows of the `event_type` events of the orders `ids`.
+fn count_processed(client: &mut Client, ids: &[Uuid], event_type: &str) -> Result<usize> {
     let mut processed = 0;
-    for chunk in accepted.chunks(CHUNK) {
+    for chunk in ids.chunks(CHUNK) {
         let texts: Vec<String> = chunk.iter().map(Uuid::to_string).collect();
         let row = client
-            .query_one(COUNT_PROCESSED, &[&texts, &ORDER_CREATED])
+            .query_one(COUNT_PROCESSED, &[&texts, &event_type])
             .map_err(|e| Error::db("cannot count processed_messages", e))?;
         processed += as_count(row.get(0));
     }
-    let (doubled_processed, extra_processed) = two_counts(client, DOUBLED_PROCESSED, &[&ORDER_CREATED])?;
+    Ok(processed)
+}
+
+fn count(client: &mut Client, accepted: Accepted) -> Result<Counts> {
+    let (completed, found_completed) = count_in_status(client, accepted.completed, "COMPLETED")?;
+    let (cancelled, found_cancelled) = count_in_status(client, accepted.cancelled, "CANCELLED")?;
+    let processed = count_processed(client, accepted.completed, ORDER_CREATED)?
+        + count_processed(client, accepted.cancelled, ORDER_CREATED)?;
+    let cancels_processed = count_processed(client, accepted.cancelled, ORDER_CANCELLED)?;
+    let (doubled_processed, extra_processed) = two_counts(client, DOUBLED_PROCESSED, &[])?;
     let (doubled_effects, extra_changes) = two_counts(client, DOUBLED_EFFECTS, &[])?;
-    let redelivered = client
-        .query_one(REDELIVERED, &[])
-        .map_err(|e| Error::db("cannot count the deliveries", e))?;
+    let single = |client: &mut Client, sql: &str| {
+        client
+            .query_one(sql, &[])
+            .map(|row| as_count(row.get(0)))
+            .map_err(|e| Error::db("cannot read the audit tables", e))
+    };
+    let redelivered = single(client, REDELIVERED)?;
+    let undone_cancels = single(client, UNDONE_CANCELS)?;
     let (orders_total, pending_total) = two_counts(client, COUNT_ALL_ORDERS, &[])?;
     let (outbox_left, outbox_failed) = two_counts(client, COUNT_OUTBOX, &[])?;
     Ok(Counts {
         accepted: accepted.len(),
         completed,
-        missing: accepted.len().saturating_sub(found),
+        cancelled,
+        missing: accepted.len().saturating_sub(found_completed + found_cancelled),
         processed,
+        cancels_processed,
+        undone_cancels,
         doubled_orders: doubled_processed.max(doubled_effects),
         extra_effects: extra_processed + extra_changes,
-        redelivered: as_count(redelivered.get(0)),
+        redelivered,
         orders_total,
         pending_total,
         outbox_left,
@@ -217,5 +266,14 @@ mod tests {
             ..Counts::default()
         };
         assert_eq!((counts.lost(), counts.duplicates()), (2, 1));
+        let with_cancels = Counts {
+            cancelled: 1,
+            ..counts
+        };
+        assert_eq!(
+            with_cancels.lost(),
+            1,
+            "a cancelled order in its final state is not lost"
+        );
     }
 }

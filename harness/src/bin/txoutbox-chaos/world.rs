@@ -4,7 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use std::time::{Duration, Instant};
+
 use postgres::Client;
+use txoutbox::db::quote_identifier;
 use txoutbox::{Error, Result, Topology};
 
 use crate::services::{connect_admin, Services};
@@ -139,10 +142,115 @@ pub struct ChaosDb<'s> {
     services: &'s Services,
 }
 
+/// Sessions of an application in a database.
+const SESSIONS: &str = "\
+    SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2";
+/// Ends them (the count of those signalled).
+const TERMINATE: &str = "\
+    SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+    WHERE datname = $1 AND application_name = $2";
+/// How long the sessions of a cut application may take to go.
+const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl ChaosDb<'_> {
     /// A new plain connection (the harness reconnects after a restart by asking again).
     pub fn client(&self) -> Result<Client> {
         connect_admin(&self.url)
+    }
+
+    /// Cuts the database from under `application_name` while Postgres keeps running: new
+    /// connections to it are refused (`ALTER DATABASE ... ALLOW_CONNECTIONS false`, for every
+    /// application: the ones already open stay) and the application's sessions are
+    /// terminated, again until none is left. The guard allows connections again when ended or
+    /// dropped.
+    pub fn cut(&self, application_name: &str) -> Result<Cut<'_>> {
+        let mut admin = connect_admin(&self.admin_url)?;
+        let mut cut = Cut {
+            db: self,
+            application_name: application_name.to_string(),
+            allowed: false,
+            terminated: 0,
+        };
+        admin
+            .batch_execute(&allow_connections(&self.name, false))
+            .map_err(|e| Error::db(format!("cannot refuse connections to {}", self.name), e))?;
+        let deadline = Instant::now() + TERMINATE_TIMEOUT;
+        // A session that was authenticating during the ALTER shows up after the first pass.
+        while cut.sessions(&mut admin)? > 0 {
+            if Instant::now() >= deadline {
+                return Err(Error::Other(format!(
+                    "the {application_name} sessions in {} are still there {} s after                      pg_terminate_backend",
+                    self.name,
+                    TERMINATE_TIMEOUT.as_secs()
+                )));
+            }
+            let row = admin
+                .query_one(TERMINATE, &[&self.name, &cut.application_name])
+                .map_err(|e| Error::db("cannot terminate the sessions", e))?;
+            cut.terminated += usize::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(cut)
+    }
+
+    /// Sessions of `application_name` in the database now, asked through `admin` (a
+    /// connection to another database: this one may be refusing them).
+    pub fn sessions(&self, admin: &mut Client, application_name: &str) -> Result<usize> {
+        let row = admin
+            .query_one(SESSIONS, &[&self.name, &application_name])
+            .map_err(|e| Error::db("cannot read pg_stat_activity", e))?;
+        Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
+    /// A connection to the maintenance database, for [`sessions`](Self::sessions).
+    pub fn admin(&self) -> Result<Client> {
+        connect_admin(&self.admin_url)
+    }
+}
+
+fn allow_connections(database: &str, allow: bool) -> String {
+    format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS {allow}",
+        quote_identifier(database)
+    )
+}
+
+/// A database refusing new connections ([`ChaosDb::cut`]); allowed again by
+/// [`end`](Self::end) or when dropped.
+pub struct Cut<'a> {
+    db: &'a ChaosDb<'a>,
+    application_name: String,
+    allowed: bool,
+    /// Sessions of the application terminated.
+    pub terminated: usize,
+}
+
+impl Cut<'_> {
+    /// Sessions of the cut application in the database now (0 while the cut holds).
+    pub fn sessions(&self, admin: &mut Client) -> Result<usize> {
+        self.db.sessions(admin, &self.application_name)
+    }
+
+    /// Allows connections to the database again.
+    pub fn end(mut self) -> Result<()> {
+        self.allowed = true;
+        self.allow()
+    }
+
+    fn allow(&self) -> Result<()> {
+        connect_admin(&self.db.admin_url)?
+            .batch_execute(&allow_connections(&self.db.name, true))
+            .map_err(|e| Error::db(format!("cannot allow connections to {} again", self.db.name), e))
+    }
+}
+
+impl Drop for Cut<'_> {
+    fn drop(&mut self) {
+        if !self.allowed {
+            if let Err(e) = self.allow() {
+                eprintln!("txoutbox-chaos: {e}; the database is dropped at the end of the case anyway");
+            }
+        }
     }
 }
 
