@@ -646,7 +646,10 @@ mod tests {
         assert_eq!(calls(Component::Http, "BEGIN"), 100);
         assert_eq!(calls(Component::Relay, "BEGIN"), 30);
         assert_eq!(calls(Component::Relay, "COMMIT"), 30);
-        assert_eq!(calls(Component::Http, "INSERT INTO public.outbox (message_id)"), 100);
+        assert_eq!(
+            calls(Component::Http, "INSERT INTO public.outbox (message_id)"),
+            100
+        );
         assert_eq!(calls(Component::Relay, "WITH c"), 30);
         assert_eq!(calls(Component::Relay, "DELETE"), 30);
         assert_eq!(calls(Component::Relay, "LISTEN"), 1);
