@@ -26,7 +26,7 @@ COMPOSE_AMQP_URL := amqp://txoutbox:txoutbox@127.0.0.1:5672/%2f
 COMPOSE_DATABASE_URL := postgres://postgres:postgres@127.0.0.1:5432/txoutbox
 -include $(COMPOSE_ENV)
 
-.PHONY: help up down build migrate server consumer stress demo bench bench-quick chaos chaos-quick test library-check fmt lint
+.PHONY: help up down build migrate server consumer stress demo bench bench-quick soak soak-quick pg-stat-statements chaos chaos-quick test library-check fmt lint
 
 help: ## list the targets (the default)
 	@echo "txoutbox: transactional outbox for Postgres and RabbitMQ"
@@ -37,7 +37,7 @@ help: ## list the targets (the default)
 		$(firstword $(MAKEFILE_LIST))
 	@echo
 	@echo "Variables: ORDERS=$(ORDERS) CONCURRENCY=$(CONCURRENCY) STRESS_URL=$(STRESS_URL) (stress, demo)"
-	@echo "           BENCH_ARGS='$(BENCH_ARGS)' (bench: --quick --concurrency C --out DIR --backlog N)"
+	@echo "           BENCH_ARGS='$(BENCH_ARGS)' (bench: --quick --concurrency C --out DIR --backlogs N,N,...)"
 	@echo "           CHAOS_ARGS='$(CHAOS_ARGS)' (chaos: --quick --only CASE,... --out DIR)"
 
 up: ## start Postgres 15 and RabbitMQ 3 in Docker, wait until healthy
@@ -81,6 +81,34 @@ bench: ## ceilings and txoutbox in one run, verified, ratios (~5 min): make benc
 
 bench-quick: ## the benchmark's one-minute smoke run (make bench BENCH_ARGS=--quick)
 	$(MAKE) --no-print-directory bench BENCH_ARGS="--quick $(BENCH_ARGS)"
+
+# The soak: the release server and consumer at half the capacity measured at its start, judged
+# for throughput, p99, table sizes and server RSS staying level (docs/performance.md).
+soak: ## 30 minutes at half capacity, per-minute throughput/p99/table sizes/RSS, judged: make soak BENCH_ARGS="--concurrency 64"
+	$(CARGO) build --release --workspace --bins
+	"$${CARGO_TARGET_DIR:-target}/release/txoutbox-bench" --soak $(BENCH_ARGS)
+
+soak-quick: ## the soak's 3-minute form (10-second points), as CI runs it
+	$(MAKE) --no-print-directory soak BENCH_ARGS="--quick $(BENCH_ARGS)"
+
+# The bench counts statements per order with pg_stat_statements, which Postgres loads only at
+# start (shared_preload_libraries). This adds it to the local cluster's list and restarts the
+# cluster (pg_ctlcluster): do not run it while anything else uses that Postgres.
+PG_ADMIN_URL ?= $(if $(DATABASE_URL),$(DATABASE_URL),postgres://postgres@127.0.0.1:5432/postgres)
+pg-stat-statements: ## load pg_stat_statements into the local Postgres (RESTARTS it) so the bench counts statements
+	@current="$$(psql "$(PG_ADMIN_URL)" -XAtc 'SHOW shared_preload_libraries')"; \
+	if [[ ",$${current// /}," == *",pg_stat_statements,"* ]]; then \
+		echo "pg_stat_statements is already loaded ($$current)"; exit 0; fi; \
+	wanted="$${current:+$$current,}pg_stat_statements"; \
+	echo "+ ALTER SYSTEM SET shared_preload_libraries = '$$wanted'"; \
+	psql "$(PG_ADMIN_URL)" -XAtqc "ALTER SYSTEM SET shared_preload_libraries = '$$wanted'"; \
+	version="$$(ls /etc/postgresql 2>/dev/null | sort -n | tail -n1)"; \
+	if [[ -z "$$version" ]]; then \
+		echo "no local cluster in /etc/postgresql: restart your Postgres yourself for it to load pg_stat_statements"; exit 1; fi; \
+	echo "+ pg_ctlcluster $$version main restart"; \
+	pg_ctlcluster --skip-systemctl-redirect "$$version" main restart; \
+	for _ in $$(seq 60); do pg_isready -q -d "$(PG_ADMIN_URL)" && break; sleep 1; done; \
+	psql "$(PG_ADMIN_URL)" -XAtc 'SHOW shared_preload_libraries'
 
 # Failure testing. It stops and starts this machine's RabbitMQ (rabbitmqctl stop_app/start_app)
 # and Postgres (pg_ctlcluster stop/start), and starts them again however it ends; like the

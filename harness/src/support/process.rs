@@ -75,6 +75,18 @@ impl Binaries {
 
     /// Starts `kind` as `name` with `env`; its stdout and stderr go to `log_path`.
     pub fn spawn(&self, kind: Kind, name: String, log_path: PathBuf, env: &ChildEnv) -> Result<Process> {
+        self.spawn_with(kind, name, log_path, env, &[])
+    }
+
+    /// [`Binaries::spawn`] with more settings (`(name, value)` environment variables), set last.
+    pub fn spawn_with(
+        &self,
+        kind: Kind,
+        name: String,
+        log_path: PathBuf,
+        env: &ChildEnv,
+        settings: &[(&str, String)],
+    ) -> Result<Process> {
         let log = File::create(&log_path)
             .map_err(|e| Error::Other(format!("cannot create {}: {e}", log_path.display())))?;
         let log_err = log
@@ -100,6 +112,9 @@ impl Binaries {
             .stderr(Stdio::from(log_err));
         if let Some(addr) = env.http_addr {
             command.env("HTTP_ADDR", addr.to_string());
+        }
+        for (name, value) in settings {
+            command.env(name, value);
         }
         let child = command
             .spawn()

@@ -8,7 +8,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use txoutbox::broker::{OutgoingEvent, Publisher};
-use txoutbox::metrics::LatencyHistogram;
 use txoutbox::{Error, RelayConfig, Result};
 use txoutbox_service::orders::{self, Amount, NewOrder};
 use uuid::Uuid;
@@ -243,13 +242,13 @@ pub fn broker(
         publishers.push(publisher);
     }
     // The floor under any commit -> confirm latency: one message, nothing else in flight.
-    let lone = LatencyHistogram::default();
+    let mut lone = crate::quantiles::histogram();
     if let Some(publisher) = publishers.first_mut() {
         for _ in 0..plan.lone_confirms {
             let event = sample.batch(1);
             let sent = Instant::now();
             let outcome = publisher.publish_batch(&event, config.confirm_timeout)?;
-            lone.record(sent.elapsed());
+            crate::quantiles::record(&mut lone, sent.elapsed());
             warm_up += outcome.confirmed.len() as u64;
         }
     }
@@ -326,6 +325,6 @@ pub fn broker(
     );
     Ok(BrokerCeiling {
         throughput: Throughput::new(confirmed, elapsed, lines).with_cpu(cpu),
-        lone_confirm: Quantiles::of_histogram(&lone),
+        lone_confirm: Quantiles::of_hdr(&lone),
     })
 }

@@ -13,8 +13,8 @@ use txoutbox_harness::support::database::{
     drop_database, sweep_stale_databases, unix_now, url_with_database,
 };
 
-/// Database name prefix; `txo_bench_<unix seconds>_<n>_<label>`.
-const DB_PREFIX: &str = "txo_bench_";
+/// Database (and role) name prefix; `txo_bench_<unix seconds>_<n>_<label>`.
+pub const DB_PREFIX: &str = "txo_bench_";
 /// Statement timeout of the bench's own connections (the fill of a backlog is one statement).
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -27,6 +27,8 @@ pub struct Servers {
     pub synchronous_commit: String,
     /// `SHOW fsync`.
     pub fsync: String,
+    /// `SHOW autovacuum`: with `off`, deleted rows are never reclaimed and tables only grow.
+    pub autovacuum: String,
     /// The broker's `version` server property.
     pub rabbitmq_version: String,
 }
@@ -56,6 +58,7 @@ impl Infra {
         };
         let mut admin = infra.admin()?;
         sweep_stale_databases(&mut admin, DB_PREFIX, "bench", infra.run_id)?;
+        sweep_stale_roles(&mut admin, infra.run_id);
         let mut show = |setting: &str| -> Result<String> {
             admin
                 .query_one(&format!("SHOW {setting}"), &[])
@@ -65,6 +68,7 @@ impl Infra {
         infra.servers.postgres_version = show("server_version")?;
         infra.servers.synchronous_commit = show("synchronous_commit")?;
         infra.servers.fsync = show("fsync")?;
+        infra.servers.autovacuum = show("autovacuum")?;
         let _ = admin.close();
         let (connection, channel) = txoutbox::broker::connect(amqp_url)?;
         if let Some(AmqpValue::LongString(version)) = connection.server_properties().get("version") {
@@ -79,6 +83,11 @@ impl Infra {
     pub fn admin(&self) -> Result<Client> {
         let url = url_with_database(&self.base_url, "postgres");
         connect(&url)
+    }
+
+    /// A name suffix no other scenario of this run has: `<unix seconds>_<n>_<label>`.
+    pub fn run_suffix(&self, label: &str) -> String {
+        self.next_suffix(label)
     }
 
     fn next_suffix(&self, label: &str) -> String {
@@ -144,6 +153,44 @@ impl FreshDb {
     /// A plain connection outside the pool, for counting and checking.
     pub fn client(&self) -> Result<Client> {
         connect(&self.url)
+    }
+
+    /// The URL of the database for `role`, whose password is its name.
+    pub fn url_as(&self, role: &str) -> String {
+        url_with_user(&self.url, role)
+    }
+}
+
+/// `url` logging in as `role` with password `role`: `postgres://role:role@host/db`, or
+/// ` user=role password=role` added to a `key=value` connection string.
+fn url_with_user(url: &str, role: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return format!("{url} user={role} password={role}");
+    };
+    let authority_end = url[scheme_end..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| scheme_end + i);
+    let host_start = url[scheme_end..authority_end]
+        .rfind('@')
+        .map_or(scheme_end, |i| scheme_end + i + 1);
+    format!("{}{role}:{role}@{}", &url[..scheme_end], &url[host_start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_with_user;
+
+    #[test]
+    fn the_user_of_a_url_is_replaced() {
+        assert_eq!(
+            url_with_user("postgres://postgres:pw@127.0.0.1:5432/db?x=1", "r"),
+            "postgres://r:r@127.0.0.1:5432/db?x=1"
+        );
+        assert_eq!(url_with_user("postgresql://h/db", "r"), "postgresql://r:r@h/db");
+        assert_eq!(
+            url_with_user("host=h dbname=d", "r"),
+            "host=h dbname=d user=r password=r"
+        );
     }
 }
 
@@ -216,6 +263,32 @@ impl Drop for FreshBroker {
         }
         if let Some(connection) = self.connection.take() {
             let _ = connection.close();
+        }
+    }
+}
+
+/// Drops the `txo_bench_<unix>_...` roles (statements.rs) an interrupted run left, an hour on.
+fn sweep_stale_roles(admin: &mut Client, now: u64) {
+    let pattern = format!("{}%", DB_PREFIX.replace('_', "\\_"));
+    let Ok(rows) = admin.query(
+        "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1",
+        &[&pattern],
+    ) else {
+        return;
+    };
+    let cutoff = now.saturating_sub(txoutbox_harness::support::database::STALE_AFTER.as_secs());
+    for row in rows {
+        let name: String = row.get(0);
+        let created: Option<u64> = name
+            .strip_prefix(DB_PREFIX)
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|t| t.parse().ok());
+        if created.is_some_and(|t| t < cutoff) {
+            let drop = format!("DROP ROLE IF EXISTS {}", txoutbox::db::quote_identifier(&name));
+            match admin.batch_execute(&drop) {
+                Ok(()) => log::info!("bench: dropped stale role {name}"),
+                Err(e) => log::warn!("bench: cannot drop stale role {name}: {e:?}"),
+            }
         }
     }
 }

@@ -1,7 +1,11 @@
-//! (6) Pickup latency at half the database ceiling, offered open-loop: commit -> broker confirm
-//! from the relay's own histogram (API and relay run in this process, composed as the server
-//! composes them), commit -> `COMPLETED` from Postgres, and the client's latency from each
-//! order's scheduled instant.
+//! (6) Pickup latency below saturation: orders offered open-loop at 25% and at 50% of the
+//! end-to-end rate (5) of the same run, commit -> broker confirm from the relay's own histogram
+//! (API and relay run in this process, composed as the server composes them), commit ->
+//! `COMPLETED` from Postgres, and the client's latency from each order's scheduled instant.
+//!
+//! A share of (5), not of the database ceiling (1): (5) is what the whole pipeline sustains on
+//! this machine, so half of it leaves the pipeline idle half the time and the latency measured is
+//! the pipeline's own, not time spent queueing behind a saturated one.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
@@ -21,8 +25,29 @@ use crate::sampler::Line;
 use crate::server::{server_pool_size, Stack};
 use crate::verify::{self, Checks};
 
-/// Phase name of (6).
-pub const LATENCY_PHASE: &str = "latency at half load";
+/// One load level of (6): a share of the end-to-end rate (5), and the phase name of its checks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Level {
+    /// Share of (5) offered, e.g. 0.5.
+    pub share: f64,
+    /// Phase name of its checks.
+    pub phase: &'static str,
+}
+
+/// The levels (6) runs at, in order; the targets are judged at [`JUDGED_LEVEL`].
+pub const LEVELS: [Level; 2] = [
+    Level {
+        share: 0.25,
+        phase: "latency at 25% of (5)",
+    },
+    Level {
+        share: 0.5,
+        phase: "latency at 50% of (5)",
+    },
+];
+
+/// The level of [`LEVELS`] at which the latency targets apply: 50% of (5).
+pub const JUDGED_LEVEL: Level = LEVELS[1];
 
 /// Threads sending on the schedule, each with its own connection. Far more than the orders in
 /// flight at half load; when they are all busy anyway, the late orders still count from their
@@ -36,10 +61,12 @@ const COMPLETION_QUANTILES: &str = "\
            extract(epoch FROM max(updated_at - created_at))::float8
     FROM orders WHERE status = 'COMPLETED' AND created_at >= $1";
 
-/// What (6) measured.
-#[derive(Clone, Debug, Default)]
+/// What (6) measured at one level.
+#[derive(Clone, Debug)]
 pub struct Latency {
-    /// Orders per second offered (half the database ceiling).
+    /// The level: its share of (5) and its phase name.
+    pub level: Level,
+    /// Orders per second offered (`level.share` of (5)).
     pub offered_rate: f64,
     /// Orders per second accepted over the measured part.
     pub achieved_rate: f64,
@@ -61,20 +88,23 @@ pub struct Latency {
     pub cpu: CpuUsage,
 }
 
-/// Offers `rate` orders per second to an in-process API and relay, with a consumer process;
-/// measures after `plan.latency_warm_up` at the same rate.
+/// Offers `rate` orders per second (`level.share` of (5)) to an in-process API and relay, with a
+/// consumer process; measures after `plan.latency_warm_up` at the same rate.
 pub fn run(
     infra: &Infra,
     launcher: &Launcher,
     plan: &Plan,
+    level: Level,
     rate: f64,
     stop: &AtomicBool,
     checks: &mut Checks,
 ) -> Result<Latency> {
+    let phase = level.phase;
     let fresh = infra.fresh_db("latency", server_pool_size())?;
     let broker = infra.fresh_broker("latency")?;
     let stack = Stack::start(&fresh, &broker, &infra.amqp_url)?;
-    let mut consumer = launcher.spawn(Kind::Consumer, "latency-consumer", &fresh, &broker, None)?;
+    let name = format!("latency-{:.0}-consumer", level.share * 100.0);
+    let mut consumer = launcher.spawn(Kind::Consumer, &name, &fresh, &broker, None)?;
     wait_consuming(&broker, 1, &mut [&mut consumer])?;
 
     let accepted = Arc::new(AtomicU64::new(0));
@@ -83,6 +113,7 @@ pub fn run(
         rate,
         warm_up: plan.latency_warm_up,
         duration: plan.latency,
+        bucket: None,
     };
     let measured_from = Mutex::new(None);
     let confirms = stack.relay().stats().confirm_latency();
@@ -117,7 +148,7 @@ pub fn run(
 
     let load = &outcome.load;
     verify::orders_done_once(
-        LATENCY_PHASE,
+        phase,
         &mut client,
         &broker,
         &load.ids,
@@ -126,13 +157,13 @@ pub fn run(
         checks,
     )?;
     checks.equal(
-        LATENCY_PHASE,
+        phase,
         "events published by the relay",
         load.ids.len() as u64,
         stack.relay().stats().published(),
     );
     checks.equal(
-        LATENCY_PHASE,
+        phase,
         "orders sent on the schedule (warm-up included)",
         (outcome.warm_up_orders + outcome.scheduled) as u64,
         (load.ids.len() + load.errors) as u64,
@@ -146,6 +177,7 @@ pub fn run(
         );
     }
     Ok(Latency {
+        level,
         offered_rate: rate,
         achieved_rate: per_second(outcome.measured_accepted as u64, outcome.measured_elapsed),
         scheduled: outcome.scheduled,
@@ -153,7 +185,7 @@ pub fn run(
         late: outcome.late,
         confirm: Quantiles::of_histogram(confirms),
         completed: completion_quantiles(&mut client, measured_from)?,
-        http: Quantiles::of_histogram(&outcome.latency),
+        http: Quantiles::of_hdr(&outcome.latency),
         lines,
         cpu,
     })

@@ -3,11 +3,12 @@
 //! was done exactly once, and reports same-run ratios against the issue's targets.
 //!
 //! Scenarios, in order: (1) database ceiling, (2) broker ceiling, (3)(5)(7) HTTP, end to end and
-//! peak RSS on the release binaries, (4) relay drain of a backlog, (6) latency at half load
-//! (open loop), (8) two servers and two consumers. Results go to
+//! peak RSS on the release binaries, (4) relay drain of a backlog, (6) latency at 25% and 50%
+//! of the end-to-end rate (5) (open loop), (8) two servers and two consumers. Results go to
 //! `target/bench/<timestamp>/{results.json,summary.md,chart.svg}`.
 
 mod ceilings;
+mod chart;
 #[allow(dead_code)]
 use txoutbox_service::settings as common;
 mod cpu;
@@ -17,12 +18,15 @@ mod latency;
 mod load;
 mod options;
 mod pipeline;
+mod plot;
 mod process;
+mod profile;
 mod quantiles;
 mod report;
 mod sampler;
 mod server;
-mod svg;
+mod soak;
+mod statements;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -61,6 +65,38 @@ fn try_main(options: &Options) -> Result<()> {
     let infra = Infra::connect(&database_url, &amqp_url)?;
     let launcher = Launcher::new(&out_dir.join("logs"), &amqp_url)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if options.soak {
+        let soak_plan = soak::SoakPlan::new(&plan);
+        println!(
+            "txoutbox-bench --soak: {} run on {cores} cores, {} s, PostgreSQL {}, RabbitMQ {}; results in {}",
+            if plan.quick { "quick" } else { "full" },
+            soak_plan.duration.as_secs(),
+            infra.servers.postgres_version,
+            infra.servers.rabbitmq_version,
+            out_dir.display()
+        );
+        let heading = format!(
+            "{}, {cores} cores, load average {} before",
+            timestamp.iso,
+            load_average().map_or("?".to_string(), |l| format!("{l:.2}"))
+        );
+        let verified = soak::main(
+            &infra,
+            &launcher,
+            &soak_plan,
+            &stop,
+            &Progress::new(),
+            &out_dir,
+            &heading,
+        )?;
+        return if verified {
+            Ok(())
+        } else {
+            Err(Error::Other(
+                "the soak did not complete or did not verify (see above)".into(),
+            ))
+        };
+    }
     println!(
         "txoutbox-bench: {} run on {cores} cores, concurrency {}, PostgreSQL {} (synchronous_commit={}), \
          RabbitMQ {}; results in {}",
@@ -86,7 +122,10 @@ fn try_main(options: &Options) -> Result<()> {
     print!("{}", results.console());
     write(&out_dir.join("results.json"), &pretty_json(&results)?)?;
     write(&out_dir.join("summary.md"), &results.markdown())?;
-    write(&out_dir.join("chart.svg"), &svg::chart(&results))?;
+    write(
+        &out_dir.join("chart.svg"),
+        &chart::chart(&results).map_err(Error::Other)?,
+    )?;
     println!(
         "wrote {0}/results.json, {0}/summary.md, {0}/chart.svg",
         out_dir.display()
@@ -125,7 +164,6 @@ fn run_scenarios(
         Some((throughput, sample)) => (Some(throughput), Some(sample)),
         None => (None, None),
     };
-    let db_rate = db_ceiling.as_ref().map(|t| t.rate);
     results.db_ceiling = db_ceiling;
 
     if let Some(sample) = sample.filter(|_| !interrupted(stop)) {
@@ -178,41 +216,64 @@ fn run_scenarios(
             progress,
             checks,
             drain::DRAIN_PHASE,
-            &format!("backlog of {} events, relay only", count(plan.backlog as f64)),
-            |checks| drain::run(infra, plan, stop, checks),
-            |d| format!("{} events/s", count(d.throughput.rate)),
+            &format!(
+                "backlogs of {} events with RELAY_ORDERING=aggregate, {} with none, relay only",
+                list(&plan.backlogs),
+                list(&plan.unordered_backlogs)
+            ),
+            |checks| drain::run(infra, plan, stop, checks, progress),
+            |d| match d.growth(txoutbox::RelayOrdering::Aggregate) {
+                Some(g) => format!(
+                    "time per event x{:.2} from {} to {} events",
+                    g.ratio,
+                    count(g.smallest as f64),
+                    count(g.largest as f64)
+                ),
+                None => format!("{} drains", d.runs.len()),
+            },
         );
     }
 
-    match db_rate {
-        Some(rate) if !interrupted(stop) => {
-            let offered = rate / 2.0;
-            results.latency = scenario(
-                progress,
-                checks,
-                latency::LATENCY_PHASE,
-                &format!(
-                    "{} orders/s open loop for {} s, API and relay in process",
-                    count(offered),
-                    plan.latency.as_secs()
-                ),
-                |checks| latency::run(infra, launcher, plan, offered, stop, checks),
-                |l| {
-                    format!(
-                        "commit -> confirm p99 {}, commit -> COMPLETED p99 {}",
-                        report::fmt_ms(l.confirm.p99),
-                        report::fmt_ms(l.completed.p99)
-                    )
-                },
-            );
+    // (6) at shares of (5), the rate the whole pipeline sustained in this run.
+    let e2e_rate = results
+        .pipeline
+        .as_ref()
+        .filter(|_| checks.phase_ok(pipeline::HTTP_PHASE))
+        .map(|p| p.e2e.rate);
+    for level in latency::LEVELS {
+        if interrupted(stop) {
+            break;
         }
-        _ if !interrupted(stop) => checks.add(
-            latency::LATENCY_PHASE,
-            "scenario ran",
-            false,
-            "skipped: it offers half the database ceiling, which was not measured".into(),
-        ),
-        _ => {}
+        let Some(e2e) = e2e_rate else {
+            checks.add(
+                level.phase,
+                "scenario ran",
+                false,
+                "skipped: it offers a share of the end-to-end rate (5), which was not measured".into(),
+            );
+            continue;
+        };
+        let offered = e2e * level.share;
+        let measured = scenario(
+            progress,
+            checks,
+            level.phase,
+            &format!(
+                "{} orders/s ({:.0}% of (5)) open loop for {} s, API and relay in process",
+                count(offered),
+                level.share * 100.0,
+                plan.latency.as_secs()
+            ),
+            |checks| latency::run(infra, launcher, plan, level, offered, stop, checks),
+            |l| {
+                format!(
+                    "commit -> confirm p99 {}, commit -> COMPLETED p99 {}",
+                    report::fmt_ms(l.confirm.p99),
+                    report::fmt_ms(l.completed.p99)
+                )
+            },
+        );
+        results.latency.extend(measured);
     }
 
     if !interrupted(stop) {
@@ -236,6 +297,16 @@ fn run_scenarios(
     }
     if interrupted(stop) {
         checks.add("run", "not interrupted", false, "stopped by a signal".into());
+    }
+}
+
+/// `10,000, 100,000`.
+fn list(sizes: &[u64]) -> String {
+    let shown: Vec<String> = sizes.iter().map(|n| count(*n as f64)).collect();
+    if shown.is_empty() {
+        "no".into()
+    } else {
+        shown.join(", ")
     }
 }
 

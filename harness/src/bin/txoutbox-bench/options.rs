@@ -4,34 +4,40 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use txoutbox_harness::support::args;
-
 /// Default `--concurrency`.
 pub const DEFAULT_CONCURRENCY: usize = 32;
 /// Connections of the memory measurement (the RSS target is stated at 64).
 pub const MEMORY_CONNECTIONS: usize = 64;
-/// Events in the relay-drain backlog of a full run.
-pub const FULL_BACKLOG: u64 = 100_000;
-/// Events in the relay-drain backlog of a `--quick` run.
-pub const QUICK_BACKLOG: u64 = 20_000;
+/// Relay-drain backlogs of a full run, in events.
+pub const FULL_BACKLOGS: [u64; 3] = [10_000, 100_000, 1_000_000];
+/// Relay-drain backlogs of a `--quick` run, in events.
+pub const QUICK_BACKLOGS: [u64; 3] = [5_000, 20_000, 50_000];
 
 /// Usage, printed by `--help`.
 pub const HELP: &str = "\
 txoutbox-bench: measures the ceilings (Postgres commits, RabbitMQ confirmed publishing) and
 txoutbox itself in one run on this machine, verifies every order, and reports the ratios.
 
-Usage: txoutbox-bench [--quick] [--concurrency C] [--out DIR] [--backlog N]
+Usage: txoutbox-bench [--quick] [--concurrency C] [--out DIR] [--backlogs N,N,...]
+       txoutbox-bench --soak [--quick] [--concurrency C] [--out DIR]
 
 Options (--name VALUE or --name=VALUE):
-  --quick             a one-minute smoke run: short phases, a 20,000-event backlog
-                      default: a full run of about five minutes
+  -h, --help          this text
+  --quick             a smoke run of about a minute and a half: short phases, small backlogs
+                      default: a full run of about ten minutes
+  --soak              instead of the scenarios, the soak: 30 minutes (3 with --quick) at half
+                      the end-to-end capacity measured at its start, judged for throughput,
+                      p99, table sizes and server memory staying level (soak.json, soak.md,
+                      soak.svg)
   --concurrency C     connections of the database ceiling, the HTTP run and the scale-out run
                       default: 32
   --out DIR           results go to DIR/<UTC timestamp>/ (results.json, summary.md, chart.svg,
                       logs/ of the server and consumer processes)
                       default: target/bench (the target directory of this executable)
-  --backlog N         events in the relay-drain backlog
-                      default: 100000 (20000 with --quick)
+  --backlogs N,N,...  relay-drain backlogs in events, each drained with RELAY_ORDERING=aggregate,
+                      all but the largest also with none; time per event is compared between
+                      the smallest and the largest
+                      default: 10000,100000,1000000 (5000,20000,50000 with --quick)
 
 Settings (environment variables):
   DATABASE_URL        Postgres URL naming any database on the server; each scenario creates
@@ -55,47 +61,74 @@ pub struct Options {
     pub concurrency: usize,
     /// `--out`, if given.
     pub out: Option<PathBuf>,
-    /// `--backlog`, if given.
-    pub backlog: Option<u64>,
+    /// `--backlogs`, if given.
+    pub backlogs: Option<Vec<u64>>,
+    /// `--soak`: the soak instead of the scenarios.
+    pub soak: bool,
     /// `--help` or `-h`.
     pub help: bool,
 }
 
 impl Options {
-    /// Parses the arguments after the program name.
+    /// Parses the arguments after the program name (lexopt: `--name VALUE` or `--name=VALUE`).
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
-        let mut concurrency = DEFAULT_CONCURRENCY;
-        let mut backlog = None;
-        let common = args::parse(args, |arg, args| {
-            match arg.name.as_str() {
-                "--concurrency" => {
-                    let text = args.value(arg, "a number of connections")?;
-                    concurrency = text
+        use lexopt::prelude::*;
+        let mut options = Options {
+            quick: false,
+            concurrency: DEFAULT_CONCURRENCY,
+            out: None,
+            backlogs: None,
+            soak: false,
+            help: false,
+        };
+        let mut parser = lexopt::Parser::from_args(args);
+        let text = |value: std::ffi::OsString, name: &str| {
+            value
+                .into_string()
+                .map_err(|v| format!("{name} must be text, got {v:?}"))
+        };
+        while let Some(arg) = parser.next().map_err(|e| format!("{e}; see --help"))? {
+            match arg {
+                Short('h') | Long("help") => options.help = true,
+                Long("quick") => options.quick = true,
+                Long("soak") => options.soak = true,
+                Long("out") => {
+                    options.out = Some(PathBuf::from(
+                        parser.value().map_err(|e| format!("{e} (a directory)"))?,
+                    ))
+                }
+                Long("concurrency") => {
+                    let value = text(
+                        parser
+                            .value()
+                            .map_err(|e| format!("{e} (a number of connections)"))?,
+                        "--concurrency",
+                    )?;
+                    options.concurrency = value
                         .parse()
                         .ok()
                         .filter(|c| (1..=512).contains(c))
-                        .ok_or_else(|| format!("--concurrency must be 1..=512, got {text:?}"))?;
+                        .ok_or_else(|| format!("--concurrency must be 1..=512, got {value:?}"))?;
                 }
-                "--backlog" => {
-                    let text = args.value(arg, "a number of events")?;
-                    backlog = Some(
-                        text.parse()
-                            .ok()
-                            .filter(|n| (1..=10_000_000).contains(n))
-                            .ok_or_else(|| format!("--backlog must be 1..=10000000, got {text:?}"))?,
-                    );
+                Long("backlogs") => {
+                    let value = text(
+                        parser
+                            .value()
+                            .map_err(|e| format!("{e} (backlog sizes, e.g. 10000,100000)"))?,
+                        "--backlogs",
+                    )?;
+                    let sizes: Option<Vec<u64>> = value
+                        .split(',')
+                        .map(|n| n.trim().parse().ok().filter(|n| (1..=10_000_000).contains(n)))
+                        .collect();
+                    options.backlogs = Some(sizes.filter(|s| !s.is_empty()).ok_or_else(|| {
+                        format!("--backlogs must be sizes of 1..=10000000 separated by commas, got {value:?}")
+                    })?);
                 }
-                other => return Err(args::unknown(other)),
+                other => return Err(format!("{}; see --help", other.unexpected())),
             }
-            Ok(())
-        })?;
-        Ok(Options {
-            quick: common.quick,
-            concurrency,
-            out: common.out,
-            backlog,
-            help: common.help,
-        })
+        }
+        Ok(options)
     }
 }
 
@@ -114,11 +147,15 @@ pub struct Plan {
     pub lone_confirms: usize,
     /// (3) HTTP at C connections, also (5).
     pub http: Duration,
+    /// The closed loop of (3) again, with perf attached to the server and the consumer.
+    pub profile: Duration,
     /// (7) the run at 64 connections after which peak RSS is read.
     pub memory: Duration,
-    /// (4) events in the backlog.
-    pub backlog: u64,
-    /// (6) the open-loop run at half the database ceiling, measured part.
+    /// (4) backlogs drained with `RELAY_ORDERING=aggregate`, smallest first.
+    pub backlogs: Vec<u64>,
+    /// (4) backlogs drained with `RELAY_ORDERING=none` too: all but the largest.
+    pub unordered_backlogs: Vec<u64>,
+    /// (6) each open-loop run at a share of (5), measured part.
     pub latency: Duration,
     /// (6) the same load before measuring starts.
     pub latency_warm_up: Duration,
@@ -134,6 +171,16 @@ impl Plan {
     /// The plan for `options`.
     pub fn new(options: &Options) -> Plan {
         let secs = Duration::from_secs;
+        let mut backlogs = options.backlogs.clone().unwrap_or_else(|| {
+            if options.quick {
+                QUICK_BACKLOGS.to_vec()
+            } else {
+                FULL_BACKLOGS.to_vec()
+            }
+        });
+        backlogs.sort_unstable();
+        backlogs.dedup();
+        let unordered_backlogs = backlogs[..backlogs.len().saturating_sub(1)].to_vec();
         if options.quick {
             Plan {
                 quick: true,
@@ -142,8 +189,10 @@ impl Plan {
                 broker_ceiling: secs(4),
                 lone_confirms: 100,
                 http: secs(8),
+                profile: secs(3),
                 memory: secs(3),
-                backlog: options.backlog.unwrap_or(QUICK_BACKLOG),
+                backlogs,
+                unordered_backlogs,
                 latency: secs(5),
                 latency_warm_up: secs(1),
                 scale_out: secs(5),
@@ -158,8 +207,10 @@ impl Plan {
                 broker_ceiling: secs(30),
                 lone_confirms: 500,
                 http: secs(60),
+                profile: secs(15),
                 memory: secs(15),
-                backlog: options.backlog.unwrap_or(FULL_BACKLOG),
+                backlogs,
+                unordered_backlogs,
                 latency: secs(40),
                 latency_warm_up: secs(3),
                 scale_out: secs(40),
@@ -185,12 +236,17 @@ mod tests {
         assert_eq!(options.concurrency, 8);
         assert_eq!(options.out, Some(PathBuf::from("/tmp/x")));
         assert_eq!(parse(&[]).expect("valid").concurrency, DEFAULT_CONCURRENCY);
-        assert_eq!(parse(&["--backlog", "500"]).expect("valid").backlog, Some(500));
+        assert_eq!(
+            parse(&["--backlogs", "500,20"]).expect("valid").backlogs,
+            Some(vec![500, 20])
+        );
         for bad in [
             &["--concurrency"][..],
             &["--concurrency", "0"],
             &["--nope"],
             &["--quick=1"],
+            &["--backlogs", "10,x"],
+            &["--backlogs", "0"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
@@ -200,7 +256,13 @@ mod tests {
     fn quick_plans_are_shorter() {
         let quick = Plan::new(&parse(&["--quick"]).expect("valid"));
         let full = Plan::new(&parse(&[]).expect("valid"));
-        assert!(quick.http < full.http && quick.backlog < full.backlog);
-        assert_eq!(full.backlog, FULL_BACKLOG);
+        assert!(quick.http < full.http && quick.backlogs < full.backlogs);
+        assert_eq!(full.backlogs, FULL_BACKLOGS);
+        assert_eq!(full.unordered_backlogs, [10_000, 100_000]);
+        let given = Plan::new(&parse(&["--backlogs", "300,100,300"]).expect("valid"));
+        assert_eq!(
+            (given.backlogs, given.unordered_backlogs),
+            (vec![100, 300], vec![100])
+        );
     }
 }

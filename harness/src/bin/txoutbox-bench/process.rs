@@ -32,6 +32,11 @@ impl Launcher {
         })
     }
 
+    /// The run's directory (the one above the logs).
+    pub fn run_dir(&self) -> &Path {
+        self.log_dir.parent().unwrap_or(&self.log_dir)
+    }
+
     /// Starts `kind` on the scenario's database and queue; `http_addr` for a server.
     /// Its stdout and stderr go to `<log dir>/<name>.log`.
     pub fn spawn(
@@ -42,6 +47,39 @@ impl Launcher {
         broker: &FreshBroker,
         http_addr: Option<SocketAddr>,
     ) -> Result<Process> {
+        self.spawn_at(kind, name, &db.url, broker, http_addr)
+    }
+
+    /// [`Launcher::spawn`] on the database at `database_url` (the scenario's, as another role).
+    pub fn spawn_at(
+        &self,
+        kind: Kind,
+        name: &str,
+        database_url: &str,
+        broker: &FreshBroker,
+        http_addr: Option<SocketAddr>,
+    ) -> Result<Process> {
+        let env = ChildEnv {
+            database_url,
+            amqp_url: &self.amqp_url,
+            topology: &broker.topology,
+            rust_log: "info",
+            http_addr,
+        };
+        let log_path = self.log_dir.join(format!("{name}.log"));
+        self.binaries.spawn(kind, name.to_string(), log_path, &env)
+    }
+
+    /// [`Launcher::spawn`] with more settings (environment variables).
+    pub fn spawn_with(
+        &self,
+        kind: Kind,
+        name: &str,
+        db: &FreshDb,
+        broker: &FreshBroker,
+        http_addr: Option<SocketAddr>,
+        settings: &[(&str, String)],
+    ) -> Result<Process> {
         let env = ChildEnv {
             database_url: &db.url,
             amqp_url: &self.amqp_url,
@@ -50,7 +88,8 @@ impl Launcher {
             http_addr,
         };
         let log_path = self.log_dir.join(format!("{name}.log"));
-        self.binaries.spawn(kind, name.to_string(), log_path, &env)
+        self.binaries
+            .spawn_with(kind, name.to_string(), log_path, &env, settings)
     }
 }
 

@@ -2,7 +2,19 @@
 
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
 use txoutbox::metrics::LatencyHistogram;
+
+/// A histogram of the bench's own latencies, in microseconds, from 1 µs to an hour at three
+/// significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds that hdrhistogram accepts")
+}
+
+/// Records `latency` into a [`histogram`] (values past its bounds count as its largest).
+pub fn record(histogram: &mut Histogram<u64>, latency: Duration) {
+    histogram.saturating_record(latency.as_micros().try_into().unwrap_or(u64::MAX).max(1));
+}
 
 /// Latency percentiles.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -20,7 +32,20 @@ pub struct Quantiles {
 }
 
 impl Quantiles {
-    /// From a histogram (each percentile is its bucket's upper bound, within ~9%).
+    /// From one of the bench's own histograms ([`histogram`]), to within 0.1%.
+    pub fn of_hdr(histogram: &Histogram<u64>) -> Quantiles {
+        let at = |q: f64| Duration::from_micros(histogram.value_at_quantile(q));
+        Quantiles {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: Duration::from_micros(histogram.max()),
+        }
+    }
+
+    /// From the library's histogram, which the relay records commit -> confirm into (each
+    /// percentile is its bucket's upper bound, within ~9%).
     pub fn of_histogram(histogram: &LatencyHistogram) -> Quantiles {
         Quantiles {
             p50: histogram.percentile(50.0),

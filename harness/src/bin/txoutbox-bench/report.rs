@@ -10,14 +10,15 @@ use txoutbox::RelayConfig;
 
 use crate::ceilings::{BrokerCeiling, Throughput, BROKER_PHASE, DB_PHASE};
 use crate::cpu::{CpuUsage, GROUPS};
-use crate::drain::{Drain, DRAIN_PHASE};
+use crate::drain::{ordering_name, Drains, DRAIN_PHASE, GROWTH_GOAL};
 use crate::infra::Servers;
-use crate::latency::{Latency, LATENCY_PHASE, OPEN_LOOP_SENDERS};
+use crate::latency::{Latency, Level, JUDGED_LEVEL, LEVELS, OPEN_LOOP_SENDERS};
 use crate::options::Plan;
 use crate::pipeline::{Pipeline, ScaleOut, HTTP_PHASE, SCALE_PHASE};
 use crate::quantiles::Quantiles;
 use crate::sampler::Line;
 use crate::verify::Checks;
+use txoutbox::RelayOrdering;
 use txoutbox_harness::support::timestamp::Timestamp;
 
 /// HTTP POST throughput must reach this share of the database ceiling.
@@ -26,13 +27,15 @@ pub const HTTP_GOAL: f64 = 0.8;
 pub const E2E_GOAL: f64 = 0.6;
 /// The relay's drain must reach this share of the broker ceiling.
 pub const DRAIN_GOAL: f64 = 0.8;
-/// Commit -> confirm p99 at half load, at most.
+/// Commit -> confirm p99 at 50% of the end-to-end rate, at most.
 pub const CONFIRM_P99_GOAL: Duration = Duration::from_millis(10);
+/// Commit -> `COMPLETED` p99 at 50% of the end-to-end rate, at most.
+pub const COMPLETED_P99_GOAL: Duration = Duration::from_millis(25);
 /// Server peak RSS at 64 connections, at most (bytes).
 pub const SERVER_RSS_GOAL: u64 = 64 * 1024 * 1024;
 
 /// Cores other processes may use during a scenario before the run is flagged as shared.
-const OTHER_CPU_WARNING: f64 = 0.2;
+pub const OTHER_CPU_WARNING: f64 = 0.2;
 
 /// Whether a target was met.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,9 +112,9 @@ pub struct Results {
     /// (3), (5), (7).
     pub pipeline: Option<Pipeline>,
     /// (4).
-    pub drain: Option<Drain>,
-    /// (6).
-    pub latency: Option<Latency>,
+    pub drain: Option<Drains>,
+    /// (6), one per level of [`LEVELS`] that ran, in order.
+    pub latency: Vec<Latency>,
     /// (8).
     pub scale_out: Option<ScaleOut>,
     /// Every verification made.
@@ -140,7 +143,7 @@ impl Results {
             broker_ceiling: None,
             pipeline: None,
             drain: None,
-            latency: None,
+            latency: Vec::new(),
             scale_out: None,
             checks: Checks::default(),
         }
@@ -149,20 +152,22 @@ impl Results {
     /// True when every scenario completed and every check held.
     pub fn verified(&self) -> bool {
         self.checks.failed().is_empty()
-            && [
-                DB_PHASE,
-                BROKER_PHASE,
-                HTTP_PHASE,
-                DRAIN_PHASE,
-                LATENCY_PHASE,
-                SCALE_PHASE,
-            ]
-            .iter()
-            .all(|phase| self.checks.phase_ok(phase))
+            && [DB_PHASE, BROKER_PHASE, HTTP_PHASE, DRAIN_PHASE, SCALE_PHASE]
+                .into_iter()
+                .chain(LEVELS.iter().map(|level| level.phase))
+                .all(|phase| self.checks.phase_ok(phase))
     }
 
     fn ok<'a, T>(&self, phase: &str, value: &'a Option<T>) -> Option<&'a T> {
         value.as_ref().filter(|_| self.checks.phase_ok(phase))
+    }
+
+    /// (6) at `level`, when it ran and verified.
+    pub fn latency_at(&self, level: Level) -> Option<&Latency> {
+        self.latency
+            .iter()
+            .find(|l| l.level == level)
+            .filter(|_| self.checks.phase_ok(level.phase))
     }
 
     /// (1) in tx/s, when verified.
@@ -192,11 +197,16 @@ impl Results {
             goal: format!(">= {goal:.2}"),
             status: judge(value, |v| v >= goal),
         };
-        let confirm_p99 = self
-            .ok(LATENCY_PHASE, &self.latency)
-            .map(|l| millis(l.confirm.p99));
+        let judged = self.latency_at(JUDGED_LEVEL);
+        let growth = self
+            .ok(DRAIN_PHASE, &self.drain)
+            .and_then(|d| d.growth(RelayOrdering::Aggregate))
+            .map(|g| g.ratio);
+        let confirm_p99 = judged.map(|l| millis(l.confirm.p99));
+        let completed_p99 = judged.map(|l| millis(l.completed.p99));
         let rss = pipeline.map(|p| mib(p.memory.server_peak_rss));
         let goal_ms = millis(CONFIRM_P99_GOAL);
+        let completed_goal_ms = millis(COMPLETED_P99_GOAL);
         let goal_mib = mib(SERVER_RSS_GOAL);
         vec![
             at_least(
@@ -218,19 +228,39 @@ impl Results {
                 "relay drain / broker ceiling",
                 "relay drain / broker ceiling",
                 ratio(
-                    self.ok(DRAIN_PHASE, &self.drain).map(|d| d.throughput.rate),
+                    self.ok(DRAIN_PHASE, &self.drain)
+                        .and_then(Drains::reference)
+                        .map(|d| d.throughput.rate),
                     self.broker_rate(),
                 ),
                 DRAIN_GOAL,
             ),
             Target {
+                key: "drain_time_per_event_growth",
+                name: "relay drain µs/event, largest / smallest backlog",
+                label: "drain µs/event growth",
+                value: growth,
+                shown: growth.map_or("-".into(), |v| format!("{v:.2} x")),
+                goal: format!("<= {GROWTH_GOAL:.1} x"),
+                status: judge(growth, |v| v <= GROWTH_GOAL),
+            },
+            Target {
                 key: "commit_to_confirm_p99_ms",
-                name: "commit -> confirm p99 at half load",
-                label: "confirm p99, half load",
+                name: "commit -> confirm p99 at 50% of (5)",
+                label: "confirm p99, 50% of (5)",
                 value: confirm_p99,
                 shown: confirm_p99.map_or("-".into(), |v| format!("{v:.1} ms")),
                 goal: format!("<= {goal_ms:.0} ms"),
                 status: judge(confirm_p99, |v| v <= goal_ms),
+            },
+            Target {
+                key: "commit_to_completed_p99_ms",
+                name: "commit -> COMPLETED p99 at 50% of (5)",
+                label: "COMPLETED p99, 50% of (5)",
+                value: completed_p99,
+                shown: completed_p99.map_or("-".into(), |v| format!("{v:.1} ms")),
+                goal: format!("<= {completed_goal_ms:.0} ms"),
+                status: judge(completed_p99, |v| v <= completed_goal_ms),
             },
             Target {
                 key: "server_peak_rss_mib",
@@ -319,19 +349,48 @@ impl Results {
             }),
             HTTP_PHASE,
         );
-        let drain = self.ok(DRAIN_PHASE, &self.drain);
-        row(
-            "(4) relay drain",
-            drain.map(|d| format!("{} events/s", count(d.throughput.rate))),
-            drain.map_or(String::new(), |d| {
-                format!(
-                    "backlog of {} events, no consumer: published, confirmed and deleted in {:.1} s",
-                    count(d.throughput.count as f64),
-                    d.throughput.elapsed.as_secs_f64()
-                )
-            }),
-            DRAIN_PHASE,
-        );
+        match self.ok(DRAIN_PHASE, &self.drain) {
+            Some(drains) => {
+                for d in &drains.runs {
+                    row(
+                        if d.ordering == RelayOrdering::Aggregate {
+                            "(4) relay drain, aggregate"
+                        } else {
+                            "(4) relay drain, none"
+                        },
+                        Some(format!(
+                            "{} events/s, {:.1} µs/event",
+                            count(d.throughput.rate),
+                            d.us_per_event()
+                        )),
+                        format!(
+                            "backlog of {} events, RELAY_ORDERING={}, no consumer: published, confirmed and deleted; \
+                             rate from the first confirm, {:.1} s",
+                            count(d.backlog as f64),
+                            ordering_name(d.ordering),
+                            d.throughput.elapsed.as_secs_f64()
+                        ),
+                        DRAIN_PHASE,
+                    );
+                }
+                for ordering in [RelayOrdering::Aggregate, RelayOrdering::None] {
+                    if let Some(g) = drains.growth(ordering) {
+                        row(
+                            "(4) cost as the backlog grows",
+                            Some(format!("x{:.2} µs/event", g.ratio)),
+                            format!(
+                                "RELAY_ORDERING={}: time per event at {} events / at {} events",
+                                ordering_name(ordering),
+                                count(g.largest as f64),
+                                count(g.smallest as f64)
+                            ),
+                            DRAIN_PHASE,
+                        );
+                    }
+                }
+            }
+            None => row("(4) relay drain", None, String::new(), DRAIN_PHASE),
+        }
         row(
             "(5) end to end",
             pipeline.map(|p| format!("{} orders/s", count(p.e2e.rate))),
@@ -343,40 +402,55 @@ impl Results {
             }),
             HTTP_PHASE,
         );
-        let latency = self.ok(LATENCY_PHASE, &self.latency);
-        row(
-            "(6) commit -> confirm",
-            latency.map(|l| brief(&l.confirm)),
-            latency.map_or(String::new(), |l| {
-                format!(
-                    "open loop at {} orders/s (half of (1)), {} s measured after {} s of warm-up; \
-                     achieved {} orders/s, {} of {} sent > 1 ms late",
-                    count(l.offered_rate),
-                    self.plan.latency.as_secs(),
-                    self.plan.latency_warm_up.as_secs(),
-                    count(l.achieved_rate),
-                    l.late,
-                    l.scheduled
-                )
-            }),
-            LATENCY_PHASE,
-        );
-        row(
-            "(6) commit -> COMPLETED",
-            latency.map(|l| brief(&l.completed)),
-            latency.map_or(String::new(), |_| {
-                "orders.updated_at - created_at, the same orders".to_string()
-            }),
-            LATENCY_PHASE,
-        );
-        row(
-            "(6) HTTP 201, from schedule",
-            latency.map(|l| brief(&l.http)),
-            latency.map_or(String::new(), |_| {
-                format!("client side, from each order's due instant; {OPEN_LOOP_SENDERS} sender threads")
-            }),
-            LATENCY_PHASE,
-        );
+        for level in LEVELS {
+            let latency = self.latency_at(level);
+            let pct = level.share * 100.0;
+            row(
+                if level == JUDGED_LEVEL {
+                    "(6) commit -> confirm, 50%"
+                } else {
+                    "(6) commit -> confirm, 25%"
+                },
+                latency.map(|l| brief(&l.confirm)),
+                latency.map_or(String::new(), |l| {
+                    format!(
+                        "open loop at {} orders/s ({pct:.0}% of (5)), {} s measured after {} s of warm-up; \
+                         achieved {} orders/s, {} of {} sent > 1 ms late",
+                        count(l.offered_rate),
+                        self.plan.latency.as_secs(),
+                        self.plan.latency_warm_up.as_secs(),
+                        count(l.achieved_rate),
+                        l.late,
+                        l.scheduled
+                    )
+                }),
+                level.phase,
+            );
+            row(
+                if level == JUDGED_LEVEL {
+                    "(6) commit -> COMPLETED, 50%"
+                } else {
+                    "(6) commit -> COMPLETED, 25%"
+                },
+                latency.map(|l| brief(&l.completed)),
+                latency.map_or(String::new(), |_| {
+                    "orders.updated_at - created_at, the same orders".to_string()
+                }),
+                level.phase,
+            );
+            row(
+                if level == JUDGED_LEVEL {
+                    "(6) HTTP 201, 50%"
+                } else {
+                    "(6) HTTP 201, 25%"
+                },
+                latency.map(|l| brief(&l.http)),
+                latency.map_or(String::new(), |_| {
+                    format!("client side, from each order's due instant; {OPEN_LOOP_SENDERS} sender threads")
+                }),
+                level.phase,
+            );
+        }
         row(
             "(7) peak RSS",
             pipeline.map(|p| {
@@ -459,12 +533,25 @@ impl Results {
         for target in self.targets() {
             let _ = writeln!(
                 out,
-                "  {:<42} {:>10}  {:<10} {}",
+                "  {:<48} {:>10}  {:<10} {}",
                 target.name,
                 target.shown,
                 target.goal,
                 target.status.label()
             );
+        }
+        if let Some(p) = self.ok(HTTP_PHASE, &self.pipeline) {
+            let _ = writeln!(
+                out,
+                "\nStatements per order in (3), counted by Postgres (pg_stat_statements)"
+            );
+            for line in p.statements.console(100) {
+                let _ = writeln!(out, "{line}");
+            }
+            let _ = writeln!(out, "\nCPU profiles under the load of (3)");
+            for line in p.profiles.console(100) {
+                let _ = writeln!(out, "{line}");
+            }
         }
         let _ = writeln!(
             out,
@@ -510,11 +597,18 @@ impl Results {
         if let Some(p) = &self.pipeline {
             cpu.push(("(3) HTTP POST /orders", &p.http.cpu));
         }
-        if let Some(d) = &self.drain {
+        if let Some(d) = self.drain.as_ref().and_then(Drains::reference) {
             cpu.push(("(4) relay drain", &d.throughput.cpu));
         }
-        if let Some(l) = &self.latency {
-            cpu.push(("(6) half load", &l.cpu));
+        for l in &self.latency {
+            cpu.push((
+                if l.level == JUDGED_LEVEL {
+                    "(6) 50% of (5)"
+                } else {
+                    "(6) 25% of (5)"
+                },
+                &l.cpu,
+            ));
         }
         if let Some(s) = &self.scale_out {
             cpu.push(("(8) scale-out", &s.http.cpu));
@@ -529,10 +623,11 @@ impl Results {
         let _ = writeln!(out, "{}.  ", self.headline());
         let _ = writeln!(
             out,
-            "PostgreSQL {} (synchronous_commit={}, fsync={}), RabbitMQ {}{}.\n",
+            "PostgreSQL {} (synchronous_commit={}, fsync={}, autovacuum={}), RabbitMQ {}{}.\n",
             self.servers.postgres_version,
             self.servers.synchronous_commit,
             self.servers.fsync,
+            self.servers.autovacuum,
             self.servers.rabbitmq_version,
             self.source
                 .as_ref()
@@ -555,20 +650,34 @@ impl Results {
         for row in self.rows() {
             let _ = writeln!(out, "| {} | {} | {} |", row.label, row.value, row.detail);
         }
-        if let Some(latency) = self.ok(LATENCY_PHASE, &self.latency) {
-            let _ = writeln!(out, "\n## Latency at half load\n");
+        let verified_latency: Vec<&Latency> = LEVELS.iter().filter_map(|l| self.latency_at(*l)).collect();
+        if !verified_latency.is_empty() {
+            let _ = writeln!(out, "\n## Latency below saturation (open loop, shares of (5))\n");
             let _ = writeln!(
                 out,
-                "| | p50 | p90 | p99 | p99.9 | max |\n|---|---:|---:|---:|---:|---:|"
+                "| Load | | p50 | p90 | p99 | p99.9 | max |\n|---|---|---:|---:|---:|---:|---:|"
             );
-            for (name, q) in [
-                ("commit -> broker confirm", &latency.confirm),
-                ("commit -> COMPLETED", &latency.completed),
-                ("HTTP 201, from schedule", &latency.http),
-            ] {
-                let cells: Vec<String> = q.labelled().iter().map(|(_, d)| fmt_ms(*d)).collect();
-                let _ = writeln!(out, "| {name} | {} |", cells.join(" | "));
+            for latency in verified_latency {
+                let load = format!(
+                    "{:.0}% = {} orders/s",
+                    latency.level.share * 100.0,
+                    count(latency.offered_rate)
+                );
+                for (name, q) in [
+                    ("commit -> broker confirm", &latency.confirm),
+                    ("commit -> COMPLETED", &latency.completed),
+                    ("HTTP 201, from schedule", &latency.http),
+                ] {
+                    let cells: Vec<String> = q.labelled().iter().map(|(_, d)| fmt_ms(*d)).collect();
+                    let _ = writeln!(out, "| {load} | {name} | {} |", cells.join(" | "));
+                }
             }
+        }
+        if let Some(p) = self.ok(HTTP_PHASE, &self.pipeline) {
+            let _ = writeln!(out, "\n## Statements and round trips per order in (3)\n");
+            let _ = write!(out, "{}", p.statements.markdown());
+            let _ = writeln!(out, "\n## CPU profiles under the load of (3)\n");
+            let _ = write!(out, "{}", p.profiles.markdown());
         }
         let _ = writeln!(
             out,
@@ -661,6 +770,7 @@ impl Results {
                 "postgres_version": self.servers.postgres_version,
                 "synchronous_commit": self.servers.synchronous_commit,
                 "fsync": self.servers.fsync,
+                "autovacuum": self.servers.autovacuum,
                 "rabbitmq_version": self.servers.rabbitmq_version,
             },
             "plan": {
@@ -668,7 +778,8 @@ impl Results {
                 "broker_ceiling_seconds": self.plan.broker_ceiling.as_secs_f64(),
                 "http_seconds": self.plan.http.as_secs_f64(),
                 "memory_seconds": self.plan.memory.as_secs_f64(),
-                "backlog": self.plan.backlog,
+                "backlogs": self.plan.backlogs,
+                "unordered_backlogs": self.plan.unordered_backlogs,
                 "latency_seconds": self.plan.latency.as_secs_f64(),
                 "latency_warm_up_seconds": self.plan.latency_warm_up.as_secs_f64(),
                 "lone_confirms": self.plan.lone_confirms,
@@ -693,13 +804,21 @@ impl Results {
                 "orders": p.http.count,
                 "seconds": p.http.elapsed.as_secs_f64(),
                 "orders_per_second": p.http.rate,
+                "statements": p.statements.json(),
+                "profiles": p.profiles.json(),
             })),
-            "relay_drain": self.drain.as_ref().map(|d| json!({
+            "relay_drain": self.drain.as_ref().map(|drains| json!({
                 "verified": self.checks.phase_ok(DRAIN_PHASE),
-                "events": d.throughput.count,
-                "seconds": d.throughput.elapsed.as_secs_f64(),
-                "events_per_second": d.throughput.rate,
-                "fill_seconds": d.fill.as_secs_f64(),
+                "runs": drains.runs.iter().map(|d| json!({
+                    "ordering": ordering_name(d.ordering),
+                    "backlog": d.backlog,
+                    "events_timed": d.throughput.count,
+                    "seconds": d.throughput.elapsed.as_secs_f64(),
+                    "events_per_second": d.throughput.rate,
+                    "us_per_event": d.us_per_event(),
+                    "fill_seconds": d.fill.as_secs_f64(),
+                })).collect::<Vec<_>>(),
+                "growth": drain_growth(drains),
             })),
             "end_to_end": self.pipeline.as_ref().map(|p| json!({
                 "verified": self.checks.phase_ok(HTTP_PHASE),
@@ -707,8 +826,9 @@ impl Results {
                 "seconds": p.e2e.elapsed.as_secs_f64(),
                 "orders_per_second": p.e2e.rate,
             })),
-            "latency": self.latency.as_ref().map(|l| json!({
-                "verified": self.checks.phase_ok(LATENCY_PHASE),
+            "latency": self.latency.iter().map(|l| json!({
+                "verified": self.checks.phase_ok(l.level.phase),
+                "share_of_end_to_end": l.level.share,
                 "offered_per_second": l.offered_rate,
                 "achieved_per_second": l.achieved_rate,
                 "scheduled": l.scheduled,
@@ -718,7 +838,7 @@ impl Results {
                 "commit_to_confirm_ms": quantiles(&l.confirm),
                 "commit_to_completed_ms": quantiles(&l.completed),
                 "http_from_schedule_ms": quantiles(&l.http),
-            })),
+            })).collect::<Vec<_>>(),
             "memory": self.pipeline.as_ref().map(|p| json!({
                 "verified": self.checks.phase_ok(HTTP_PHASE),
                 "connections": p.memory.connections,
@@ -774,16 +894,44 @@ impl Results {
         if let Some(p) = &self.pipeline {
             series.push((HTTP_PHASE, &p.http.lines));
         }
-        if let Some(d) = &self.drain {
+        if let Some(d) = self.drain.as_ref().and_then(Drains::reference) {
             series.push((DRAIN_PHASE, &d.throughput.lines));
         }
-        if let Some(l) = &self.latency {
-            series.push((LATENCY_PHASE, &l.lines));
+        for l in &self.latency {
+            series.push((l.level.phase, &l.lines));
         }
         if let Some(s) = &self.scale_out {
             series.push((SCALE_PHASE, &s.http.lines));
         }
         series
+    }
+}
+
+/// How time per event grew with the backlog, per ordering, for results.json.
+fn drain_growth(drains: &Drains) -> Value {
+    let growth: Vec<Value> = [RelayOrdering::Aggregate, RelayOrdering::None]
+        .iter()
+        .filter_map(|o| {
+            drains.growth(*o).map(|g| {
+                json!({
+                    "ordering": ordering_name(*o),
+                    "smallest": g.smallest,
+                    "largest": g.largest,
+                    "us_per_event_ratio": g.ratio,
+                })
+            })
+        })
+        .collect();
+    Value::Array(growth)
+}
+
+/// `text` cut to `width` characters, with an ellipsis when cut.
+pub fn shorten(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        text.to_string()
+    } else {
+        let cut: String = text.chars().take(width.saturating_sub(1)).collect();
+        format!("{cut}…")
     }
 }
 

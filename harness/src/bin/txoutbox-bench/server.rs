@@ -3,7 +3,7 @@
 //! what `src/bin/txoutbox-server.rs` builds with its default settings.
 
 use txoutbox::relay::{self, RelayHandle};
-use txoutbox::{RelayConfig, Result};
+use txoutbox::{RelayConfig, RelayOrdering, Result};
 use txoutbox_service::http::{self, HttpHandle};
 use txoutbox_service::orders::Announce;
 use txoutbox_service::HttpConfig;
@@ -13,6 +13,15 @@ use crate::infra::{FreshBroker, FreshDb};
 /// The server's pool size with default settings: `HTTP_THREADS + RELAY_WORKERS + 2`.
 pub fn server_pool_size() -> u32 {
     (HttpConfig::default().threads + RelayConfig::default().workers + 2) as u32
+}
+
+/// The relay settings `txoutbox-server` runs with by default: the library's, but with
+/// `RELAY_ORDERING=aggregate` (the server keeps each order's events in order unless told not to).
+pub fn server_relay_config() -> RelayConfig {
+    RelayConfig {
+        ordering: RelayOrdering::Aggregate,
+        ..RelayConfig::default()
+    }
 }
 
 /// A running API and relay. Dropping it stops the API first, then the relay, as the server does.
@@ -30,7 +39,7 @@ impl Stack {
             fresh.db.clone(),
             amqp_url,
             broker.topology.clone(),
-            RelayConfig::default(),
+            server_relay_config(),
         )?;
         let config = HttpConfig {
             addr: "127.0.0.1:0".into(),
