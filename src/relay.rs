@@ -134,22 +134,28 @@ fn ordered_window(config: &RelayConfig) -> i64 {
 const DELETE_CONFIRMED: &str = "DELETE FROM {schema}.outbox WHERE id = ANY($1)";
 
 /// [`DELETE_CONFIRMED`] for [`RelayOrdering::Aggregate`]: also clears the [held](HOLD_BACK)
-/// mark of the row after each deleted one in its aggregate, which is now its aggregate's first.
-/// (The statement sees the outbox as it was before the delete, hence `e.id > g.id`.)
+/// mark of the row after each deleted one in its aggregate, which is now its aggregate's first,
+/// and returns how many deleted rows had such a next row (whose event can go now). (The
+/// statement sees the outbox as it was before the delete, hence `e.id > g.id`.)
 const DELETE_CONFIRMED_IN_ORDER: &str = "\
     WITH gone AS (
         DELETE FROM {schema}.outbox WHERE id = ANY($1)
         RETURNING id, aggregate_type, aggregate_id
+    ),
+    next AS (
+        SELECT (SELECT e.id FROM {schema}.outbox e
+                WHERE e.aggregate_type = g.aggregate_type AND e.aggregate_id = g.aggregate_id
+                  AND e.id > g.id
+                ORDER BY e.aggregate_type, e.aggregate_id, e.id
+                LIMIT 1) AS id
+        FROM gone g
+    ),
+    cleared AS (
+        UPDATE {schema}.outbox o SET held = false
+        FROM next n
+        WHERE o.id = n.id AND o.held
     )
-    UPDATE {schema}.outbox o SET held = false
-    FROM gone g
-    WHERE o.held
-      AND o.id = (
-          SELECT e.id FROM {schema}.outbox e
-          WHERE e.aggregate_type = g.aggregate_type AND e.aggregate_id = g.aggregate_id AND e.id > g.id
-          ORDER BY e.aggregate_type, e.aggregate_id, e.id
-          LIMIT 1
-      )";
+    SELECT count(id) FROM next";
 
 /// A refused row (the first of its aggregate, in aggregate order: its `held` mark, if the heads
 /// pass claimed it with one, is cleared) waits `retry_delay * 2^attempts` (capped at an hour, and the exponent at 32 so
@@ -595,13 +601,18 @@ fn worker_loop(worker: usize, shared: &Shared) {
         };
         let seen = shared.wakeup.start_looking();
         match run_round(shared, connection, &mut active.publisher) {
-            Ok(Round { claimed, held_back }) => {
+            Ok(Round {
+                claimed,
+                held_back,
+                unblocked,
+            }) => {
                 failures.recovered();
                 backoff.reset();
-                if (claimed > 0 || held_back > 0) && config.ordering == RelayOrdering::Aggregate {
-                    // The rows just deleted may have been holding back the next events of
-                    // their aggregates, which nobody announces, and rows just held back no
-                    // longer hide the rows after them: look again at once.
+                if unblocked > 0 || held_back > 0 {
+                    // The rows just deleted were holding back the next events of their
+                    // aggregates, which nobody announces, or rows just held back no longer
+                    // hide the rows after them: look again at once. (Not after every round
+                    // that claimed something: at low load that kept every worker busy.)
                     continue;
                 }
                 if claimed < config.batch_size as usize {
@@ -730,6 +741,8 @@ struct Round {
     claimed: usize,
     /// Rows newly [held back](HOLD_BACK); only in aggregate order.
     held_back: u64,
+    /// Deleted rows whose aggregate has a next event, now claimable; only in aggregate order.
+    unblocked: i64,
 }
 
 /// One claim-publish-delete transaction.
@@ -776,6 +789,7 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
         return Ok(Round {
             claimed: 0,
             held_back,
+            unblocked: 0,
         });
     }
     let claimed_at = Instant::now();
@@ -815,9 +829,16 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
             .confirm_latency
             .record(Duration::from_secs_f64(age) + confirmed_after);
     }
+    let mut unblocked = 0;
     if !outcome.confirmed.is_empty() {
-        tx.execute(delete, &[&outcome.confirmed])
+        let deleted = tx
+            .query(delete, &[&outcome.confirmed])
             .map_err(db_error("cannot delete published outbox rows"))?;
+        // In aggregate order: how many deleted rows had a next event in their aggregate.
+        unblocked = deleted
+            .first()
+            .and_then(|row| row.try_get::<_, i64>(0).ok())
+            .unwrap_or(0);
     }
     let retry_secs = shared.config.retry_delay.as_secs_f64();
     let max_attempts = shared.config.max_attempts;
@@ -862,5 +883,6 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
     Ok(Round {
         claimed: rows.len(),
         held_back,
+        unblocked,
     })
 }
