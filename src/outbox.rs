@@ -379,29 +379,13 @@ impl Outbox {
     fn enqueue_scheduled(&self, client: &mut impl GenericClient, event: &NewEvent) -> Result<()> {
         check(event)?;
         let not_before = event.not_before_epoch()?;
-        client
-            .execute(
-                self.insert_scheduled_one.as_str(),
-                &[
-                    &event.message_id,
-                    &event.aggregate_type,
-                    &event.aggregate_id,
-                    &event.event_type,
-                    &event.payload,
-                    &event.exchange,
-                    &event.routing_key,
-                    &event.traceparent(),
-                    &event.tracestate(),
-                    &not_before,
-                ],
-            )
-            .map_err(|e| {
-                Error::db(
-                    format!("cannot schedule {} event {}", event.event_type, event.message_id),
-                    e,
-                )
-            })?;
-        Ok(())
+        execute_event(
+            client,
+            self.insert_scheduled_one.as_str(),
+            event,
+            Some(&not_before),
+            "schedule",
+        )
     }
 
     /// The statement that records a scheduled event (`$1..$9` as [`insert_sql`](Self::insert_sql),
@@ -557,27 +541,40 @@ where
 {
     check(event)?;
     check_not_scheduled(event)?;
-    client
-        .execute(
-            statement,
-            &[
-                &event.message_id,
-                &event.aggregate_type,
-                &event.aggregate_id,
-                &event.event_type,
-                &event.payload,
-                &event.exchange,
-                &event.routing_key,
-                &event.traceparent(),
-                &event.tracestate(),
-            ],
+    execute_event(client, statement, event, None, "enqueue")
+}
+
+/// Runs `statement` with `event`'s values in [`COLUMNS`] order as `$1..$9`, and `extra` as
+/// `$10` when given; an error names the event and what was being done (`verb`).
+fn execute_event<S>(
+    client: &mut impl GenericClient,
+    statement: &S,
+    event: &NewEvent,
+    extra: Option<&(dyn postgres::types::ToSql + Sync)>,
+    verb: &str,
+) -> Result<()>
+where
+    S: ToStatement + ?Sized,
+{
+    let (traceparent, tracestate) = (event.traceparent(), event.tracestate());
+    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![
+        &event.message_id,
+        &event.aggregate_type,
+        &event.aggregate_id,
+        &event.event_type,
+        &event.payload,
+        &event.exchange,
+        &event.routing_key,
+        &traceparent,
+        &tracestate,
+    ];
+    params.extend(extra);
+    client.execute(statement, &params).map_err(|e| {
+        Error::db(
+            format!("cannot {verb} {} event {}", event.event_type, event.message_id),
+            e,
         )
-        .map_err(|e| {
-            Error::db(
-                format!("cannot enqueue {} event {}", event.event_type, event.message_id),
-                e,
-            )
-        })?;
+    })?;
     Ok(())
 }
 
