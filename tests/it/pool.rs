@@ -6,7 +6,9 @@ use std::time::Duration;
 use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
 use serde_json::json;
-use txoutbox::{consumer, enqueue, relay, ConsumerConfig, Database, HandlerError, Message, NewEvent, Schema};
+use txoutbox::{
+    consumer, enqueue, relay, ConsumerConfig, Database, HandlerError, Message, NewEvent, PoolOptions, Schema,
+};
 use txoutbox_testkit::{quick_relay, wait_until, EmptyDb, TestBroker, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -119,4 +121,62 @@ fn a_relay_worker_that_panics_shows_in_health_and_metrics() {
         1,
         "the row stays for a fixed relay"
     );
+}
+
+/// The last statement Postgres saw on the backend `pid` (pg_stat_activity.query).
+fn last_statement(t: &TestDb, pid: i32) -> String {
+    t.client()
+        .query_one("SELECT query FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn a_connection_used_moments_ago_is_checked_out_without_a_round_trip() {
+    let t = TestDb::with_pool(PoolOptions {
+        max_size: 1,
+        ..PoolOptions::default()
+    });
+    let marker = "SELECT pg_backend_pid() /* checkout marker */";
+    let pid: i32 = t.db.get().unwrap().query_one(marker, &[]).unwrap().get(0);
+
+    // The same (only) connection again at once: Postgres must not have been asked anything.
+    let again = t.db.get().unwrap();
+    assert_eq!(
+        last_statement(&t, pid),
+        marker,
+        "the checkout sent a validation query on a connection used moments ago"
+    );
+    drop(again);
+}
+
+#[test]
+fn a_connection_idle_past_the_check_is_validated_and_replaced_when_dead() {
+    let t = TestDb::with_pool(PoolOptions {
+        max_size: 1,
+        validate_after_idle: Duration::from_millis(200),
+        ..PoolOptions::default()
+    });
+    let pid: i32 =
+        t.db.get()
+            .unwrap()
+            .query_one("SELECT pg_backend_pid()", &[])
+            .unwrap()
+            .get(0);
+    t.client()
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    wait_until("the backend is gone", WAIT, || {
+        t.count(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+        )) == 0
+    });
+    // Idle past the check (a deterministic pause, not a wait for something to happen).
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = t.db.get().expect("a checkout after the backend died");
+    let fresh: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .expect("the dead connection was replaced before use")
+        .get(0);
+    assert_ne!(fresh, pid);
 }
