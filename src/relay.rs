@@ -51,16 +51,22 @@ const CLAIM: &str = "\
 /// retry are stepped over, not counted. The "first row of its
 /// aggregate" test is a correlated subquery on purpose: written as `NOT EXISTS`, Postgres may
 /// plan a hash anti-join that costs seconds on a backlog of one aggregate.
+///
+/// The last column is how many rows that window held: fewer than `$2`, and the claim saw every
+/// claimable row, so there is nothing for [`HOLD_BACK`] to uncover.
 const CLAIM_IN_AGGREGATE_ORDER: &str = "\
+    WITH oldest AS (
+        SELECT id FROM {schema}.outbox
+        WHERE NOT held AND failed_at IS NULL AND available_at <= now()
+        ORDER BY id LIMIT $2
+    )
     SELECT o.id, o.message_id::text, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text,
            extract(epoch FROM clock_timestamp() - o.created_at)::float8, o.exchange, o.routing_key,
            o.traceparent, o.tracestate,
-           to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+           to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+           (SELECT count(*) FROM oldest)
     FROM {schema}.outbox o
-    WHERE o.id <= (SELECT max(id) FROM (
-              SELECT id FROM {schema}.outbox
-              WHERE NOT held AND failed_at IS NULL AND available_at <= now()
-              ORDER BY id LIMIT $2) oldest)
+    WHERE o.id <= (SELECT max(id) FROM oldest)
       AND NOT o.held AND o.available_at <= now() AND o.failed_at IS NULL
       AND o.id = (
           SELECT e.id FROM {schema}.outbox e
@@ -73,8 +79,8 @@ const CLAIM_IN_AGGREGATE_ORDER: &str = "\
     FOR UPDATE OF o SKIP LOCKED";
 
 /// Marks `held` the rows among the oldest `$1` not held that have an earlier row of their
-/// aggregate, so that later claims skip them; run when a claim came up short. Returns how many
-/// it marked.
+/// aggregate, so that later claims skip them; run when a claim came up short with its window
+/// full (or found nothing). Returns how many it marked.
 ///
 /// A row is marked only while this transaction holds a lock on the first row of its aggregate
 /// (`FOR KEY SHARE`, which a worker holding that row for publishing prevents; then the row is
@@ -762,15 +768,20 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
     }
     .map_err(db_error("cannot claim outbox rows"))?;
     let mut held_back = 0;
-    if let Some(ordered) = db.ordered.as_ref().filter(|_| rows.len() < batch_size as usize) {
-        // Short: rows behind their aggregate's first may fill the window. Mark them, so that
-        // the next claims look past them, and (at most once per poll interval) look at the
-        // first row of every aggregate.
+    // The window's size, the claim's last column: fewer rows than the window holds means the
+    // claim saw every claimable row.
+    let window_full = rows.first().map_or(true, |row| {
+        row.try_get::<_, i64>(12).map_or(true, |n| n >= window)
+    });
+    let short = rows.len() < batch_size as usize;
+    if let Some(ordered) = db.ordered.as_ref().filter(|_| short && window_full) {
+        // Short with a full window: rows behind their aggregate's first may fill it. Mark
+        // them, so that the next claims look past them, and (at most once per poll interval)
+        // look at the first row of every aggregate.
         held_back = tx
             .execute(&ordered.hold_back, &[&window])
             .map_err(db_error("cannot mark held-back outbox rows"))?;
     }
-    let short = rows.len() < batch_size as usize;
     if let Some(ordered) = db.ordered.as_ref().filter(|_| shared.take_heads_scan(short)) {
         // Also when the batch is full, less often (then for a tenth of a batch more): a row
         // found only by this pass (its predecessor deleted by hand) is not starved by a busy

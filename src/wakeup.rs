@@ -92,7 +92,10 @@ impl Wakeup {
             return;
         }
         state.idle += 1;
-        let mut state = match self.work.wait_timeout_while(state, timeout, |s| !s.ticket && !s.stopping) {
+        let mut state = match self
+            .work
+            .wait_timeout_while(state, timeout, |s| !s.ticket && !s.stopping)
+        {
             Ok((guard, _)) => guard,
             Err(poisoned) => poisoned.into_inner().0,
         };
