@@ -701,9 +701,15 @@ impl RelayDb {
         // process freezes or loses the broker for longer than twice that, Postgres ends the
         // session, and the rows it claimed go to the other workers and relays within seconds.
         let idle_limit = idle_in_transaction_limit(config);
+        // No sequential scans of the outbox: every statement of the relay finds its rows through
+        // an index, but a queue table's statistics are taken while it is nearly empty, and
+        // against them (and a bloated index) the planner once chose a scan of the whole outbox
+        // per claimed row: claims of seconds, a relay falling further behind with each (a 55 s
+        // stall in a 3-minute soak). `enable_seqscan = off` prices such plans out.
         client
             .batch_execute(&format!(
-                "SET synchronous_commit = off; SET idle_in_transaction_session_timeout = {}",
+                "SET synchronous_commit = off; SET idle_in_transaction_session_timeout = {}; \
+                 SET enable_seqscan = off",
                 idle_limit.as_millis()
             ))
             .map_err(|e| Error::db(context, e))?;
@@ -896,4 +902,83 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
         held_back,
         unblocked,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use txoutbox_testkit::EmptyDb;
+
+    /// Statistics taken while the outbox was nearly empty, then a backlog: the state of a busy
+    /// outbox right after autovacuum's ANALYZE, when the relay falls behind. Postgres then
+    /// believes the outbox holds a few dozen rows.
+    fn outbox_with_stale_statistics(backlog: i64) -> (EmptyDb, postgres::Client) {
+        let database = EmptyDb::new();
+        let mut client = database.client();
+        crate::migrate::run(&mut client, "public").unwrap();
+        let fill = |n: i64| {
+            format!(
+                "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
+                 SELECT gen_random_uuid(), 'order', gen_random_uuid()::text, 'OrderCreated', '{{}}'
+                 FROM generate_series(1, {n})"
+            )
+        };
+        client.batch_execute(&fill(backlog + 20)).unwrap();
+        client
+            .batch_execute(&format!(
+                "DELETE FROM outbox WHERE id <= {backlog}; ANALYZE outbox; {}",
+                fill(backlog)
+            ))
+            .unwrap();
+        (database, client)
+    }
+
+    /// The relay's own session (its settings and prepared statements) on `database`, with
+    /// generic plans forced, as Postgres picks them after a few runs of a prepared statement,
+    /// and an index probe priced like a thousand page reads: the planner's view of a bloated
+    /// outbox index against statistics of a nearly empty table, under which a soak's claims
+    /// took a sequential scan of the outbox per claimed row (seconds each, the relay stalled).
+    fn relay_session(database: &EmptyDb) -> RelayDb {
+        let db = Database::connect(&database.url, &crate::PoolOptions::default()).unwrap();
+        let config = RelayConfig {
+            ordering: RelayOrdering::Aggregate,
+            ..RelayConfig::default()
+        };
+        let mut session = RelayDb::connect(&db, &config).unwrap();
+        session
+            .client
+            .batch_execute(
+                "SET plan_cache_mode = force_generic_plan; SET statement_timeout = '2s'; \
+                 SET random_page_cost = 1000",
+            )
+            .unwrap();
+        session
+    }
+
+    #[test]
+    fn the_ordered_claim_stays_fast_on_statistics_taken_when_the_outbox_was_empty() {
+        let (database, _client) = outbox_with_stale_statistics(30_000);
+        let mut session = relay_session(&database);
+        let config = RelayConfig::default();
+        let mut tx = session.client.transaction().unwrap();
+        let rows = tx
+            .query(&session.claim, &[&config.batch_size, &ordered_window(&config)])
+            .expect("the claim finished within the statement timeout");
+        assert_eq!(rows.len() as i64, config.batch_size);
+    }
+
+    #[test]
+    fn the_heads_pass_stays_fast_on_statistics_taken_when_the_outbox_was_empty() {
+        let (database, _client) = outbox_with_stale_statistics(30_000);
+        let mut session = relay_session(&database);
+        let heads = session.ordered.as_ref().unwrap().claim_heads.clone();
+        let mut tx = session.client.transaction().unwrap();
+        let started = Instant::now();
+        let none: Vec<i64> = Vec::new();
+        let rows = tx
+            .query(&heads, &[&200_i64, &none])
+            .expect("the heads pass finished within the statement timeout");
+        assert_eq!(rows.len(), 200);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 }
