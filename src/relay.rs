@@ -52,8 +52,8 @@ const CLAIM: &str = "\
 /// aggregate" test is a correlated subquery on purpose: written as `NOT EXISTS`, Postgres may
 /// plan a hash anti-join that costs seconds on a backlog of one aggregate.
 ///
-/// The last column is how many rows that window held: fewer than `$2`, and the claim saw every
-/// claimable row, so there is nothing for [`HOLD_BACK`] to uncover.
+/// The last column ([`WINDOW_ROWS_COLUMN`]) is how many rows that window held: fewer than `$2`,
+/// and the claim saw every claimable row, so there is nothing for [`HOLD_BACK`] to uncover.
 const CLAIM_IN_AGGREGATE_ORDER: &str = "\
     WITH oldest AS (
         SELECT id FROM {schema}.outbox
@@ -77,6 +77,9 @@ const CLAIM_IN_AGGREGATE_ORDER: &str = "\
     ORDER BY o.id
     LIMIT $1
     FOR UPDATE OF o SKIP LOCKED";
+
+/// The column of [`CLAIM_IN_AGGREGATE_ORDER`] holding its window's row count.
+const WINDOW_ROWS_COLUMN: usize = 12;
 
 /// Marks `held` the rows among the oldest `$1` not held that have an earlier row of their
 /// aggregate, so that later claims skip them; run when a claim came up short with its window
@@ -774,10 +777,10 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
     }
     .map_err(db_error("cannot claim outbox rows"))?;
     let mut held_back = 0;
-    // The window's size, the claim's last column: fewer rows than the window holds means the
-    // claim saw every claimable row.
+    // Fewer rows in the claim's window than it may hold: the claim saw every claimable row.
     let window_full = rows.first().map_or(true, |row| {
-        row.try_get::<_, i64>(12).map_or(true, |n| n >= window)
+        row.try_get::<_, i64>(WINDOW_ROWS_COLUMN)
+            .map_or(true, |n| n >= window)
     });
     let short = rows.len() < batch_size as usize;
     if let Some(ordered) = db.ordered.as_ref().filter(|_| short && window_full) {
@@ -912,7 +915,7 @@ mod tests {
     /// Statistics taken while the outbox was nearly empty, then a backlog: the state of a busy
     /// outbox right after autovacuum's ANALYZE, when the relay falls behind. Postgres then
     /// believes the outbox holds a few dozen rows.
-    fn outbox_with_stale_statistics(backlog: i64) -> (EmptyDb, postgres::Client) {
+    fn outbox_with_stale_statistics(backlog: i64) -> EmptyDb {
         let database = EmptyDb::new();
         let mut client = database.client();
         crate::migrate::run(&mut client, "public").unwrap();
@@ -930,7 +933,7 @@ mod tests {
                 fill(backlog)
             ))
             .unwrap();
-        (database, client)
+        database
     }
 
     /// The relay's own session (its settings and prepared statements) on `database`, with
@@ -957,7 +960,7 @@ mod tests {
 
     #[test]
     fn the_ordered_claim_stays_fast_on_statistics_taken_when_the_outbox_was_empty() {
-        let (database, _client) = outbox_with_stale_statistics(30_000);
+        let database = outbox_with_stale_statistics(30_000);
         let mut session = relay_session(&database);
         let config = RelayConfig::default();
         let mut tx = session.client.transaction().unwrap();
@@ -969,7 +972,7 @@ mod tests {
 
     #[test]
     fn the_heads_pass_stays_fast_on_statistics_taken_when_the_outbox_was_empty() {
-        let (database, _client) = outbox_with_stale_statistics(30_000);
+        let database = outbox_with_stale_statistics(30_000);
         let mut session = relay_session(&database);
         let heads = session.ordered.as_ref().unwrap().claim_heads.clone();
         let mut tx = session.client.transaction().unwrap();
