@@ -52,6 +52,17 @@ const CLAIM: &str = "\
 /// aggregate" test is a correlated subquery on purpose: written as `NOT EXISTS`, Postgres may
 /// plan a hash anti-join that costs seconds on a backlog of one aggregate.
 ///
+/// It says `e.aggregate_id >= o.aggregate_id`, not `=`, on purpose too (so do [`HOLD_BACK`]
+/// and [`DELETE_CONFIRMED_IN_ORDER`]): with both aggregate columns equal to the outer row's,
+/// the planner reduces `ORDER BY aggregate_type, aggregate_id, id` to `ORDER BY id`, which the
+/// primary key provides as well, and against statistics taken while the outbox was empty (the
+/// usual state of a queue table when autovacuum analyzes it) the generic plan walked
+/// `outbox_pkey` from its oldest entry, dead ones included, filtering on the aggregate: a walk
+/// of the backlog per probe, rounds of seconds, a relay falling further behind with each (a
+/// 29 s stall in a 3-minute soak). A range keeps an ordering only `outbox_aggregate_idx`
+/// provides, so every plan descends that index once per probe and stops within the aggregate
+/// (here at the row itself, which is visible). The relay's plan tests check this.
+///
 /// The last column ([`WINDOW_ROWS_COLUMN`]) is how many rows that window held: fewer than `$2`,
 /// and the claim saw every claimable row, so there is nothing for [`HOLD_BACK`] to uncover.
 const CLAIM_IN_AGGREGATE_ORDER: &str = "\
@@ -70,7 +81,7 @@ const CLAIM_IN_AGGREGATE_ORDER: &str = "\
       AND NOT o.held AND o.available_at <= now() AND o.failed_at IS NULL
       AND o.id = (
           SELECT e.id FROM {schema}.outbox e
-          WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id = o.aggregate_id
+          WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id >= o.aggregate_id
           ORDER BY e.aggregate_type, e.aggregate_id, e.id
           LIMIT 1
       )
@@ -90,12 +101,12 @@ const WINDOW_ROWS_COLUMN: usize = 12;
 /// skipped and marked by a later round). So the worker that deletes an aggregate's first row,
 /// which holds it `FOR UPDATE` from its claim to its commit, always sees the marks of the rows
 /// behind it and clears the next one ([`DELETE_CONFIRMED_IN_ORDER`]). Locked rows are skipped,
-/// never waited for.
+/// never waited for. (`>=` on `aggregate_id`: see [`CLAIM_IN_AGGREGATE_ORDER`].)
 const HOLD_BACK: &str = "\
     WITH oldest AS (
         SELECT o.id,
                (SELECT e.id FROM {schema}.outbox e
-                WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id = o.aggregate_id
+                WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id >= o.aggregate_id
                 ORDER BY e.aggregate_type, e.aggregate_id, e.id
                 LIMIT 1) AS first_id
         FROM {schema}.outbox o
@@ -145,7 +156,10 @@ const DELETE_CONFIRMED: &str = "DELETE FROM {schema}.outbox WHERE id = ANY($1)";
 /// [`DELETE_CONFIRMED`] for [`RelayOrdering::Aggregate`]: also clears the [held](HOLD_BACK)
 /// mark of the row after each deleted one in its aggregate, which is now its aggregate's first,
 /// and returns how many deleted rows had such a next row (whose event can go now). (The
-/// statement sees the outbox as it was before the delete, hence `e.id > g.id`.)
+/// statement sees the outbox as it was before the delete, hence "after `g`". The next row is
+/// the first index entry after `g`'s and `<=` its aggregate, a range rather than `=`: see
+/// [`CLAIM_IN_AGGREGATE_ORDER`]; with `=` the generic plan walked the primary key from `g` to
+/// the end of the outbox for every deleted row without a next one.)
 const DELETE_CONFIRMED_IN_ORDER: &str = "\
     WITH gone AS (
         DELETE FROM {schema}.outbox WHERE id = ANY($1)
@@ -153,8 +167,8 @@ const DELETE_CONFIRMED_IN_ORDER: &str = "\
     ),
     next AS (
         SELECT (SELECT e.id FROM {schema}.outbox e
-                WHERE e.aggregate_type = g.aggregate_type AND e.aggregate_id = g.aggregate_id
-                  AND e.id > g.id
+                WHERE e.aggregate_type = g.aggregate_type
+                  AND (e.aggregate_id, e.id) > (g.aggregate_id, g.id) AND e.aggregate_id <= g.aggregate_id
                 ORDER BY e.aggregate_type, e.aggregate_id, e.id
                 LIMIT 1) AS id
         FROM gone g
@@ -934,6 +948,74 @@ mod tests {
             ))
             .unwrap();
         database
+    }
+
+    /// Statistics taken while the outbox was empty after a busy spell, the usual state of a
+    /// queue table that keeps up when autovacuum analyzes it, then a backlog of `backlog` rows;
+    /// autovacuum kept off the table, so that the statistics stay as they are.
+    fn outbox_analyzed_empty(backlog: i64) -> EmptyDb {
+        let database = EmptyDb::new();
+        let mut client = database.client();
+        crate::migrate::run(&mut client, "public").unwrap();
+        let fill = format!(
+            "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
+             SELECT gen_random_uuid(), 'order', gen_random_uuid()::text, 'OrderCreated', '{{}}'
+             FROM generate_series(1, {backlog})"
+        );
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE outbox SET (autovacuum_enabled = false); {fill};
+                 DELETE FROM outbox; ANALYZE outbox; {fill}"
+            ))
+            .unwrap();
+        database
+    }
+
+    /// The lines of the generic plan of `sql` (a relay statement) on `session` that scan the
+    /// outbox under the alias `e`, which the ordered statements give the search for an
+    /// aggregate's first or next row.
+    fn aggregate_probes(session: &mut RelayDb, sql: &str, types: &str, args: &str) -> Vec<String> {
+        let client = &mut session.client;
+        client
+            .batch_execute(&format!(
+                "PREPARE probe({types}) AS {}",
+                sql.replace("{schema}", "public")
+            ))
+            .unwrap();
+        let plan: Vec<String> = client
+            .query(&format!("EXPLAIN (COSTS OFF) EXECUTE probe({args})"), &[])
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        client.batch_execute("DEALLOCATE probe").unwrap();
+        let probes: Vec<String> = plan
+            .into_iter()
+            .filter(|line| line.contains(" on outbox e"))
+            .collect();
+        assert!(!probes.is_empty(), "no probe of outbox e in the plan of {sql}");
+        probes
+    }
+
+    #[test]
+    fn the_ordered_statements_probe_the_aggregate_index_on_statistics_of_an_empty_outbox() {
+        let database = outbox_analyzed_empty(30_000);
+        let mut session = relay_session(&database);
+        for (sql, types, args) in [
+            (CLAIM_IN_AGGREGATE_ORDER, "bigint, bigint", "100, 800"),
+            (HOLD_BACK, "bigint", "800"),
+            (DELETE_CONFIRMED_IN_ORDER, "bigint[]", "ARRAY[1, 2, 3]"),
+        ] {
+            for probe in aggregate_probes(&mut session, sql, types, args) {
+                // Not `outbox_pkey`, walked from the oldest row per probe; not a bitmap scan
+                // and a sort of the aggregate's every row.
+                assert!(
+                    probe.contains("Index Only Scan using outbox_aggregate_idx")
+                        || probe.contains("Index Scan using outbox_aggregate_idx"),
+                    "{probe} in the plan of {sql}"
+                );
+            }
+        }
     }
 
     /// The relay's own session (its settings and prepared statements) on `database`, with
