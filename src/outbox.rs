@@ -20,8 +20,13 @@ pub const NOTIFY_CHANNEL: &str = "txoutbox_outbox";
 pub const LOCK_AGGREGATE: &str = "\
     SELECT pg_advisory_xact_lock(hashtextextended(length($1::text) || ':' || $1::text || $2::text, 0))";
 
-const COLUMNS: &str =
+/// The outbox columns an event is written to, in the order the statements here bind them and
+/// [`Outbox::insert_select_sql`]'s `select` yields them: `message_id` (uuid, the consumers'
+/// dedupe key), `aggregate_type`, `aggregate_id`, `event_type` (text), `payload` (jsonb),
+/// `exchange`, `routing_key`, `traceparent`, `tracestate` (text, may be NULL).
+pub const EVENT_COLUMNS: &str =
     "message_id, aggregate_type, aggregate_id, event_type, payload, exchange, routing_key, traceparent, tracestate";
+const COLUMNS: &str = EVENT_COLUMNS;
 
 /// One event: parameters `$1..$9` in [`COLUMNS`] order.
 const INSERT_ONE: &str = "\
@@ -385,6 +390,46 @@ impl Outbox {
             event,
             Some(&not_before),
             "schedule",
+        )
+    }
+
+    /// An `INSERT` into this outbox of one event per row of `select`, to put in a data-modifying
+    /// `WITH` of the caller's own statement: the caller's row and its event are then written by
+    /// one statement, in one round trip, and, when that statement is the whole transaction,
+    /// without a `BEGIN` and a `COMMIT` around it. `select` yields [`EVENT_COLUMNS`] in order
+    /// and may read the statement's other `WITH` queries (a `RETURNING` of the caller's insert).
+    /// The insert notifies the relay at commit as [`enqueue`](Self::enqueue) does, unless this
+    /// outbox is [`without_notify`](Self::without_notify).
+    ///
+    /// Unlike `enqueue` it cannot check the event first: keep `event_type`, `exchange` and
+    /// `routing_key` within [`MAX_NAME_BYTES`] (the broker would refuse the event, which ends
+    /// failed), give every event a new `message_id`, and record scheduled events with `enqueue`.
+    ///
+    /// ```no_run
+    /// # fn demo(db: &txoutbox::Database, client: &mut postgres::Client) -> Result<(), postgres::Error> {
+    /// let event = db.outbox().insert_select_sql(
+    ///     "SELECT gen_random_uuid(), 'invoice', i.id::text, 'InvoiceSent',
+    ///             jsonb_build_object('id', i.id, 'total', i.total), NULL, NULL, NULL, NULL
+    ///      FROM sent i",
+    /// );
+    /// let sql = format!(
+    ///     "WITH sent AS (INSERT INTO invoices (total) VALUES ($1::text::numeric) RETURNING id, total),
+    ///           event AS ({event})
+    ///      SELECT id FROM sent"
+    /// );
+    /// // One statement, one transaction: the invoice and its event, or neither.
+    /// let row = client.query_one(&sql, &[&"12.50"])?;
+    /// # Ok(()) }
+    /// ```
+    pub fn insert_select_sql(&self, select: &str) -> String {
+        let insert = self.sql(&format!("INSERT INTO {{schema}}.outbox ({COLUMNS}) "));
+        if !self.notify {
+            return format!("{insert}{select}");
+        }
+        // One notification per statement that inserts anything (Postgres folds equal ones).
+        format!(
+            "{insert}SELECT e.* FROM ({select}) AS e \
+             CROSS JOIN (SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS n"
         )
     }
 

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use postgres::{Row, Statement, ToStatement, Transaction};
+use postgres::{Row, ToStatement, Transaction};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -57,6 +57,13 @@ const INSERT_ORDER: &str = "\
     RETURNING id, user_id, amount::text, status,
               to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
               to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+
+/// A new order's columns as [`SELECT_ORDER`] returns them, named, for the `RETURNING` of the
+/// `created` query of [`create_sql`].
+const CREATED_COLUMNS: &str = "\
+    id, user_id, amount::text AS amount, status,
+    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS created_at,
+    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS updated_at";
 
 const SELECT_ORDER: &str = "\
     SELECT id, user_id, amount::text, status,
@@ -269,18 +276,79 @@ impl Announce {
     }
 }
 
-/// The outbox insert, prepared on this connection.
-fn prepared_insert_event(
-    conn: &mut PooledClient,
-    outbox: &Outbox,
-) -> std::result::Result<Statement, postgres::Error> {
-    conn.prepared(outbox.insert_sql(false))
+/// The statement [`create`] (or, with a `key`, [`create_idempotent`]) runs on `outbox`: one
+/// data-modifying `WITH` that inserts the order (`$1` id, `$2` user, `$3` amount) and its
+/// `OrderCreated` event (`$4` message id, `$5`/`$6` trace context), built from the inserted
+/// row as [`created_event`] builds it, and returns the order as [`SELECT_ORDER`] does. It is its
+/// own transaction: one round trip, no `BEGIN` and `COMMIT`. With a key (`$7` key, `$8`
+/// fingerprint, `$9` window in hours) the order is inserted only if the key was recorded
+/// ([`RECORD_KEY`]); when a live key exists the statement writes nothing and returns no row.
+fn create_sql(outbox: &Outbox, keyed: bool) -> String {
+    let event = outbox.insert_select_sql(&format!(
+        "SELECT $4::uuid, '{AGGREGATE_TYPE}', c.id::text, '{ORDER_CREATED}',
+                jsonb_build_object('order_id', c.id::text, 'user_id', c.user_id::text,
+                                   'amount', c.amount, 'created_at', c.created_at),
+                NULL, NULL, $5::text, $6::text
+         FROM created c"
+    ));
+    let (key, rows) = match keyed {
+        false => (String::new(), "VALUES ($1, $2, $3::text::numeric)"),
+        true => (
+            format!("key AS ({RECORD_KEY}),"),
+            "SELECT $1, $2, $3::text::numeric FROM key",
+        ),
+    };
+    format!(
+        "WITH {key}
+         created AS (INSERT INTO orders (id, user_id, amount) {rows} RETURNING {CREATED_COLUMNS}),
+         event AS ({event})
+         SELECT id, user_id, amount, status, created_at, updated_at FROM created"
+    )
 }
 
-/// Inserts the order and its `OrderCreated` event in one transaction, commits it, and
-/// announces the event to the relay. Statements are prepared once per connection. `outbox` is
-/// [`Announce::outbox`] of the database's; `trace` is the request's trace context, which the
-/// event carries.
+/// Runs the create statement (`keyed` or not) of `outbox` on `conn` with `params`: built once
+/// per thread and outbox, prepared once per connection. Returns the new order, or `None` when
+/// a keyed statement found the key live.
+fn run_create(
+    conn: &mut PooledClient,
+    outbox: &Outbox,
+    keyed: bool,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+) -> Result<Option<Order>> {
+    /// Statements built so far on this thread, by outbox statement and keyed; a handful at most
+    /// (one outbox per server), started over past a bound.
+    type Built = Vec<((String, bool), std::rc::Rc<str>)>;
+    thread_local! {
+        static BUILT: std::cell::RefCell<Built> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    const MOST_BUILT: usize = 16;
+    let identity = outbox.insert_sql(false);
+    let sql = BUILT.with_borrow_mut(|built| {
+        let found = built
+            .iter()
+            .find(|((insert, k), _)| *k == keyed && insert == identity);
+        if let Some((_, sql)) = found {
+            return sql.clone();
+        }
+        if built.len() >= MOST_BUILT {
+            built.clear();
+        }
+        let sql: std::rc::Rc<str> = create_sql(outbox, keyed).into();
+        built.push(((identity.to_string(), keyed), sql.clone()));
+        sql
+    });
+    let statement = conn
+        .prepared(&sql)
+        .map_err(|e| Error::db("cannot prepare the order statement", e))?;
+    let row = conn
+        .query_opt(&statement, params)
+        .map_err(|e| Error::db("cannot insert the order and its event", e))?;
+    Ok(row.as_ref().map(Order::from_row))
+}
+
+/// Inserts the order and its `OrderCreated` event in one statement, its own transaction, and
+/// announces the event to the relay. `outbox` is [`Announce::outbox`] of the database's; `trace`
+/// is the request's trace context, which the event carries.
 pub fn create(
     conn: &mut PooledClient,
     outbox: &Outbox,
@@ -288,19 +356,24 @@ pub fn create(
     trace: Option<&TraceContext>,
     announce: &Announce,
 ) -> Result<Order> {
-    let prepare = |e| Error::db("cannot prepare the order statements", e);
-    let insert_order = conn.prepared(INSERT_ORDER).map_err(prepare)?;
-    let insert_event = prepared_insert_event(conn, outbox).map_err(prepare)?;
-    let mut tx = conn
-        .transaction()
-        .map_err(|e| Error::db("cannot begin the order transaction", e))?;
-    let order = insert_order_row(&mut tx, &insert_order, new)?;
-    outbox::insert_event(&mut tx, &insert_event, &traced(created_event(&order), trace))?;
-    tx.commit().map_err(|e| Error::db("cannot commit the order", e))?;
+    let (id, amount, message_id) = (Uuid::now_v7(), new.amount.to_string(), Uuid::now_v7());
+    let (traceparent, tracestate) = trace_headers(trace);
+    let params: [&(dyn postgres::types::ToSql + Sync); 6] =
+        [&id, &new.user_id, &amount, &message_id, &traceparent, &tracestate];
+    let order = run_create(conn, outbox, false, &params)?
+        .ok_or_else(|| Error::Other("the order insert returned no row".into()))?;
     if let Announce::Wake(waker) = announce {
         waker.wake();
     }
     Ok(order)
+}
+
+/// The `traceparent` and `tracestate` an event of `trace` carries.
+fn trace_headers(trace: Option<&TraceContext>) -> (Option<&str>, Option<&str>) {
+    (
+        trace.map(TraceContext::traceparent),
+        trace.and_then(TraceContext::tracestate),
+    )
 }
 
 /// `event` carrying `trace`, if any.
@@ -322,13 +395,15 @@ const SELECT_KEY: &str = "\
     FROM idempotency_keys k JOIN orders o ON o.id = k.order_id
     WHERE k.key = $1 AND k.created_at > now() - make_interval(hours => $2)";
 
-/// Records a key for a new order, taking over an expired one; no row when a live key exists
-/// (then the caller's transaction is rolled back and the key's order returned instead).
+/// Records key `$7` (fingerprint `$8`) for new order `$1`, taking over a key older than `$9`
+/// hours; no row when a live key exists (then the keyed [`create_sql`] writes nothing, and the
+/// key's order is returned instead). A concurrent request with the key waits here for the
+/// first one's commit.
 const RECORD_KEY: &str = "\
-    INSERT INTO idempotency_keys (key, fingerprint, order_id) VALUES ($1, $2, $3)
+    INSERT INTO idempotency_keys (key, fingerprint, order_id) VALUES ($7, $8, $1)
     ON CONFLICT (key) DO UPDATE
         SET fingerprint = EXCLUDED.fingerprint, order_id = EXCLUDED.order_id, created_at = now()
-        WHERE idempotency_keys.created_at <= now() - make_interval(hours => $4)
+        WHERE idempotency_keys.created_at <= now() - make_interval(hours => $9)
     RETURNING 1";
 
 /// Deletes keys past the window, a batch at a time.
@@ -383,23 +458,23 @@ pub fn create_idempotent(
     if let Some(found) = lookup(conn)? {
         return Ok(found);
     }
-    let prepare = |e| Error::db("cannot prepare the order statements", e);
-    let insert_order = conn.prepared(INSERT_ORDER).map_err(prepare)?;
-    let insert_event = prepared_insert_event(conn, outbox).map_err(prepare)?;
-    let mut tx = conn
-        .transaction()
-        .map_err(|e| Error::db("cannot begin the order transaction", e))?;
-    let order = insert_order_row(&mut tx, &insert_order, new)?;
-    let recorded = tx
-        .query_opt(RECORD_KEY, &[&key, &print, &order.id, &window])
-        .map_err(|e| Error::db("cannot record the idempotency key", e))?;
-    if recorded.is_none() {
-        // Another request with the key committed first: ours rolls back, theirs is the answer.
-        drop(tx);
+    let (id, amount, message_id) = (Uuid::now_v7(), new.amount.to_string(), Uuid::now_v7());
+    let (traceparent, tracestate) = trace_headers(trace);
+    let params: [&(dyn postgres::types::ToSql + Sync); 9] = [
+        &id,
+        &new.user_id,
+        &amount,
+        &message_id,
+        &traceparent,
+        &tracestate,
+        &key,
+        &print,
+        &window,
+    ];
+    let Some(order) = run_create(conn, outbox, true, &params)? else {
+        // Another request with the key committed first: nothing was written, theirs is the answer.
         return lookup(conn)?.ok_or_else(|| Error::Other("the idempotency key vanished; retry".into()));
-    }
-    outbox::insert_event(&mut tx, &insert_event, &traced(created_event(&order), trace))?;
-    tx.commit().map_err(|e| Error::db("cannot commit the order", e))?;
+    };
     if let Announce::Wake(waker) = announce {
         waker.wake();
     }
@@ -504,7 +579,7 @@ pub fn cancel(
     let lock = conn.prepared(outbox::LOCK_AGGREGATE).map_err(prepare)?;
     let cancel_order = conn.prepared(CANCEL_ORDER).map_err(prepare)?;
     let select_order = conn.prepared(SELECT_ORDER).map_err(prepare)?;
-    let insert_event = prepared_insert_event(conn, outbox).map_err(prepare)?;
+    let insert_event = conn.prepared(outbox.insert_sql(false)).map_err(prepare)?;
     let mut tx = conn
         .transaction()
         .map_err(|e| Error::db("cannot begin the cancel transaction", e))?;

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use postgres::fallible_iterator::FallibleIterator;
 use serde_json::json;
 use txoutbox::{enqueue, enqueue_many, relay, NewEvent, Outbox, PoolOptions, Schema};
 use txoutbox_testkit::{quick_relay, wait_until, TestBroker, TestDb};
@@ -138,5 +139,64 @@ fn a_schema_of_its_own_works_on_any_connection_whatever_its_search_path() {
     );
     handle.stop();
     assert_eq!(t.count("SELECT count(*) FROM billing_outbox.outbox"), 0);
+    assert_eq!(broker.ready_main(), 1);
+}
+
+#[test]
+fn a_row_and_its_event_go_in_one_statement_of_the_callers_or_not_at_all() {
+    let t = TestDb::with_pool(PoolOptions {
+        max_size: 2,
+        schema: "shop_outbox".into(),
+        ..PoolOptions::default()
+    });
+    let mut client = t.client();
+    client
+        .batch_execute("CREATE TABLE invoices (id bigserial PRIMARY KEY, total numeric(12, 2) NOT NULL CHECK (total > 0))")
+        .unwrap();
+    let event = t.db.outbox().insert_select_sql(
+        "SELECT gen_random_uuid(), 'invoice', i.id::text, 'InvoiceSent',
+                jsonb_build_object('id', i.id, 'total', i.total::text), NULL, NULL, NULL, NULL
+         FROM sent i",
+    );
+    let sql = format!(
+        "WITH sent AS (INSERT INTO invoices (total) VALUES ($1::text::numeric) RETURNING id, total),
+              event AS ({event})
+         SELECT id FROM sent"
+    );
+    let mut listener = t.client();
+    listener.batch_execute("LISTEN txoutbox_outbox").unwrap();
+
+    let id: i64 = client.query_one(&sql, &[&"12.50"]).unwrap().get(0);
+    let payload: serde_json::Value = client
+        .query_one(
+            "SELECT payload FROM shop_outbox.outbox WHERE aggregate_id = $1",
+            &[&id.to_string()],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(payload, json!({ "id": id, "total": "12.50" }));
+    let notified = listener
+        .notifications()
+        .timeout_iter(Duration::from_secs(10))
+        .next()
+        .unwrap();
+    assert!(notified.is_some(), "the insert notifies the relay at commit");
+
+    // A refused row: no event either.
+    let refused = client.query_one(&sql, &[&"0.00"]).unwrap_err();
+    let reason = refused.as_db_error().map(|e| e.message().to_string());
+    assert!(
+        reason.as_deref().is_some_and(|m| m.contains("check constraint")),
+        "{refused:?}"
+    );
+    assert_eq!(t.count("SELECT count(*) FROM invoices"), 1);
+    assert_eq!(t.count("SELECT count(*) FROM shop_outbox.outbox"), 1);
+
+    let broker = TestBroker::new();
+    let handle = relay::start(t.db.clone(), &broker.url, broker.topology.clone(), quick_relay(1)).unwrap();
+    wait_until("the relay publishes the event", Duration::from_secs(30), || {
+        handle.stats().published() == 1
+    });
+    handle.stop();
     assert_eq!(broker.ready_main(), 1);
 }

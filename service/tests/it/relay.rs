@@ -27,27 +27,86 @@ fn fast_relay(workers: usize, batch: i64) -> RelayConfig {
     }
 }
 
-#[test]
-fn an_order_is_not_written_when_its_outbox_insert_fails() {
-    let t = TestDb::new();
-    let mut client = t.client();
-    client
+/// `t`'s outbox refusing every insert with "outbox refused by test".
+fn refuse_outbox_inserts(t: &TestDb) {
+    t.client()
         .batch_execute(
             "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
                $$ BEGIN RAISE EXCEPTION 'outbox refused by test'; END $$;
              CREATE TRIGGER refuse BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION refuse();",
         )
         .unwrap();
-    let new = NewOrder {
+}
+
+fn new_order() -> NewOrder {
+    NewOrder {
         user_id: Uuid::new_v4(),
         amount: Amount::parse("10.00").unwrap(),
-    };
+    }
+}
+
+#[test]
+fn an_order_is_not_written_when_its_outbox_insert_fails() {
+    let t = TestDb::new();
+    refuse_outbox_inserts(&t);
     let mut conn = t.db.get().unwrap();
-    let result = orders::create(&mut conn, t.db.outbox(), &new, None, &orders::Announce::Notify);
+    let result = orders::create(
+        &mut conn,
+        t.db.outbox(),
+        &new_order(),
+        None,
+        &orders::Announce::Notify,
+    );
     let error = result.expect_err("the order must fail when its event cannot be written");
     assert!(error.to_string().contains("outbox refused by test"), "{error}");
     assert_eq!(t.count("SELECT count(*) FROM orders"), 0);
     assert_eq!(t.count("SELECT count(*) FROM outbox"), 0);
+}
+
+#[test]
+fn an_order_with_a_key_writes_neither_order_nor_key_when_its_outbox_insert_fails() {
+    let t = TestDb::new();
+    refuse_outbox_inserts(&t);
+    let mut conn = t.db.get().unwrap();
+    let (new, announce) = (new_order(), orders::Announce::Notify);
+    let result = orders::create_idempotent(&mut conn, t.db.outbox(), &new, "key-1", None, &announce);
+    let error = result.expect_err("the order must fail when its event cannot be written");
+    assert!(error.to_string().contains("outbox refused by test"), "{error}");
+    assert_eq!(t.count("SELECT count(*) FROM orders"), 0);
+    assert_eq!(t.count("SELECT count(*) FROM idempotency_keys"), 0);
+    assert_eq!(t.count("SELECT count(*) FROM outbox"), 0);
+    // The key is free: the retry creates the order.
+    t.client().batch_execute("DROP TRIGGER refuse ON outbox").unwrap();
+    let created = orders::create_idempotent(&mut conn, t.db.outbox(), &new, "key-1", None, &announce);
+    assert!(matches!(created, Ok(orders::Creation::Created(_))), "{created:?}");
+    assert_eq!(t.count("SELECT count(*) FROM outbox"), 1);
+}
+
+#[test]
+fn a_new_order_wakes_an_idle_relay_through_its_notification() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let relay = relay::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        slow_polling_relay(),
+    )
+    .unwrap();
+    wait_idle(&relay);
+    let mut conn = t.db.get().unwrap();
+    let announce = orders::Announce::Notify;
+    orders::create(&mut conn, t.db.outbox(), &new_order(), None, &announce).unwrap();
+    // The poll is an hour away: only the order's NOTIFY can bring its event out.
+    wait_until("the new order's event is published", WAIT, || {
+        relay.stats().published() == 1
+    });
+    let keyed = orders::create_idempotent(&mut conn, t.db.outbox(), &new_order(), "k", None, &announce);
+    assert!(matches!(keyed, Ok(orders::Creation::Created(_))), "{keyed:?}");
+    wait_until("the keyed order's event is published", WAIT, || {
+        relay.stats().published() == 2
+    });
+    relay.stop();
 }
 
 #[test]
