@@ -14,6 +14,12 @@ pub struct RelayConfig {
     pub batch_size: i64,
     /// Longest idle wait between claims when no notification arrives (default 1 s).
     pub poll_interval: Duration,
+    /// How long a worker woken by a new event waits before it claims (`RELAY_LINGER_MS`,
+    /// default 2 ms, at most 1 s; zero: not at all). Events committed meanwhile wake no other
+    /// worker and go out in the same round: under load, fewer and fuller rounds (less CPU per
+    /// event in Postgres, the relay and RabbitMQ, and a shorter tail) for this much more
+    /// latency at the median. Full batches never wait.
+    pub linger: Duration,
     /// How long to wait for the broker's confirms of one batch (default 10 s).
     pub confirm_timeout: Duration,
     /// Delay before a refused event is tried again (default 5 s; doubles with each attempt, up
@@ -82,6 +88,7 @@ impl Default for RelayConfig {
             workers: 5,
             batch_size: 200,
             poll_interval: Duration::from_secs(1),
+            linger: DEFAULT_RELAY_LINGER,
             confirm_timeout: Duration::from_secs(10),
             retry_delay: Duration::from_secs(5),
             max_attempts: 10,
@@ -92,6 +99,12 @@ impl Default for RelayConfig {
         }
     }
 }
+
+/// [`RelayConfig::linger`] by default.
+pub const DEFAULT_RELAY_LINGER: Duration = Duration::from_millis(2);
+
+/// Longest [`RelayConfig::linger`]: beyond it the wait is a poll interval, not a linger.
+pub const MAX_RELAY_LINGER: Duration = Duration::from_secs(1);
 
 /// Longest [`RelayConfig::cloudevents_source`] template, in bytes.
 pub const MAX_CLOUDEVENTS_SOURCE_BYTES: usize = 1024;
@@ -145,6 +158,13 @@ impl RelayConfig {
             return Err(Error::Config(format!(
                 "RelayConfig::max_attempts (RELAY_MAX_ATTEMPTS) must be 1..={MAX_RELAY_ATTEMPTS}, got {}",
                 self.max_attempts
+            )));
+        }
+        if self.linger > MAX_RELAY_LINGER {
+            return Err(Error::Config(format!(
+                "RelayConfig::linger (RELAY_LINGER_MS) must be at most {} ms, got {:?}",
+                MAX_RELAY_LINGER.as_millis(),
+                self.linger
             )));
         }
         if !(1..=10_000).contains(&self.batch_size) {

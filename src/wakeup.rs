@@ -85,11 +85,15 @@ impl Wakeup {
 
     /// Waits until a signal sends this thread looking, a stop is asked, or `timeout` passes;
     /// returns at once when a signal since `seen` ([`start_looking`](Self::start_looking))
-    /// found no waiter to take it.
-    pub fn wait(&self, seen: u64, timeout: Duration) {
+    /// found no waiter to take it. Returns true when a signal sent this thread looking (until
+    /// it calls `start_looking`, further signals wake nobody else).
+    pub fn wait(&self, seen: u64, timeout: Duration) -> bool {
         let mut state = self.lock();
         if state.unserved && state.generation != seen {
-            return;
+            // This thread takes the signal: the next to finish need not look for it too.
+            state.unserved = false;
+            state.wake_pending = true;
+            return true;
         }
         state.idle += 1;
         let mut state = match self
@@ -100,7 +104,7 @@ impl Wakeup {
             Err(poisoned) => poisoned.into_inner().0,
         };
         state.idle -= 1;
-        state.ticket = false;
+        std::mem::take(&mut state.ticket)
     }
 
     /// Sleeps for `duration` unless a stop is asked first. Returns true when stopping.

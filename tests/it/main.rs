@@ -9,6 +9,7 @@ mod destinations;
 mod diesel;
 mod examples;
 mod hot_aggregate;
+mod linger;
 mod migrate;
 mod outbox;
 mod pool;

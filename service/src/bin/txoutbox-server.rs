@@ -56,6 +56,12 @@ const SETTINGS: &[Setting] = &[
         help: "outbox rows claimed, published and deleted per round",
     },
     Setting {
+        name: "RELAY_LINGER_MS",
+        default: "2",
+        help: "milliseconds a relay worker woken by a new event waits before it claims, so that the \
+               events of the next moments join its round (0..=1000; 0: claim at once)",
+    },
+    Setting {
         name: "RELAY_ORDERING",
         default: "aggregate",
         help: "none | aggregate: publish each order's events in commit order (the consumer needs it)",
@@ -111,6 +117,10 @@ fn try_main() -> Result<(), String> {
     let relay_config = RelayConfig {
         workers: env_parse("RELAY_WORKERS", 5)?,
         batch_size: env_parse("RELAY_BATCH", 200)?,
+        linger: Duration::from_millis(env_parse(
+            "RELAY_LINGER_MS",
+            txoutbox::config::DEFAULT_RELAY_LINGER.as_millis() as u64,
+        )?),
         max_attempts: env_parse("RELAY_MAX_ATTEMPTS", 10)?,
         confirm_timeout: Duration::from_secs(env_parse("RELAY_CONFIRM_TIMEOUT", 10)?),
         // The order consumer applies each event's transition as it arrives, so the service
