@@ -491,7 +491,7 @@ impl HeadsPass {
         let every = every.max(self.last_duration * HEADS_PASS_SPACING);
         let due = self
             .last_start
-            .is_none_or(|at| now.saturating_duration_since(at) >= every);
+            .map_or(true, |at| now.saturating_duration_since(at) >= every);
         if due {
             self.last_start = Some(now);
         }
