@@ -242,7 +242,8 @@ fn past_the_connection_cap_new_connections_are_refused_and_open_ones_keep_workin
             .unwrap();
         let mut buf = [0u8; 512];
         let n = stream.read(&mut buf).unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let reply = String::from_utf8_lossy(&buf[..n]);
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
     }
     let (reply, closed) = exchange(server.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(reply.starts_with("HTTP/1.1 503") && closed, "{reply:?}");
@@ -270,7 +271,8 @@ fn past_the_connection_cap_new_connections_are_refused_and_open_ones_keep_workin
             .unwrap();
         let mut buf = [0u8; 512];
         let n = keep.read(&mut buf).unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let reply = String::from_utf8_lossy(&buf[..n]);
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
     }
     idle.clear();
     wait_until("new connections are served again", Duration::from_secs(5), || {

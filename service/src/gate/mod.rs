@@ -465,6 +465,8 @@ struct Upstream {
 struct UpstreamState {
     idle: Vec<UnixStream>,
     open: usize,
+    /// Threads waiting in [`Upstream::checkout`] for a connection to come back.
+    waiting: usize,
 }
 
 impl Upstream {
@@ -475,6 +477,7 @@ impl Upstream {
             state: Mutex::new(UpstreamState {
                 idle: Vec::new(),
                 open: 0,
+                waiting: 0,
             }),
             returned: Condvar::new(),
         }
@@ -488,10 +491,8 @@ impl Upstream {
         limits: &Limits,
     ) -> io::Result<wire::UpstreamResponse> {
         let deadline = Instant::now() + limits.handler_timeout;
-        let mut stream = self.checkout(deadline)?;
+        let mut stream = self.checkout(deadline, limits.handler_timeout)?;
         let outcome = (|| {
-            stream.set_read_timeout(Some(limits.handler_timeout))?;
-            stream.set_write_timeout(Some(limits.handler_timeout))?;
             stream.write_all(&wire::upstream_request(head, body))?;
             wire::read_response(&mut stream, MAX_RESPONSE_BYTES, head.method == "HEAD", deadline)
         })();
@@ -499,7 +500,10 @@ impl Upstream {
         outcome
     }
 
-    fn checkout(&self, deadline: Instant) -> io::Result<UnixStream> {
+    /// An idle handler connection, or a new one (whose reads and writes time out after
+    /// `timeout`, set once here rather than per request), waiting until `deadline` for one to
+    /// come back when `max` are open.
+    fn checkout(&self, deadline: Instant, timeout: Duration) -> io::Result<UnixStream> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(stream) = state.idle.pop() {
@@ -508,9 +512,15 @@ impl Upstream {
             if state.open < self.max {
                 state.open += 1;
                 drop(state);
-                return UnixStream::connect(&self.path).inspect_err(|_| {
-                    self.state.lock().unwrap_or_else(|p| p.into_inner()).open -= 1;
-                    self.returned.notify_one();
+                let connected = UnixStream::connect(&self.path).and_then(|stream| {
+                    stream.set_read_timeout(Some(timeout))?;
+                    stream.set_write_timeout(Some(timeout))?;
+                    Ok(stream)
+                });
+                return connected.inspect_err(|_| {
+                    let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    state.open -= 1;
+                    self.wake_a_waiter(&state);
                 });
             }
             let wait = deadline.saturating_duration_since(Instant::now());
@@ -520,11 +530,13 @@ impl Upstream {
                     "every handler connection is busy",
                 ));
             }
+            state.waiting += 1;
             state = self
                 .returned
                 .wait_timeout(state, wait)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            state.waiting -= 1;
         }
     }
 
@@ -535,7 +547,14 @@ impl Upstream {
         } else {
             state.open -= 1;
         }
-        drop(state);
-        self.returned.notify_one();
+        self.wake_a_waiter(&state);
+    }
+
+    /// Wakes one thread waiting for a connection, if any (a wake-up nobody waits for is a
+    /// futex call per request).
+    fn wake_a_waiter(&self, state: &UpstreamState) {
+        if state.waiting > 0 {
+            self.returned.notify_one();
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! Everything a run measured, the five targets as same-run ratios, and the three ways the
+//! Everything a run measured, the targets (same-run ratios and limits), and the three ways the
 //! results are told: the console table, `summary.md` and `results.json`. A number is shown only
 //! when its scenario verified its counts.
 
@@ -33,6 +33,10 @@ pub const CONFIRM_P99_GOAL: Duration = Duration::from_millis(10);
 pub const COMPLETED_P99_GOAL: Duration = Duration::from_millis(25);
 /// Server peak RSS at 64 connections, at most (bytes).
 pub const SERVER_RSS_GOAL: u64 = 64 * 1024 * 1024;
+/// Postgres CPU per order in (3), at most this many times its CPU per transaction in (1).
+pub const POSTGRES_CPU_GOAL: f64 = 1.25;
+/// Server CPU (HTTP and relay) per order in (3), at most (milliseconds).
+pub const SERVER_CPU_GOAL_MS: f64 = 0.15;
 
 /// Cores other processes may use during a scenario before the run is flagged as shared.
 pub const OTHER_CPU_WARNING: f64 = 0.2;
@@ -181,7 +185,14 @@ impl Results {
             .map(|b| b.throughput.rate)
     }
 
-    /// The five targets.
+    /// CPU of `group` per unit of `throughput` (cores per event per second: seconds per event).
+    fn cpu_per_event(throughput: &Throughput, group: &str) -> Option<f64> {
+        let at = GROUPS.iter().position(|g| *g == group)?;
+        let cores = throughput.cpu.groups.get(at)?;
+        (throughput.rate > 0.0 && throughput.cpu.seconds > 0.0).then(|| cores / throughput.rate)
+    }
+
+    /// The targets, in the order they are shown.
     pub fn targets(&self) -> Vec<Target> {
         let pipeline = self.ok(HTTP_PHASE, &self.pipeline);
         let ratio = |value: Option<f64>, of: Option<f64>| match (value, of) {
@@ -197,6 +208,22 @@ impl Results {
             goal: format!(">= {goal:.2}"),
             status: judge(value, |v| v >= goal),
         };
+        let at_most = |key, name, label, value: Option<f64>, goal: f64, unit: &str| Target {
+            key,
+            name,
+            label,
+            value,
+            shown: value.map_or("-".into(), |v| format!("{v:.2}{unit}")),
+            goal: format!("<= {goal:.2}{unit}"),
+            status: judge(value, |v| v <= goal),
+        };
+        let db = self.ok(DB_PHASE, &self.db_ceiling);
+        let postgres_per_order = ratio(
+            pipeline.and_then(|p| Self::cpu_per_event(&p.http, "postgres")),
+            db.and_then(|t| Self::cpu_per_event(t, "postgres")),
+        );
+        let server_ms_per_order =
+            pipeline.and_then(|p| Self::cpu_per_event(&p.http, "server").map(|s| s * 1000.0));
         let judged = self.latency_at(JUDGED_LEVEL);
         let growth = self
             .ok(DRAIN_PHASE, &self.drain)
@@ -262,6 +289,22 @@ impl Results {
                 goal: format!("<= {completed_goal_ms:.0} ms"),
                 status: judge(completed_p99, |v| v <= completed_goal_ms),
             },
+            at_most(
+                "postgres_cpu_per_order_over_ceiling",
+                "Postgres CPU per order, (3) / (1)",
+                "Postgres CPU/order, (3) / (1)",
+                postgres_per_order,
+                POSTGRES_CPU_GOAL,
+                " x",
+            ),
+            at_most(
+                "server_cpu_ms_per_order",
+                "server CPU per order in (3), HTTP + relay",
+                "server CPU/order in (3)",
+                server_ms_per_order,
+                SERVER_CPU_GOAL_MS,
+                " ms",
+            ),
             Target {
                 key: "server_peak_rss_mib",
                 name: "server peak RSS at 64 connections",
@@ -1003,5 +1046,36 @@ mod tests {
         assert_eq!(judge(Some(0.9), |v| v >= 0.8), Status::Pass);
         assert_eq!(judge(Some(0.7), |v| v >= 0.8), Status::Miss);
         assert_eq!(judge(None, |v| v >= 0.8), Status::Unverified);
+    }
+
+    #[test]
+    fn cpu_per_order_is_a_groups_cores_over_the_rate() {
+        let throughput = |rate: f64, postgres: f64, server: f64| Throughput {
+            count: 0,
+            elapsed: Duration::from_secs(5),
+            rate,
+            lines: Vec::new(),
+            cpu: CpuUsage {
+                seconds: 5.0,
+                busy: 2.0,
+                iowait: 0.0,
+                groups: vec![postgres, 0.2, server, 0.0, 0.0, 0.0],
+            },
+        };
+        let http = throughput(4000.0, 1.0, 0.6);
+        let per = |group| Results::cpu_per_event(&http, group).unwrap();
+        assert!(
+            (per("postgres") * 1e6 - 250.0).abs() < 1e-6,
+            "µs of Postgres per order"
+        );
+        assert!(
+            (per("server") * 1e3 - 0.15).abs() < 1e-9,
+            "ms of server per order"
+        );
+        assert_eq!(
+            Results::cpu_per_event(&throughput(0.0, 1.0, 0.6), "postgres"),
+            None
+        );
+        assert_eq!(Results::cpu_per_event(&http, "no such group"), None);
     }
 }
