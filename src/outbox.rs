@@ -404,6 +404,10 @@ impl Outbox {
     /// Unlike `enqueue` it cannot check the event first: keep `event_type`, `exchange` and
     /// `routing_key` within [`MAX_NAME_BYTES`] (the broker would refuse the event, which ends
     /// failed), give every event a new `message_id`, and record scheduled events with `enqueue`.
+    /// Nor does it take the aggregate's lock as [`enqueue_ordered`](Self::enqueue_ordered) does:
+    /// with a relay in aggregate order, use it for an aggregate's first event (a row the
+    /// statement itself creates, as the example service's orders), or run
+    /// [`LOCK_AGGREGATE`] first in the same transaction.
     ///
     /// ```no_run
     /// # fn demo(db: &txoutbox::Database, client: &mut postgres::Client) -> Result<(), postgres::Error> {
@@ -422,14 +426,17 @@ impl Outbox {
     /// # Ok(()) }
     /// ```
     pub fn insert_select_sql(&self, select: &str) -> String {
-        let insert = self.sql(&format!("INSERT INTO {{schema}}.outbox ({COLUMNS}) "));
+        // The same wrapping with or without the notification, so that `select` is typed alike.
+        let insert = self.sql(&format!(
+            "INSERT INTO {{schema}}.outbox ({COLUMNS}) SELECT e.* FROM ({select}) AS e ({COLUMNS})"
+        ));
         if !self.notify {
-            return format!("{insert}{select}");
+            return insert;
         }
-        // One notification per statement that inserts anything (Postgres folds equal ones).
+        // A notification for each row inserted, which Postgres folds into one per transaction.
         format!(
-            "{insert}SELECT e.* FROM ({select}) AS e \
-             CROSS JOIN (SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS n"
+            "{insert} CROSS JOIN LATERAL \
+             (SELECT pg_notify('{NOTIFY_CHANNEL}', '') WHERE e.message_id IS NOT NULL) AS n"
         )
     }
 

@@ -130,9 +130,10 @@ const HOLD_BACK: &str = "\
 
 /// The rest of an ordered claim: the oldest `$1` rows that are the first of their aggregate,
 /// minus the rows `$2` this round claimed already, found by walking the outbox in id order
-/// and probing `outbox_aggregate_idx` per row (as [`CLAIM_IN_AGGREGATE_ORDER`] does), so that it
-/// stops as soon as it has its rows instead of grouping the whole outbox (1.5 s per pass at a
-/// million rows). Held rows are included: a row whose predecessor was deleted by hand (not by
+/// and probing `outbox_aggregate_idx` per row (as [`CLAIM_IN_AGGREGATE_ORDER`] does): it stops
+/// once it has its rows instead of grouping the whole outbox (1.5 s per pass at a million rows),
+/// though behind one long aggregate, or heads other workers hold, it may still walk the backlog;
+/// hence [`HeadsPass`]. Held rows are included: a row whose predecessor was deleted by hand (not by
 /// a relay, which clears the mark) is found here and published, at most a poll interval late
 /// (or [`HEADS_PASS_SPACING`] times a pass's duration).
 const CLAIM_AGGREGATE_HEADS: &str = "\
@@ -478,6 +479,9 @@ const HEADS_PASS_SPACING: u32 = 20;
 struct HeadsPass {
     last_start: Option<Instant>,
     last_duration: Duration,
+    /// A worker runs the pass now: no other starts one (the first pass on a large backlog has
+    /// no duration yet to space the next by).
+    running: bool,
 }
 
 impl HeadsPass {
@@ -489,18 +493,21 @@ impl HeadsPass {
             false => poll_interval * FULL_BATCH_HEADS_EVERY,
         };
         let every = every.max(self.last_duration * HEADS_PASS_SPACING);
-        let due = self
-            .last_start
-            .map_or(true, |at| now.saturating_duration_since(at) >= every);
+        let due = !self.running
+            && self
+                .last_start
+                .map_or(true, |at| now.saturating_duration_since(at) >= every);
         if due {
             self.last_start = Some(now);
+            self.running = true;
         }
         due
     }
 
-    /// Records how long the pass just run took.
+    /// Records that the pass taken last ended (done or failed) after `took`.
     fn finished(&mut self, took: Duration) {
         self.last_duration = took;
+        self.running = false;
     }
 }
 
@@ -851,11 +858,9 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
         let claimed: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
         let room = (batch_size - rows.len() as i64).max((batch_size / 10).max(1));
         let pass_started = Instant::now();
-        rows.extend(
-            tx.query(&ordered.claim_heads, &[&room, &claimed])
-                .map_err(db_error("cannot claim outbox rows"))?,
-        );
+        let heads = tx.query(&ordered.claim_heads, &[&room, &claimed]);
         shared.heads_pass().finished(pass_started.elapsed());
+        rows.extend(heads.map_err(db_error("cannot claim outbox rows"))?);
     }
     if rows.is_empty() {
         if held_back > 0 {
@@ -1089,6 +1094,20 @@ mod tests {
     }
 
     #[test]
+    fn no_second_heads_pass_starts_while_one_runs() {
+        let poll = Duration::from_secs(1);
+        let start = Instant::now();
+        let mut pass = HeadsPass::default();
+        assert!(pass.take(start, true, poll));
+        assert!(
+            !pass.take(start + poll * 5, true, poll),
+            "the first is still running"
+        );
+        pass.finished(Duration::from_millis(100));
+        assert!(pass.take(start + poll * 5, true, poll));
+    }
+
+    #[test]
     fn a_slow_heads_pass_waits_twenty_times_its_duration() {
         let poll = Duration::from_secs(1);
         let start = Instant::now();
@@ -1106,6 +1125,24 @@ mod tests {
         // As for the generic plan of the claim on an outbox of a million rows, priced far
         // above the threshold: compiling it took 10 ms of a 13 ms claim, every round.
         session.client.batch_execute("SET jit_above_cost = 0").unwrap();
+        let mut plain = database.client();
+        let available: bool = plain.query_one("SELECT pg_jit_available()", &[]).unwrap().get(0);
+        if !available {
+            eprintln!("skipped: this Postgres has no JIT (pg_jit_available() is false)");
+            return;
+        }
+        plain
+            .batch_execute("SET jit = on; SET jit_above_cost = 0")
+            .unwrap();
+        let compiled = plain
+            .query("EXPLAIN ANALYZE SELECT count(*) FROM outbox WHERE id > 0", &[])
+            .unwrap();
+        assert!(
+            compiled
+                .iter()
+                .any(|row| row.get::<_, String>(0).starts_with("JIT:")),
+            "without the relay's setting this session compiles"
+        );
         for (sql, types, args) in [
             (CLAIM, "bigint", "100"),
             (CLAIM_IN_AGGREGATE_ORDER, "bigint, bigint", "100, 800"),

@@ -406,11 +406,14 @@ const RECORD_KEY: &str = "\
         WHERE idempotency_keys.created_at <= now() - make_interval(hours => $9)
     RETURNING 1";
 
-/// Deletes keys past the window, a batch at a time.
+/// Deletes keys past the window, a batch at a time. The outer condition is checked again on a
+/// key that a new request took over meanwhile (its `created_at` renewed), which the subquery's
+/// result alone would delete, letting a retry of that request create a second order.
 const PURGE_KEYS: &str = "\
     DELETE FROM idempotency_keys WHERE key IN (
         SELECT key FROM idempotency_keys
-        WHERE created_at <= now() - make_interval(hours => $1) LIMIT 1000)";
+        WHERE created_at <= now() - make_interval(hours => $1) LIMIT 1000)
+      AND created_at <= now() - make_interval(hours => $1)";
 
 /// What `POST /orders` with an `Idempotency-Key` comes to.
 #[derive(Debug)]

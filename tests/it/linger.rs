@@ -34,7 +34,11 @@ fn events_committed_while_a_woken_worker_lingers_go_out_in_its_round() {
         tx.commit().unwrap();
         waker.wake();
     };
-    // A first event, so that both workers are past their first round and idle.
+    // Both workers connected, then a first event, so that both are past their first round
+    // and idle.
+    wait_until("both workers are connected", WAIT, || {
+        relay.stats().connected_workers() == 2
+    });
     commit_and_wake(0);
     wait_until("the first event is published", WAIT, || {
         relay.stats().published() == 1

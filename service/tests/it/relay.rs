@@ -86,14 +86,7 @@ fn an_order_with_a_key_writes_neither_order_nor_key_when_its_outbox_insert_fails
 fn a_new_order_wakes_an_idle_relay_through_its_notification() {
     let t = TestDb::new();
     let broker = TestBroker::new();
-    let relay = relay::start(
-        t.db.clone(),
-        &broker.url,
-        broker.topology.clone(),
-        slow_polling_relay(),
-    )
-    .unwrap();
-    wait_idle(&relay);
+    let relay = idle_slow_polling_relay(&t, &broker);
     let mut conn = t.db.get().unwrap();
     let announce = orders::Announce::Notify;
     orders::create(&mut conn, t.db.outbox(), &new_order(), None, &announce).unwrap();
@@ -339,10 +332,9 @@ fn wait_idle(relay: &relay::RelayHandle) {
     });
 }
 
-#[test]
-fn a_notification_wakes_an_idle_relay_long_before_its_poll() {
-    let t = TestDb::new();
-    let broker = TestBroker::new();
+/// A relay on `t` and `broker` whose poll is an hour away, connected and idle: only a
+/// notification or a waker brings events out.
+fn idle_slow_polling_relay(t: &TestDb, broker: &TestBroker) -> relay::RelayHandle {
     let relay = relay::start(
         t.db.clone(),
         &broker.url,
@@ -351,6 +343,14 @@ fn a_notification_wakes_an_idle_relay_long_before_its_poll() {
     )
     .unwrap();
     wait_idle(&relay);
+    relay
+}
+
+#[test]
+fn a_notification_wakes_an_idle_relay_long_before_its_poll() {
+    let t = TestDb::new();
+    let broker = TestBroker::new();
+    let relay = idle_slow_polling_relay(&t, &broker);
     for n in 1..=3u64 {
         let mut client = t.client();
         let mut tx = client.transaction().unwrap();
@@ -368,14 +368,7 @@ fn a_notification_wakes_an_idle_relay_long_before_its_poll() {
 fn a_waker_wakes_an_idle_relay_for_silently_enqueued_events() {
     let t = TestDb::new();
     let broker = TestBroker::new();
-    let relay = relay::start(
-        t.db.clone(),
-        &broker.url,
-        broker.topology.clone(),
-        slow_polling_relay(),
-    )
-    .unwrap();
-    wait_idle(&relay);
+    let relay = idle_slow_polling_relay(&t, &broker);
     let waker = relay.waker();
     for n in 1..=3u64 {
         let mut client = t.client();
@@ -488,4 +481,33 @@ fn an_event_refused_too_often_is_marked_failed_without_blocking_the_rest_and_can
     assert_eq!(t.count("SELECT count(*) FROM outbox"), 0);
     let _ = channel.close();
     let _ = connection.close();
+}
+
+#[test]
+fn an_order_created_in_one_statement_carries_the_same_event_as_one_inserted_in_a_transaction() {
+    let t = TestDb::new();
+    let mut conn = t.db.get().unwrap();
+    let announce = orders::Announce::Notify;
+    let created = orders::create(&mut conn, t.db.outbox(), &new_order(), None, &announce).unwrap();
+    let mut client = t.client();
+    let mut tx = client.transaction().unwrap();
+    let inserted = orders::insert(&mut tx, t.db.outbox(), &new_order()).unwrap();
+    tx.commit().unwrap();
+    for order in [created, inserted] {
+        let row = client
+            .query_one(
+                "SELECT aggregate_type, event_type, payload FROM outbox WHERE aggregate_id = $1",
+                &[&order.id.to_string()],
+            )
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), orders::AGGREGATE_TYPE);
+        assert_eq!(row.get::<_, String>(1), orders::ORDER_CREATED);
+        let expected = json!({
+            "order_id": order.id.to_string(),
+            "user_id": order.user_id.to_string(),
+            "amount": order.amount,
+            "created_at": order.created_at,
+        });
+        assert_eq!(row.get::<_, serde_json::Value>(2), expected);
+    }
 }

@@ -199,24 +199,10 @@ impl Results {
             (Some(v), Some(of)) if of > 0.0 => Some(v / of),
             _ => None,
         };
-        let at_least = |key, name, label, value: Option<f64>, goal: f64| Target {
-            key,
-            name,
-            label,
-            value,
-            shown: value.map_or("-".into(), |v| format!("{v:.2}")),
-            goal: format!(">= {goal:.2}"),
-            status: judge(value, |v| v >= goal),
-        };
-        let at_most = |key, name, label, value: Option<f64>, goal: f64, unit: &str| Target {
-            key,
-            name,
-            label,
-            value,
-            shown: value.map_or("-".into(), |v| format!("{v:.2}{unit}")),
-            goal: format!("<= {goal:.2}{unit}"),
-            status: judge(value, |v| v <= goal),
-        };
+        let at_least =
+            |key, name, label, value, goal| bounded(key, name, label, value, Bound::AtLeast(goal), "");
+        let at_most =
+            |key, name, label, value, goal, unit| bounded(key, name, label, value, Bound::AtMost(goal), unit);
         let db = self.ok(DB_PHASE, &self.db_ceiling);
         let postgres_per_order = ratio(
             pipeline.and_then(|p| Self::cpu_per_event(&p.http, "postgres")),
@@ -986,6 +972,40 @@ fn brief(q: &Quantiles) -> String {
         fmt_ms(q.p99),
         fmt_ms(q.max)
     )
+}
+
+/// Which side of its goal a target's value must stay on.
+#[derive(Clone, Copy, Debug)]
+enum Bound {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+/// A target whose `value` (shown with two decimals and `unit`) must stay within `bound`.
+fn bounded(
+    key: &'static str,
+    name: &'static str,
+    label: &'static str,
+    value: Option<f64>,
+    bound: Bound,
+    unit: &str,
+) -> Target {
+    let (sign, goal) = match bound {
+        Bound::AtLeast(goal) => (">=", goal),
+        Bound::AtMost(goal) => ("<=", goal),
+    };
+    Target {
+        key,
+        name,
+        label,
+        value,
+        shown: value.map_or("-".into(), |v| format!("{v:.2}{unit}")),
+        goal: format!("{sign} {goal:.2}{unit}"),
+        status: judge(value, |v| match bound {
+            Bound::AtLeast(goal) => v >= goal,
+            Bound::AtMost(goal) => v <= goal,
+        }),
+    }
 }
 
 fn judge(value: Option<f64>, met: impl Fn(f64) -> bool) -> Status {
