@@ -52,16 +52,18 @@ const CLAIM: &str = "\
 /// aggregate" test is a correlated subquery on purpose: written as `NOT EXISTS`, Postgres may
 /// plan a hash anti-join that costs seconds on a backlog of one aggregate.
 ///
-/// It says `e.aggregate_id >= o.aggregate_id`, not `=`, on purpose too (so do [`HOLD_BACK`]
-/// and [`DELETE_CONFIRMED_IN_ORDER`]): with both aggregate columns equal to the outer row's,
-/// the planner reduces `ORDER BY aggregate_type, aggregate_id, id` to `ORDER BY id`, which the
-/// primary key provides as well, and against statistics taken while the outbox was empty (the
-/// usual state of a queue table when autovacuum analyzes it) the generic plan walked
-/// `outbox_pkey` from its oldest entry, dead ones included, filtering on the aggregate: a walk
-/// of the backlog per probe, rounds of seconds, a relay falling further behind with each (a
-/// 29 s stall in a 3-minute soak). A range keeps an ordering only `outbox_aggregate_idx`
-/// provides, so every plan descends that index once per probe and stops within the aggregate
-/// (here at the row itself, which is visible). The relay's plan tests check this.
+/// It bounds `e.aggregate_id` from both sides (`>=` and `<=` the row's), not with `=`, on
+/// purpose too (so do [`HOLD_BACK`], [`DELETE_CONFIRMED_IN_ORDER`] and
+/// [`CLAIM_AGGREGATE_HEADS`]). With `=` on both aggregate columns the planner reduces
+/// `ORDER BY aggregate_type, aggregate_id, id` to `ORDER BY id`, which the primary key provides
+/// as well, and against statistics taken while the outbox was empty (the usual state of a queue
+/// table when autovacuum analyzes it) the generic plan walked `outbox_pkey` from its oldest
+/// entry, dead ones included, filtering on the aggregate: a walk of the backlog per probe,
+/// rounds of seconds, a relay falling further behind with each (a 29 s stall in a 3-minute
+/// soak). With only `>=`, statistics of a two-row outbox led to a bitmap scan of every entry
+/// from the row's aggregate on, sorted, per probe (claims of 30 s, a 3-minute stall in a
+/// 30-minute soak). Two bounds keep an ordering only `outbox_aggregate_idx` provides and keep
+/// any plan of the probe within the row's aggregate. The relay's plan tests check this.
 ///
 /// The last column ([`WINDOW_ROWS_COLUMN`]) is how many rows that window held: fewer than `$2`,
 /// and the claim saw every claimable row, so there is nothing for [`HOLD_BACK`] to uncover.
@@ -81,7 +83,8 @@ const CLAIM_IN_AGGREGATE_ORDER: &str = "\
       AND NOT o.held AND o.available_at <= now() AND o.failed_at IS NULL
       AND o.id = (
           SELECT e.id FROM {schema}.outbox e
-          WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id >= o.aggregate_id
+          WHERE e.aggregate_type = o.aggregate_type
+                AND e.aggregate_id >= o.aggregate_id AND e.aggregate_id <= o.aggregate_id
           ORDER BY e.aggregate_type, e.aggregate_id, e.id
           LIMIT 1
       )
@@ -101,12 +104,13 @@ const WINDOW_ROWS_COLUMN: usize = 12;
 /// skipped and marked by a later round). So the worker that deletes an aggregate's first row,
 /// which holds it `FOR UPDATE` from its claim to its commit, always sees the marks of the rows
 /// behind it and clears the next one ([`DELETE_CONFIRMED_IN_ORDER`]). Locked rows are skipped,
-/// never waited for. (`>=` on `aggregate_id`: see [`CLAIM_IN_AGGREGATE_ORDER`].)
+/// never waited for. (The bounds on `aggregate_id`: see [`CLAIM_IN_AGGREGATE_ORDER`].)
 const HOLD_BACK: &str = "\
     WITH oldest AS (
         SELECT o.id,
                (SELECT e.id FROM {schema}.outbox e
-                WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id >= o.aggregate_id
+                WHERE e.aggregate_type = o.aggregate_type
+                AND e.aggregate_id >= o.aggregate_id AND e.aggregate_id <= o.aggregate_id
                 ORDER BY e.aggregate_type, e.aggregate_id, e.id
                 LIMIT 1) AS first_id
         FROM {schema}.outbox o
@@ -145,7 +149,8 @@ const CLAIM_AGGREGATE_HEADS: &str = "\
     WHERE o.id <> ALL($2) AND o.available_at <= now() AND o.failed_at IS NULL
       AND o.id = (
           SELECT e.id FROM {schema}.outbox e
-          WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id >= o.aggregate_id
+          WHERE e.aggregate_type = o.aggregate_type
+                AND e.aggregate_id >= o.aggregate_id AND e.aggregate_id <= o.aggregate_id
           ORDER BY e.aggregate_type, e.aggregate_id, e.id
           LIMIT 1
       )
@@ -165,9 +170,10 @@ const DELETE_CONFIRMED: &str = "DELETE FROM {schema}.outbox WHERE id = ANY($1)";
 /// mark of the row after each deleted one in its aggregate, which is now its aggregate's first,
 /// and returns how many deleted rows had such a next row (whose event can go now). (The
 /// statement sees the outbox as it was before the delete, hence "after `g`". The next row is
-/// the first index entry after `g`'s and `<=` its aggregate, a range rather than `=`: see
-/// [`CLAIM_IN_AGGREGATE_ORDER`]; with `=` the generic plan walked the primary key from `g` to
-/// the end of the outbox for every deleted row without a next one.)
+/// the first index entry after `g`'s, `(aggregate_id, id) > (g's)`, and `<=` its aggregate,
+/// bounds rather than `=`: see [`CLAIM_IN_AGGREGATE_ORDER`]; with `=` the generic plan walked
+/// the primary key from `g` to the end of the outbox for every deleted row without a next one,
+/// and so would a separate `e.id > g.id`.)
 const DELETE_CONFIRMED_IN_ORDER: &str = "\
     WITH gone AS (
         DELETE FROM {schema}.outbox WHERE id = ANY($1)
@@ -922,19 +928,25 @@ fn run_round(shared: &Shared, db: &mut RelayDb, publisher: &mut Publisher) -> Re
     }
     let retry_secs = shared.config.retry_delay.as_secs_f64();
     let max_attempts = shared.config.max_attempts;
+    let mut failed = Vec::new();
     for (id, reason) in &outcome.refused {
-        let failed: bool = tx
+        let now_failed: bool = tx
             .query_one(postpone, &[id, reason, &retry_secs, &max_attempts])
             .map_err(db_error("cannot record a refused publish"))?
             .get(0);
-        if failed {
-            stats.failed.inc();
-            log::error!(
-                "relay: outbox id={id} failed after {max_attempts} attempts, kept as failed until re-queued: {reason}"
-            );
+        if now_failed {
+            failed.push((id, reason));
         }
     }
     tx.commit().map_err(db_error("cannot commit a relay round"))?;
+
+    // Counted once committed, so that the counter never runs ahead of the outbox.
+    for (id, reason) in failed {
+        stats.failed.inc();
+        log::error!(
+            "relay: outbox id={id} failed after {max_attempts} attempts, kept as failed until re-queued: {reason}"
+        );
+    }
 
     stats.published.inc_by(outcome.confirmed.len() as u64);
     for (_, reason) in &outcome.refused {
@@ -996,25 +1008,34 @@ mod tests {
         database
     }
 
-    /// Statistics taken while the outbox was empty after a busy spell, the usual state of a
-    /// queue table that keeps up when autovacuum analyzes it, then a backlog of `backlog` rows;
-    /// autovacuum kept off the table, so that the statistics stay as they are.
-    fn outbox_analyzed_empty(backlog: i64) -> EmptyDb {
+    /// Statistics taken while the outbox held `kept` rows after a busy spell (none, or a few:
+    /// the usual states of a queue table that keeps up when autovacuum analyzes it), then a
+    /// backlog of `backlog` rows; autovacuum kept off the table, so that the statistics stay.
+    fn outbox_analyzed_with(kept: i64, backlog: i64) -> EmptyDb {
         let database = EmptyDb::new();
         let mut client = database.client();
         crate::migrate::run(&mut client, "public").unwrap();
-        let fill = format!(
-            "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
-             SELECT gen_random_uuid(), 'order', gen_random_uuid()::text, 'OrderCreated', '{{}}'
-             FROM generate_series(1, {backlog})"
-        );
+        let fill = |n: i64| {
+            format!(
+                "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload)
+                 SELECT gen_random_uuid(), 'order', gen_random_uuid()::text, 'OrderCreated', '{{}}'
+                 FROM generate_series(1, {n})"
+            )
+        };
         client
             .batch_execute(&format!(
-                "ALTER TABLE outbox SET (autovacuum_enabled = false); {fill};
-                 DELETE FROM outbox; ANALYZE outbox; {fill}"
+                "ALTER TABLE outbox SET (autovacuum_enabled = false); {};
+                 DELETE FROM outbox WHERE id <= {backlog}; ANALYZE outbox; {}",
+                fill(backlog + kept),
+                fill(backlog)
             ))
             .unwrap();
         database
+    }
+
+    /// [`outbox_analyzed_with`] nothing kept.
+    fn outbox_analyzed_empty(backlog: i64) -> EmptyDb {
+        outbox_analyzed_with(0, backlog)
     }
 
     /// The plan of `sql` (a relay statement with parameters of `types`) run with `args` on
@@ -1037,41 +1058,61 @@ mod tests {
         plan
     }
 
-    /// The lines of the generic plan of `sql` on `session` that scan the outbox under the
-    /// alias `e`, which the ordered statements give the search for an aggregate's first or
-    /// next row.
-    fn aggregate_probes(session: &mut RelayDb, sql: &str, types: &str, args: &str) -> Vec<String> {
+    /// For each scan of the outbox under the alias `e` (which the ordered statements give the
+    /// search for an aggregate's first or next row) in the generic plan of `sql` on `session`:
+    /// its line with the few under it, and its condition.
+    fn aggregate_probes(session: &mut RelayDb, sql: &str, types: &str, args: &str) -> Vec<(String, String)> {
         let plan = plan(session, "COSTS OFF", sql, types, args);
-        let probes: Vec<String> = plan
-            .into_iter()
-            .filter(|line| line.contains(" on outbox e"))
+        let probes: Vec<(String, String)> = plan
+            .iter()
+            .enumerate()
+            .filter(|(_, line)| line.contains(" on outbox e"))
+            .map(|(at, line)| {
+                // A bitmap heap scan names its index two lines further down.
+                let below = &plan[at + 1..(at + 4).min(plan.len())];
+                let condition = below
+                    .iter()
+                    .find(|l| l.contains("Cond:"))
+                    .cloned()
+                    .unwrap_or_default();
+                (format!("{line} {}", below.join(" ")), condition)
+            })
             .collect();
         assert!(!probes.is_empty(), "no probe of outbox e in the plan of {sql}");
         probes
     }
 
     #[test]
-    fn the_ordered_statements_probe_the_aggregate_index_on_statistics_of_an_empty_outbox() {
-        let database = outbox_analyzed_empty(30_000);
-        let mut session = relay_session(&database);
-        for (sql, types, args) in [
-            (CLAIM_IN_AGGREGATE_ORDER, "bigint, bigint", "100, 800"),
-            (HOLD_BACK, "bigint", "800"),
-            (DELETE_CONFIRMED_IN_ORDER, "bigint[]", "ARRAY[1, 2, 3]"),
-            (
-                CLAIM_AGGREGATE_HEADS,
-                "bigint, bigint[]",
-                "100, ARRAY[]::bigint[]",
-            ),
-        ] {
-            for probe in aggregate_probes(&mut session, sql, types, args) {
-                // Not `outbox_pkey`, walked from the oldest row per probe; not a bitmap scan
-                // and a sort of the aggregate's every row.
-                assert!(
-                    probe.contains("Index Only Scan using outbox_aggregate_idx")
-                        || probe.contains("Index Scan using outbox_aggregate_idx"),
-                    "{probe} in the plan of {sql}"
-                );
+    fn the_ordered_statements_probe_only_the_rows_aggregate_whatever_the_statistics() {
+        // Statistics of an empty outbox once gave a walk of the primary key per probe, and of
+        // a two-row outbox a bitmap scan of every aggregate from the row's on, sorted.
+        for kept in [0, 2] {
+            let database = outbox_analyzed_with(kept, 30_000);
+            let mut session = relay_session(&database);
+            for page_cost in [4, 1000] {
+                let set = format!("SET random_page_cost = {page_cost}");
+                session.client.batch_execute(&set).unwrap();
+                for (sql, types, args) in [
+                    (CLAIM_IN_AGGREGATE_ORDER, "bigint, bigint", "100, 800"),
+                    (HOLD_BACK, "bigint", "800"),
+                    (DELETE_CONFIRMED_IN_ORDER, "bigint[]", "ARRAY[1, 2, 3]"),
+                    (
+                        CLAIM_AGGREGATE_HEADS,
+                        "bigint, bigint[]",
+                        "100, ARRAY[]::bigint[]",
+                    ),
+                ] {
+                    for (probe, condition) in aggregate_probes(&mut session, sql, types, args) {
+                        let seen = format!("kept {kept}, {set}: {probe} / {condition} in {sql}");
+                        let index_only =
+                            probe.contains("outbox_aggregate_idx") && !probe.contains("outbox_pkey");
+                        assert!(index_only, "{seen}");
+                        let bounded_above = condition.contains("(aggregate_id <= ");
+                        let bounded_below = condition.contains("(aggregate_id >= ")
+                            || condition.contains("(ROW(aggregate_id, id) > ");
+                        assert!(bounded_above && bounded_below, "{seen}");
+                    }
+                }
             }
         }
     }
