@@ -699,6 +699,9 @@ impl<H: Handler> Worker<H> {
                 }
             }
         };
+        let record_processed = client
+            .prepared(&self.record_processed)
+            .map_err(db("cannot prepare the statement that records processed messages"))?;
         let mut tx = client
             .transaction()
             .map_err(db("cannot begin the consumer transaction"))?;
@@ -720,7 +723,7 @@ impl<H: Handler> Worker<H> {
         let mut superseded = HashSet::new();
         for row in tx
             .query(
-                self.record_processed.as_str(),
+                &record_processed,
                 &[
                     &self.name,
                     &ids,

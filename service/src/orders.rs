@@ -446,8 +446,11 @@ pub fn create_idempotent(
     let print = fingerprint(new);
     let window = IDEMPOTENCY_WINDOW_HOURS;
     let lookup = |conn: &mut PooledClient| -> Result<Option<Creation>> {
+        let select = conn
+            .prepared(SELECT_KEY)
+            .map_err(|e| Error::db("cannot prepare the idempotency key query", e))?;
         let row = conn
-            .query_opt(SELECT_KEY, &[&key, &window])
+            .query_opt(&select, &[&key, &window])
             .map_err(|e| Error::db("cannot read the idempotency key", e))?;
         Ok(row.map(|row| {
             let stored: String = row.get(0);
@@ -458,9 +461,8 @@ pub fn create_idempotent(
             }
         }))
     };
-    if let Some(found) = lookup(conn)? {
-        return Ok(found);
-    }
+    // No lookup first: the statement records the key or, when it is live, writes nothing, and
+    // only then is the key read (a new order is one round trip, a replay two).
     let (id, amount, message_id) = (Uuid::now_v7(), new.amount.to_string(), Uuid::now_v7());
     let (traceparent, tracestate) = trace_headers(trace);
     let params: [&(dyn postgres::types::ToSql + Sync); 9] = [
@@ -475,7 +477,8 @@ pub fn create_idempotent(
         &window,
     ];
     let Some(order) = run_create(conn, outbox, true, &params)? else {
-        // Another request with the key committed first: nothing was written, theirs is the answer.
+        // The key is live (an earlier request, or one that committed first): nothing was
+        // written, its order is the answer.
         return lookup(conn)?.ok_or_else(|| Error::Other("the idempotency key vanished; retry".into()));
     };
     if let Announce::Wake(waker) = announce {

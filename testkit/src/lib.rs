@@ -9,7 +9,9 @@ use amiquip::{AmqpProperties, Channel, Connection, Publish};
 use postgres::{Client, NoTls};
 use txoutbox::{Database, PoolOptions, QueueType, RelayConfig, Topology};
 
+pub mod round_trips;
 pub mod tls;
+pub use round_trips::RoundTripProxy;
 use uuid::Uuid;
 
 /// Admin URL: any database on the test server; tests create their own databases beside it.

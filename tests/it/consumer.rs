@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use postgres::Transaction;
 use serde_json::json;
-use txoutbox::{consumer, enqueue_many, relay, ConsumerConfig, HandlerError, Message, NewEvent, Topology};
-use txoutbox_testkit::{quick_relay, wait_until, TestBroker, TestDb};
+use txoutbox::{
+    consumer, enqueue_many, relay, ConsumerConfig, Database, HandlerError, Message, NewEvent, PoolOptions,
+    Topology,
+};
+use txoutbox_testkit::{quick_relay, wait_until, RoundTripProxy, TestBroker, TestDb};
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -587,4 +590,40 @@ fn an_effect_refused_at_commit_is_retried_then_dead_lettered_and_the_rest_applie
         3,
         "the pre-existing row and 1 and 3"
     );
+}
+
+/// A delivery costs the consumer three round trips to Postgres besides its handler's: begin,
+/// the dedupe statement (prepared once per connection), commit. (The dedupe statement was
+/// prepared anew per batch: two round trips, and a third to close it.)
+#[test]
+fn a_delivery_costs_three_round_trips_besides_the_handlers() {
+    let t = TestDb::new();
+    let proxy = RoundTripProxy::new(&t.url);
+    let options = PoolOptions {
+        max_size: 1,
+        ..PoolOptions::default()
+    };
+    let db = Database::connect(&proxy.url, &options).unwrap();
+    let broker = TestBroker::new();
+    let handle = consumer::start(
+        db,
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        |_: &mut Transaction<'_>, _: &Message| Ok(()),
+    )
+    .unwrap();
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(1));
+    wait_until("the first delivery is applied", WAIT, || {
+        handle.stats().applied() == 1
+    });
+
+    let before = proxy.round_trips();
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(2));
+    wait_until("the second delivery is applied", WAIT, || {
+        handle.stats().applied() == 2
+    });
+    let cost = proxy.round_trips() - before;
+    handle.stop();
+    assert_eq!(cost, 3, "round trips for one delivery");
 }

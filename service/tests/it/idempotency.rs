@@ -3,9 +3,11 @@
 
 use std::net::SocketAddr;
 
-use txoutbox_service::orders::Announce;
+use txoutbox::{Database, PoolOptions};
+use txoutbox_service::orders::{self, Amount, Announce, Creation, NewOrder};
 use txoutbox_service::{http, HttpConfig};
-use txoutbox_testkit::{http_raw, HttpReply, TestDb};
+use txoutbox_testkit::{http_raw, HttpReply, RoundTripProxy, TestDb};
+use uuid::Uuid;
 
 const USER: &str = "5b0c7b52-8d0c-4d53-9a55-1f5b1d0f4e0a";
 
@@ -116,4 +118,53 @@ fn a_key_older_than_the_window_makes_a_new_order_and_is_purged() {
     let purged = txoutbox_service::orders::purge_idempotency_keys(&mut t.client()).unwrap();
     assert_eq!(purged, 1);
     assert_eq!(t.count("SELECT count(*) FROM idempotency_keys"), 0);
+}
+
+/// A new order under a key costs one round trip to Postgres, as one without a key does: the
+/// key is recorded in the order's own statement and read back only when it was live. (It was
+/// three: a lookup, prepared anew each time, before the insert.)
+#[test]
+fn a_new_order_costs_one_round_trip_with_a_key_or_without() {
+    let t = TestDb::new();
+    let proxy = RoundTripProxy::new(&t.url);
+    let options = PoolOptions {
+        max_size: 1,
+        ..PoolOptions::default()
+    };
+    let db = Database::connect(&proxy.url, &options).unwrap();
+    let mut conn = db.get().unwrap();
+    let (outbox, announce) = (db.outbox(), Announce::Notify);
+    let new_order = || NewOrder {
+        user_id: Uuid::new_v4(),
+        amount: Amount::parse("10.00").unwrap(),
+    };
+    let replayed = new_order();
+    // The first of each kind prepares its statements on the connection.
+    orders::create(&mut conn, outbox, &new_order(), None, &announce).unwrap();
+    orders::create_idempotent(&mut conn, outbox, &replayed, "warm", None, &announce).unwrap();
+    orders::create_idempotent(&mut conn, outbox, &replayed, "warm", None, &announce).unwrap();
+
+    let before = proxy.round_trips();
+    orders::create(&mut conn, outbox, &new_order(), None, &announce).unwrap();
+    assert_eq!(proxy.round_trips() - before, 1, "an order without a key");
+
+    let before = proxy.round_trips();
+    let created = orders::create_idempotent(&mut conn, outbox, &new_order(), "new", None, &announce);
+    assert!(matches!(created, Ok(Creation::Created(_))), "{created:?}");
+    assert_eq!(proxy.round_trips() - before, 1, "a new order under a key");
+
+    let before = proxy.round_trips();
+    let again = orders::create_idempotent(&mut conn, outbox, &replayed, "warm", None, &announce);
+    assert!(matches!(again, Ok(Creation::Replayed(_))), "{again:?}");
+    assert_eq!(
+        proxy.round_trips() - before,
+        2,
+        "a replay: the keyed insert, then the read"
+    );
+    assert_eq!(
+        t.count("SELECT count(*) FROM orders"),
+        4,
+        "the replays wrote no order"
+    );
+    assert_eq!(t.count("SELECT count(*) FROM outbox"), 4);
 }
