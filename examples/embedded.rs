@@ -58,7 +58,9 @@ fn mark_sent(tx: &mut Transaction<'_>, message: &Message) -> Result<(), HandlerE
         .as_str()
         .and_then(|s| Uuid::parse_str(s).ok())
         .ok_or_else(|| HandlerError::permanent("InvoiceIssued without an invoice_id"))?;
-    tx.execute("UPDATE invoices SET state = 'SENT' WHERE id = $1", &[&id])?;
+    // Prepared once per connection: one round trip per message, planned once.
+    let sent = txoutbox::consumer::prepared(tx, "UPDATE invoices SET state = 'SENT' WHERE id = $1")?;
+    tx.execute(&sent, &[&id])?;
     Ok(())
 }
 

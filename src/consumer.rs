@@ -16,9 +16,14 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Unit;
 use uuid::Uuid;
 
+mod statements;
+
+pub use statements::prepared;
+use statements::Statements;
+
 use crate::broker::{self, Topology};
 use crate::config::ConsumerConfig;
-use crate::db::Database;
+use crate::db::{Database, PooledClient};
 use crate::metrics::{self, Reason, Registry};
 use crate::trace::TraceContext;
 use crate::wakeup::{Backoff, FailureLog, Wakeup};
@@ -684,8 +689,21 @@ impl<H: Handler> Worker<H> {
 
     /// One transaction: dedupe row and effect for each message, then commit.
     fn apply(&mut self, messages: &[&Message]) -> Result<Applied, ApplyError> {
-        let started = Instant::now();
         let mut client = self.db.get().map_err(ApplyError::Db)?;
+        let mut statements = client.take_statements();
+        let applied = self.apply_on(&mut client, &mut statements, messages);
+        client.restore_statements(statements);
+        applied
+    }
+
+    /// [`apply`](Self::apply) on `client`, whose prepared statements are `statements`.
+    fn apply_on(
+        &mut self,
+        client: &mut PooledClient,
+        statements: &mut Statements,
+        messages: &[&Message],
+    ) -> Result<Applied, ApplyError> {
+        let started = Instant::now();
         let db = |context: &'static str| move |e| ApplyError::Db(Error::db(context, e));
         // A lost connection ends the session (the broker redelivers, nothing is counted); any
         // other refusal (invalid text, a constraint checked at commit) is the messages' own
@@ -699,9 +717,16 @@ impl<H: Handler> Worker<H> {
                 }
             }
         };
-        let record_processed = client
-            .prepared(&self.record_processed)
-            .map_err(db("cannot prepare the statement that records processed messages"))?;
+        let record_processed = match statements.get(&self.record_processed) {
+            Some(statement) => statement.clone(),
+            None => {
+                let statement = client
+                    .prepare(&self.record_processed)
+                    .map_err(db("cannot prepare the statement that records processed messages"))?;
+                statements.insert(self.record_processed.clone(), statement.clone());
+                statement
+            }
+        };
         let mut tx = client
             .transaction()
             .map_err(db("cannot begin the consumer transaction"))?;
@@ -752,7 +777,8 @@ impl<H: Handler> Worker<H> {
             // A panicking handler fails its batch like an error (the transaction rolls back)
             // instead of ending the consumer thread; the message is retried, then dead-lettered.
             let handler = &mut self.handler;
-            std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle_batch(&mut tx, &new)))
+            let call = || handler.handle_batch(&mut tx, &new);
+            statements::lend(statements, || std::panic::catch_unwind(AssertUnwindSafe(call)))
                 .unwrap_or_else(|panic| {
                     Err(HandlerError::transient(format!(
                         "the handler panicked: {}",

@@ -28,7 +28,7 @@ pub struct Connection {
 }
 
 /// Most statements one pooled connection keeps prepared; past it, the cache starts over.
-const MAX_PREPARED: usize = 256;
+pub(crate) const MAX_PREPARED: usize = 256;
 
 impl Connection {
     /// The prepared form of `sql` on this connection, preparing it on first use.
@@ -176,6 +176,24 @@ impl PooledClient {
         match &mut self.0 {
             Checkout::Own(connection) => connection.prepared(sql),
             Checkout::Lent(client) => client.prepare(sql),
+        }
+    }
+}
+
+impl PooledClient {
+    /// Takes this connection's prepared statements out, to lend them to a handler (none with a
+    /// pool of the caller's); give them back with [`restore_statements`](Self::restore_statements).
+    pub(crate) fn take_statements(&mut self) -> HashMap<String, Statement> {
+        match &mut self.0 {
+            Checkout::Own(connection) => std::mem::take(&mut connection.statements),
+            Checkout::Lent(_) => HashMap::new(),
+        }
+    }
+
+    /// Puts back the statements [`take_statements`](Self::take_statements) took, with any added.
+    pub(crate) fn restore_statements(&mut self, statements: HashMap<String, Statement>) {
+        if let Checkout::Own(connection) = &mut self.0 {
+            connection.statements = statements;
         }
     }
 }

@@ -697,7 +697,8 @@ impl Handler for OrderEvents {
                 } else {
                     CANCEL_ORDERS
                 };
-                tx.execute(statement, &[&ids])?;
+                let statement = txoutbox::consumer::prepared(tx, statement)?;
+                tx.execute(&statement, &[&ids])?;
             }
         }
         Ok(())

@@ -627,3 +627,60 @@ fn a_delivery_costs_three_round_trips_besides_the_handlers() {
     handle.stop();
     assert_eq!(cost, 3, "round trips for one delivery");
 }
+
+/// A handler's statement prepared with `consumer::prepared` is prepared once per connection:
+/// a delivery then costs four round trips (begin, dedupe, the handler's insert, commit), where
+/// the statement's text would cost six (prepare, execute, and its close).
+#[test]
+fn a_handlers_prepared_statement_costs_one_round_trip_a_delivery() {
+    let t = TestDb::new();
+    with_effects_table(&t);
+    let proxy = RoundTripProxy::new(&t.url);
+    let options = PoolOptions {
+        max_size: 1,
+        ..PoolOptions::default()
+    };
+    let db = Database::connect(&proxy.url, &options).unwrap();
+    let broker = TestBroker::new();
+    let handler = |tx: &mut Transaction<'_>, message: &Message| -> Result<(), HandlerError> {
+        let insert = consumer::prepared(tx, "INSERT INTO effects (message_id, n) VALUES ($1, $2)")?;
+        let n = message.payload["n"].as_i64().unwrap_or(-1) as i32;
+        tx.execute(&insert, &[&message.message_id, &n])?;
+        Ok(())
+    };
+    let handle = consumer::start(db, &broker.url, broker.topology.clone(), config(), handler).unwrap();
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(1));
+    wait_until("the first delivery is applied", WAIT, || {
+        handle.stats().applied() == 1
+    });
+
+    let before = proxy.round_trips();
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(2));
+    wait_until("the second delivery is applied", WAIT, || {
+        handle.stats().applied() == 2
+    });
+    let cost = proxy.round_trips() - before;
+    handle.stop();
+    assert_eq!(cost, 4, "round trips for one delivery");
+    assert_eq!(t.count("SELECT count(*) FROM effects"), 2);
+}
+
+#[test]
+fn prepared_outside_a_handler_prepares_anew() {
+    let t = TestDb::new();
+    let proxy = RoundTripProxy::new(&t.url);
+    let mut client = postgres::Client::connect(&proxy.url, postgres::NoTls).unwrap();
+    let mut tx = client.transaction().unwrap();
+    let before = proxy.round_trips();
+    let first = consumer::prepared(&mut tx, "SELECT 1").unwrap();
+    let second = consumer::prepared(&mut tx, "SELECT 1").unwrap();
+    assert_eq!(
+        proxy.round_trips() - before,
+        2,
+        "nothing is kept outside a handler"
+    );
+    for statement in [first, second] {
+        let one: i32 = tx.query_one(&statement, &[]).unwrap().get(0);
+        assert_eq!(one, 1);
+    }
+}
