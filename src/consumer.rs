@@ -134,7 +134,9 @@ impl std::fmt::Display for HandlerError {
 
 impl From<postgres::Error> for HandlerError {
     fn from(e: postgres::Error) -> Self {
-        let database_unavailable = crate::is_transient_db_error(&e);
+        // A stale prepared statement is not the message's fault either: the consumer drops
+        // its connection's statements, and the retry prepares them again.
+        let database_unavailable = crate::is_transient_db_error(&e) || crate::error::is_stale_statement(&e);
         HandlerError {
             database_unavailable,
             ..HandlerError::transient(Error::db("handler query failed", e).to_string())
@@ -692,6 +694,11 @@ impl<H: Handler> Worker<H> {
         let mut client = self.db.get().map_err(ApplyError::Db)?;
         let mut statements = client.take_statements();
         let applied = self.apply_on(&mut client, &mut statements, messages);
+        if applied.is_err() {
+            // One of them may be stale (see `is_stale_statement`); failures are rare, and
+            // preparing again is cheap.
+            statements.clear();
+        }
         client.restore_statements(statements);
         applied
     }
@@ -710,7 +717,7 @@ impl<H: Handler> Worker<H> {
         // and counts as a failed attempt, which ends in the dead-letter queue.
         let classify = |context: &'static str| {
             move |e: postgres::Error| {
-                if crate::is_transient_db_error(&e) {
+                if crate::is_transient_db_error(&e) || crate::error::is_stale_statement(&e) {
                     ApplyError::Db(Error::db(context, e))
                 } else {
                     ApplyError::Handler(HandlerError::transient(Error::db(context, e).to_string()))
@@ -777,22 +784,25 @@ impl<H: Handler> Worker<H> {
             // A panicking handler fails its batch like an error (the transaction rolls back)
             // instead of ending the consumer thread; the message is retried, then dead-lettered.
             let handler = &mut self.handler;
+            let at = statements::address_of(&tx);
             let call = || handler.handle_batch(&mut tx, &new);
-            statements::lend(statements, || std::panic::catch_unwind(AssertUnwindSafe(call)))
-                .unwrap_or_else(|panic| {
-                    Err(HandlerError::transient(format!(
-                        "the handler panicked: {}",
-                        panic_message(panic.as_ref())
-                    )))
-                })
-                .map_err(|failure| {
-                    if failure.database_unavailable {
-                        // Not the message's fault: redelivered without counting against it.
-                        ApplyError::Db(Error::Other(failure.reason))
-                    } else {
-                        ApplyError::Handler(failure)
-                    }
-                })?;
+            statements::lend(statements, at, || {
+                std::panic::catch_unwind(AssertUnwindSafe(call))
+            })
+            .unwrap_or_else(|panic| {
+                Err(HandlerError::transient(format!(
+                    "the handler panicked: {}",
+                    panic_message(panic.as_ref())
+                )))
+            })
+            .map_err(|failure| {
+                if failure.database_unavailable {
+                    // Not the message's fault: redelivered without counting against it.
+                    ApplyError::Db(Error::Other(failure.reason))
+                } else {
+                    ApplyError::Handler(failure)
+                }
+            })?;
         }
         let applied = new.len() as u64;
         let duplicates = messages.len() as u64 - applied - superseded.len() as u64;

@@ -119,6 +119,21 @@ pub fn is_transient_db_error(err: &postgres::Error) -> bool {
     }
 }
 
+/// True for the errors of a statement prepared on a connection that no longer matches it: its
+/// result type changed (a migration altered a table it reads), or the server no longer has it
+/// (`DEALLOCATE`, a pooler between). Not the data's fault: prepare it again and retry.
+pub(crate) fn is_stale_statement(err: &postgres::Error) -> bool {
+    let Some(db) = err.as_db_error() else {
+        return false;
+    };
+    let code = db.code();
+    *code == postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME
+        || (*code == postgres::error::SqlState::FEATURE_NOT_SUPPORTED
+            && db
+                .message()
+                .starts_with("cached plan must not change result type"))
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = match self {

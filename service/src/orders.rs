@@ -387,13 +387,15 @@ fn traced(event: NewEvent, trace: Option<&TraceContext>) -> NewEvent {
 /// How long an `Idempotency-Key` is remembered.
 pub const IDEMPOTENCY_WINDOW_HOURS: i32 = 24;
 
-/// The order a live key (younger than the window) was first used for, with its fingerprint.
+/// The order key `$1` was recorded for, with its fingerprint. Read only after the order's
+/// statement found the key live, so whatever its age now: a key that passed the window a moment
+/// later is still the answer.
 const SELECT_KEY: &str = "\
     SELECT k.fingerprint, o.id, o.user_id, o.amount::text, o.status,
            to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
            to_char(o.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
     FROM idempotency_keys k JOIN orders o ON o.id = k.order_id
-    WHERE k.key = $1 AND k.created_at > now() - make_interval(hours => $2)";
+    WHERE k.key = $1";
 
 /// Records key `$7` (fingerprint `$8`) for new order `$1`, taking over a key older than `$9`
 /// hours; no row when a live key exists (then the keyed [`create_sql`] writes nothing, and the
@@ -450,7 +452,7 @@ pub fn create_idempotent(
             .prepared(SELECT_KEY)
             .map_err(|e| Error::db("cannot prepare the idempotency key query", e))?;
         let row = conn
-            .query_opt(&select, &[&key, &window])
+            .query_opt(&select, &[&key])
             .map_err(|e| Error::db("cannot read the idempotency key", e))?;
         Ok(row.map(|row| {
             let stored: String = row.get(0);
@@ -479,7 +481,9 @@ pub fn create_idempotent(
     let Some(order) = run_create(conn, outbox, true, &params)? else {
         // The key is live (an earlier request, or one that committed first): nothing was
         // written, its order is the answer.
-        return lookup(conn)?.ok_or_else(|| Error::Other("the idempotency key vanished; retry".into()));
+        // Only the purge, between the two statements, can have deleted it: the key had expired.
+        return lookup(conn)?
+            .ok_or_else(|| Error::Other("the idempotency key expired meanwhile; retry".into()));
     };
     if let Announce::Wake(waker) = announce {
         waker.wake();

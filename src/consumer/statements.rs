@@ -11,9 +11,20 @@ use crate::db::MAX_PREPARED;
 /// Prepared statements by SQL text, of one connection.
 pub(crate) type Statements = HashMap<String, Statement>;
 
+/// Statements lent to the handler running on this thread: those of the connection of the
+/// transaction at `at`, the one the handler was given.
+struct Lent {
+    at: usize,
+    statements: Statements,
+}
+
 thread_local! {
-    /// The statements of the connection the running handler's transaction is on.
-    static LENT: RefCell<Option<Statements>> = const { RefCell::new(None) };
+    static LENT: RefCell<Option<Lent>> = const { RefCell::new(None) };
+}
+
+/// The address that identifies `tx` to [`prepared`] while it is lent.
+pub(crate) fn address_of(tx: &Transaction<'_>) -> usize {
+    std::ptr::from_ref(tx) as usize
 }
 
 /// The prepared form of `sql` on `tx`, for a [`Handler`](super::Handler)'s statements: inside a
@@ -33,10 +44,12 @@ thread_local! {
 /// }
 /// ```
 ///
-/// Use the statement on `tx` only (another connection does not know it).
+/// Only the transaction the handler was given uses the kept statements; on any other (a
+/// savepoint of it, another connection) this prepares anew. Use the statement on `tx` only.
 pub fn prepared(tx: &mut Transaction<'_>, sql: &str) -> Result<Statement, postgres::Error> {
+    let at = address_of(tx);
     LENT.with_borrow_mut(|lent| {
-        let Some(statements) = lent else {
+        let Some(Lent { statements, .. }) = lent.as_mut().filter(|lent| lent.at == at) else {
             return tx.prepare(sql);
         };
         if let Some(statement) = statements.get(sql) {
@@ -51,13 +64,20 @@ pub fn prepared(tx: &mut Transaction<'_>, sql: &str) -> Result<Statement, postgr
     })
 }
 
-/// Runs `call` with `statements` lent to [`prepared`] (they must be those of the connection
-/// `call`'s transaction is on), and takes them back, with what it added, whatever `call` returns.
-pub(crate) fn lend<T>(statements: &mut Statements, call: impl FnOnce() -> T) -> T {
-    LENT.with_borrow_mut(|lent| *lent = Some(std::mem::take(statements)));
+/// Runs `call` with `statements` lent to [`prepared`] for the transaction at `at` (see
+/// [`address_of`]; they must be those of its connection), and takes them back, with what it
+/// added, whatever `call` returns.
+pub(crate) fn lend<T>(statements: &mut Statements, at: usize, call: impl FnOnce() -> T) -> T {
+    let statements_out = std::mem::take(statements);
+    LENT.with_borrow_mut(|lent| {
+        *lent = Some(Lent {
+            at,
+            statements: statements_out,
+        })
+    });
     let result = call();
     if let Some(back) = LENT.with_borrow_mut(Option::take) {
-        *statements = back;
+        *statements = back.statements;
     }
     result
 }

@@ -599,8 +599,10 @@ fn an_effect_refused_at_commit_is_retried_then_dead_lettered_and_the_rest_applie
 fn a_delivery_costs_three_round_trips_besides_the_handlers() {
     let t = TestDb::new();
     let proxy = RoundTripProxy::new(&t.url);
+    // No validation round trip however slow the machine is between the deliveries.
     let options = PoolOptions {
         max_size: 1,
+        validate_after_idle: Duration::from_secs(3600),
         ..PoolOptions::default()
     };
     let db = Database::connect(&proxy.url, &options).unwrap();
@@ -636,8 +638,10 @@ fn a_handlers_prepared_statement_costs_one_round_trip_a_delivery() {
     let t = TestDb::new();
     with_effects_table(&t);
     let proxy = RoundTripProxy::new(&t.url);
+    // No validation round trip however slow the machine is between the deliveries.
     let options = PoolOptions {
         max_size: 1,
+        validate_after_idle: Duration::from_secs(3600),
         ..PoolOptions::default()
     };
     let db = Database::connect(&proxy.url, &options).unwrap();
@@ -683,4 +687,88 @@ fn prepared_outside_a_handler_prepares_anew() {
         let one: i32 = tx.query_one(&statement, &[]).unwrap().get(0);
         assert_eq!(one, 1);
     }
+}
+
+/// A handler's kept statement that a migration made stale ("cached plan must not change result
+/// type") is not the message's fault: the consumer drops its statements, the delivery comes back
+/// without counting as a failed attempt, and applies.
+#[test]
+fn a_statement_made_stale_by_a_migration_is_prepared_again_not_dead_lettered() {
+    let t = TestDb::new();
+    t.client()
+        .batch_execute("CREATE TABLE shape (n int); INSERT INTO shape VALUES (1)")
+        .unwrap();
+    let broker = TestBroker::new();
+    // No retries: a failure counted against the message would dead-letter it.
+    let config = ConsumerConfig {
+        max_retries: 0,
+        ..config()
+    };
+    let handler = |tx: &mut Transaction<'_>, _: &Message| -> Result<(), HandlerError> {
+        let read = consumer::prepared(tx, "SELECT * FROM shape")?;
+        tx.query(&read, &[])?;
+        Ok(())
+    };
+    // One connection: the one whose statement goes stale.
+    let options = PoolOptions {
+        max_size: 1,
+        ..PoolOptions::default()
+    };
+    let db = Database::connect(&t.url, &options).unwrap();
+    let handle = consumer::start(db, &broker.url, broker.topology.clone(), config, handler).unwrap();
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(1));
+    wait_until("the first delivery is applied", WAIT, || {
+        handle.stats().applied() == 1
+    });
+    t.client()
+        .batch_execute("ALTER TABLE shape ADD COLUMN added int")
+        .unwrap();
+    // Alone in its batch: a failure of a batch of several is retried one by one uncounted.
+    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(2));
+    wait_until("the delivery after the migration is applied", WAIT, || {
+        handle.stats().applied() == 2
+    });
+    let failed = handle.stats().failed();
+    handle.stop();
+    assert_eq!(failed, 0, "the stale statement counted against a message");
+    assert_eq!(broker.ready(&broker.topology.dead_letter_queue()), 0);
+    assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 2);
+}
+
+/// `prepared` on a transaction other than the handler's (here another connection's) prepares
+/// there, instead of handing out a statement of the consumer's connection, which that other
+/// connection does not have.
+#[test]
+fn prepared_on_another_connection_in_a_handler_prepares_there() {
+    let t = TestDb::new();
+    with_effects_table(&t);
+    let broker = TestBroker::new();
+    let insert = "INSERT INTO effects (message_id, n) VALUES ($1, $2)";
+    let mut other = t.client();
+    let handler = move |tx: &mut Transaction<'_>, message: &Message| -> Result<(), HandlerError> {
+        let here = consumer::prepared(tx, insert)?;
+        tx.execute(&here, &[&message.message_id, &1])?;
+        let mut elsewhere = other.transaction()?;
+        let there = consumer::prepared(&mut elsewhere, insert)?;
+        elsewhere.execute(&there, &[&message.message_id, &2])?;
+        elsewhere.commit()?;
+        Ok(())
+    };
+    let handle = consumer::start(
+        t.db.clone(),
+        &broker.url,
+        broker.topology.clone(),
+        config(),
+        handler,
+    )
+    .unwrap();
+    for n in 1..=3 {
+        broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(n));
+    }
+    wait_until("every delivery is applied", WAIT, || {
+        handle.stats().applied() == 3
+    });
+    handle.stop();
+    assert_eq!(t.count("SELECT count(*) FROM effects WHERE n = 2"), 3);
+    assert_eq!(broker.ready(&broker.topology.dead_letter_queue()), 0);
 }
