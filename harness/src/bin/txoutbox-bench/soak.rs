@@ -88,7 +88,8 @@ const SENDERS: usize = 64;
 const CREATED_BY_INTERVAL: &str = "\
     SELECT floor(extract(epoch FROM created_at - $1::timestamptz) / $2::float8)::int8 AS i,
            count(*),
-           percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM updated_at - created_at)::float8)
+           percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM updated_at - created_at)::float8),
+           max(extract(epoch FROM updated_at - created_at))::float8
     FROM orders WHERE created_at >= $1::timestamptz AND status = 'COMPLETED'
     GROUP BY i ORDER BY i";
 
@@ -155,8 +156,13 @@ pub struct Interval {
     pub completed_rate: f64,
     /// p99 of commit -> `COMPLETED` of the orders created in the interval.
     pub completed_p99: Duration,
+    /// The slowest of them: a commit that stalls holds only the few orders in flight, below
+    /// the p99, while the requests queued behind it raise the HTTP p99.
+    pub completed_max: Duration,
     /// p99 of the HTTP answer, from the due instant, of the orders due in the interval.
     pub http_p99: Duration,
+    /// The slowest of them.
+    pub http_max: Duration,
     /// Sizes at the interval's end, bytes.
     pub outbox_bytes: u64,
     /// See [`Interval::outbox_bytes`].
@@ -472,8 +478,11 @@ fn intervals(
         if let Some(slot) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
             slot.accepted_rate = row.get::<_, i64>(1) as f64 / seconds;
             let p99: Option<f64> = row.get(2);
-            slot.completed_p99 =
-                Duration::from_secs_f64(p99.filter(|v| v.is_finite() && *v >= 0.0).unwrap_or(0.0));
+            let seconds = |v: Option<f64>| {
+                Duration::from_secs_f64(v.filter(|v| v.is_finite() && *v >= 0.0).unwrap_or(0.0))
+            };
+            slot.completed_p99 = seconds(p99);
+            slot.completed_max = seconds(row.get(3));
         }
     }
     let rows = client
@@ -487,6 +496,7 @@ fn intervals(
     }
     for (slot, histogram) in out.iter_mut().zip(http) {
         slot.http_p99 = Duration::from_micros(histogram.value_at_quantile(0.99));
+        slot.http_max = Duration::from_micros(histogram.max());
     }
     for slot in &mut out {
         // The reading nearest the interval's end.
@@ -710,15 +720,15 @@ impl Soak {
             self.plan.retention.as_secs(),
             self.plan.retention_interval.as_secs()
         );
-        out += "      t  accepted/s completed/s  COMPLETED p99   HTTP p99  outbox MiB  processed MiB  orders MiB  server RSS  consumer RSS\n";
+        out += "      t  accepted/s completed/s  COMPLETED p99 / max   HTTP p99 / max  outbox MiB  processed MiB  orders MiB  server RSS  consumer RSS\n";
         for i in &self.intervals {
             out += &format!(
-                "  {:>5.0}s  {:>10} {:>11}  {:>13}  {:>9}  {:>10.2}  {:>13.2}  {:>10.1}  {:>8.1} MiB  {:>8.1} MiB\n",
+                "  {:>5.0}s  {:>10} {:>11}  {:>19}  {:>15}  {:>10.2}  {:>13.2}  {:>10.1}  {:>8.1} MiB  {:>8.1} MiB\n",
                 i.end,
                 count(i.accepted_rate),
                 count(i.completed_rate),
-                fmt_ms(i.completed_p99),
-                fmt_ms(i.http_p99),
+                format!("{} / {}", fmt_ms(i.completed_p99), fmt_ms(i.completed_max)),
+                format!("{} / {}", fmt_ms(i.http_p99), fmt_ms(i.http_max)),
                 mib(i.outbox_bytes),
                 mib(i.processed_bytes),
                 mib(i.orders_bytes),
@@ -788,15 +798,17 @@ impl Soak {
                 v.status.label()
             );
         }
-        out += "\n![the soak over time](soak.svg)\n\n| t (s) | accepted/s | completed/s | COMPLETED p99 | HTTP p99 | outbox MiB | processed_messages MiB | orders MiB | server RSS MiB | consumer RSS MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+        out += "\n![the soak over time](soak.svg)\n\n| t (s) | accepted/s | completed/s | COMPLETED p99 | COMPLETED max | HTTP p99 | HTTP max | outbox MiB | processed_messages MiB | orders MiB | server RSS MiB | consumer RSS MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
         for i in &self.intervals {
             out += &format!(
-                "| {:.0} | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |\n",
+                "| {:.0} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |\n",
                 i.end,
                 count(i.accepted_rate),
                 count(i.completed_rate),
                 fmt_ms(i.completed_p99),
+                fmt_ms(i.completed_max),
                 fmt_ms(i.http_p99),
+                fmt_ms(i.http_max),
                 mib(i.outbox_bytes),
                 mib(i.processed_bytes),
                 mib(i.orders_bytes),
@@ -858,7 +870,9 @@ impl Soak {
                 "accepted_per_second": i.accepted_rate,
                 "completed_per_second": i.completed_rate,
                 "completed_p99_ms": i.completed_p99.as_secs_f64() * 1000.0,
+                "completed_max_ms": i.completed_max.as_secs_f64() * 1000.0,
                 "http_p99_ms": i.http_p99.as_secs_f64() * 1000.0,
+                "http_max_ms": i.http_max.as_secs_f64() * 1000.0,
                 "outbox_bytes": i.outbox_bytes,
                 "processed_messages_bytes": i.processed_bytes,
                 "processed_messages_rows": i.processed_rows,
