@@ -592,12 +592,9 @@ fn an_effect_refused_at_commit_is_retried_then_dead_lettered_and_the_rest_applie
     );
 }
 
-/// A delivery costs the consumer three round trips to Postgres besides its handler's: begin,
-/// the dedupe statement (prepared once per connection), commit. (The dedupe statement was
-/// prepared anew per batch: two round trips, and a third to close it.)
-#[test]
-fn a_delivery_costs_three_round_trips_besides_the_handlers() {
-    let t = TestDb::new();
+/// Round trips to Postgres of the second delivery a consumer with `handler` applies, alone in
+/// its batch, on a pool of one connection (the first delivery prepares what is kept).
+fn round_trips_of_a_delivery(t: &TestDb, handler: impl consumer::Handler + 'static) -> u64 {
     let proxy = RoundTripProxy::new(&t.url);
     // No validation round trip however slow the machine is between the deliveries.
     let options = PoolOptions {
@@ -607,19 +604,11 @@ fn a_delivery_costs_three_round_trips_besides_the_handlers() {
     };
     let db = Database::connect(&proxy.url, &options).unwrap();
     let broker = TestBroker::new();
-    let handle = consumer::start(
-        db,
-        &broker.url,
-        broker.topology.clone(),
-        config(),
-        |_: &mut Transaction<'_>, _: &Message| Ok(()),
-    )
-    .unwrap();
+    let handle = consumer::start(db, &broker.url, broker.topology.clone(), config(), handler).unwrap();
     broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(1));
     wait_until("the first delivery is applied", WAIT, || {
         handle.stats().applied() == 1
     });
-
     let before = proxy.round_trips();
     broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(2));
     wait_until("the second delivery is applied", WAIT, || {
@@ -627,7 +616,21 @@ fn a_delivery_costs_three_round_trips_besides_the_handlers() {
     });
     let cost = proxy.round_trips() - before;
     handle.stop();
-    assert_eq!(cost, 3, "round trips for one delivery");
+    cost
+}
+
+/// A delivery costs the consumer three round trips to Postgres besides its handler's: begin,
+/// the dedupe statement (prepared once per connection), commit. (The dedupe statement was
+/// prepared anew per batch: two round trips, and a third to close it.)
+#[test]
+fn a_delivery_costs_three_round_trips_besides_the_handlers() {
+    let t = TestDb::new();
+    let nothing = |_: &mut Transaction<'_>, _: &Message| Ok(());
+    assert_eq!(
+        round_trips_of_a_delivery(&t, nothing),
+        3,
+        "round trips for one delivery"
+    );
 }
 
 /// A handler's statement prepared with `consumer::prepared` is prepared once per connection:
@@ -637,35 +640,17 @@ fn a_delivery_costs_three_round_trips_besides_the_handlers() {
 fn a_handlers_prepared_statement_costs_one_round_trip_a_delivery() {
     let t = TestDb::new();
     with_effects_table(&t);
-    let proxy = RoundTripProxy::new(&t.url);
-    // No validation round trip however slow the machine is between the deliveries.
-    let options = PoolOptions {
-        max_size: 1,
-        validate_after_idle: Duration::from_secs(3600),
-        ..PoolOptions::default()
-    };
-    let db = Database::connect(&proxy.url, &options).unwrap();
-    let broker = TestBroker::new();
     let handler = |tx: &mut Transaction<'_>, message: &Message| -> Result<(), HandlerError> {
         let insert = consumer::prepared(tx, "INSERT INTO effects (message_id, n) VALUES ($1, $2)")?;
         let n = message.payload["n"].as_i64().unwrap_or(-1) as i32;
         tx.execute(&insert, &[&message.message_id, &n])?;
         Ok(())
     };
-    let handle = consumer::start(db, &broker.url, broker.topology.clone(), config(), handler).unwrap();
-    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(1));
-    wait_until("the first delivery is applied", WAIT, || {
-        handle.stats().applied() == 1
-    });
-
-    let before = proxy.round_trips();
-    broker.publish_raw(Some(&Uuid::new_v4().to_string()), "TestHappened", &body(2));
-    wait_until("the second delivery is applied", WAIT, || {
-        handle.stats().applied() == 2
-    });
-    let cost = proxy.round_trips() - before;
-    handle.stop();
-    assert_eq!(cost, 4, "round trips for one delivery");
+    assert_eq!(
+        round_trips_of_a_delivery(&t, handler),
+        4,
+        "round trips for one delivery"
+    );
     assert_eq!(t.count("SELECT count(*) FROM effects"), 2);
 }
 
