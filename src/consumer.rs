@@ -724,16 +724,8 @@ impl<H: Handler> Worker<H> {
                 }
             }
         };
-        let record_processed = match statements.get(&self.record_processed) {
-            Some(statement) => statement.clone(),
-            None => {
-                let statement = client
-                    .prepare(&self.record_processed)
-                    .map_err(db("cannot prepare the statement that records processed messages"))?;
-                statements.insert(self.record_processed.clone(), statement.clone());
-                statement
-            }
-        };
+        let record_processed = crate::db::kept(statements, &self.record_processed, |sql| client.prepare(sql))
+            .map_err(db("cannot prepare the statement that records processed messages"))?;
         let mut tx = client
             .transaction()
             .map_err(db("cannot begin the consumer transaction"))?;

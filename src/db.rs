@@ -28,21 +28,32 @@ pub struct Connection {
 }
 
 /// Most statements one pooled connection keeps prepared; past it, the cache starts over.
-pub(crate) const MAX_PREPARED: usize = 256;
+const MAX_PREPARED: usize = 256;
 
 impl Connection {
     /// The prepared form of `sql` on this connection, preparing it on first use.
     pub fn prepared(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
-        if let Some(statement) = self.statements.get(sql) {
-            return Ok(statement.clone());
-        }
-        let statement = self.client.prepare(sql)?;
-        if self.statements.len() >= MAX_PREPARED {
-            self.statements.clear();
-        }
-        self.statements.insert(sql.to_string(), statement.clone());
-        Ok(statement)
+        let client = &mut self.client;
+        kept(&mut self.statements, sql, |sql| client.prepare(sql))
     }
+}
+
+/// The statement of `sql` in `statements`, or prepared with `prepare` and kept there (the
+/// cache starts over past [`MAX_PREPARED`]).
+pub(crate) fn kept(
+    statements: &mut HashMap<String, Statement>,
+    sql: &str,
+    prepare: impl FnOnce(&str) -> Result<Statement, postgres::Error>,
+) -> Result<Statement, postgres::Error> {
+    if let Some(statement) = statements.get(sql) {
+        return Ok(statement.clone());
+    }
+    let statement = prepare(sql)?;
+    if statements.len() >= MAX_PREPARED {
+        statements.clear();
+    }
+    statements.insert(sql.to_string(), statement.clone());
+    Ok(statement)
 }
 
 impl Deref for Connection {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use postgres::{Statement, Transaction};
 
-use crate::db::MAX_PREPARED;
+use crate::db::kept;
 
 /// Prepared statements by SQL text, of one connection.
 pub(crate) type Statements = HashMap<String, Statement>;
@@ -48,19 +48,9 @@ pub(crate) fn address_of(tx: &Transaction<'_>) -> usize {
 /// savepoint of it, another connection) this prepares anew. Use the statement on `tx` only.
 pub fn prepared(tx: &mut Transaction<'_>, sql: &str) -> Result<Statement, postgres::Error> {
     let at = address_of(tx);
-    LENT.with_borrow_mut(|lent| {
-        let Some(Lent { statements, .. }) = lent.as_mut().filter(|lent| lent.at == at) else {
-            return tx.prepare(sql);
-        };
-        if let Some(statement) = statements.get(sql) {
-            return Ok(statement.clone());
-        }
-        let statement = tx.prepare(sql)?;
-        if statements.len() >= MAX_PREPARED {
-            statements.clear();
-        }
-        statements.insert(sql.to_owned(), statement.clone());
-        Ok(statement)
+    LENT.with_borrow_mut(|lent| match lent.as_mut().filter(|lent| lent.at == at) {
+        Some(Lent { statements, .. }) => kept(statements, sql, |sql| tx.prepare(sql)),
+        None => tx.prepare(sql),
     })
 }
 
