@@ -711,6 +711,12 @@ impl OrderClient {
         })
     }
 
+    /// Whether a connection is open from an earlier request (the next one reuses it, unless the
+    /// server has closed it meanwhile).
+    pub fn is_connected(&self) -> bool {
+        self.stream.is_some()
+    }
+
     /// POSTs one order with a random user and amount; the created order's id, or why the
     /// request failed (connection error, another status than 201, or a 201 without an id).
     pub fn post_order(&mut self) -> Result<Uuid, String> {

@@ -4,7 +4,12 @@
 //! bounded by the disk (commits) or by the processors everything shares.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 
 /// Clock ticks per second of `/proc` CPU times (`USER_HZ`, 100 on Linux).
 const TICKS_PER_SECOND: f64 = 100.0;
@@ -103,6 +108,111 @@ impl Snapshot {
     }
 }
 
+/// One step of a [`Timeline`]: the CPU used in the step that ended at `end`.
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// When the step ended.
+    pub end: Instant,
+    /// What it used.
+    pub usage: CpuUsage,
+}
+
+/// CPU per step (a second, say) over a long run, taken on a thread of its own: who had the
+/// processors in a moment of interest, such as a stall of a few seconds in a soak.
+pub struct Timeline {
+    stop: Sender<()>,
+    /// Steps taken so far, kept or not.
+    taken: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<Vec<Step>>>,
+}
+
+impl Timeline {
+    /// Starts taking a snapshot every `step`, keeping at most `max_steps` of them (the last
+    /// ones are dropped past it, so that memory stays bounded however long the run).
+    pub fn start(step: Duration, max_steps: usize) -> std::io::Result<Timeline> {
+        let (stop, stopped) = bounded::<()>(1);
+        let taken = Arc::new(AtomicUsize::new(0));
+        let counted = taken.clone();
+        let thread = std::thread::Builder::new()
+            .name("bench-cpu-timeline".into())
+            .spawn(move || {
+                let mut steps = Vec::new();
+                let mut last = Snapshot::take();
+                let mut next = last.at + step;
+                loop {
+                    match stopped.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Ok(()) | Err(RecvTimeoutError::Disconnected) => return steps,
+                    }
+                    let now = Snapshot::take();
+                    if steps.len() < max_steps {
+                        steps.push(Step {
+                            end: now.at,
+                            usage: last.until(&now),
+                        });
+                    }
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    last = now;
+                    next += step;
+                }
+            })?;
+        Ok(Timeline {
+            stop,
+            taken,
+            thread: Some(thread),
+        })
+    }
+
+    /// Steps taken so far, including those past the bound.
+    pub fn taken(&self) -> usize {
+        self.taken.load(Ordering::Relaxed)
+    }
+
+    /// Stops and returns the steps, in time order.
+    pub fn finish(mut self) -> Vec<Step> {
+        let _ = self.stop.try_send(());
+        let steps = self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default();
+        if self.taken() > steps.len() {
+            log::warn!(
+                "cpu timeline: kept the first {} of {} steps (its bound)",
+                steps.len(),
+                self.taken()
+            );
+        }
+        steps
+    }
+}
+
+impl Drop for Timeline {
+    fn drop(&mut self) {
+        let _ = self.stop.try_send(());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The CPU used over the steps that ended within `from..=to`, in cores (weighted by each
+/// step's length); `None` when no step ended there.
+pub fn usage_between(steps: &[Step], from: Instant, to: Instant) -> Option<CpuUsage> {
+    let within: Vec<&Step> = steps.iter().filter(|s| s.end >= from && s.end <= to).collect();
+    let seconds: f64 = within.iter().map(|s| s.usage.seconds).sum();
+    if within.is_empty() || seconds <= 0.0 {
+        return None;
+    }
+    let weighted = |f: &dyn Fn(&CpuUsage) -> f64| {
+        within.iter().map(|s| f(&s.usage) * s.usage.seconds).sum::<f64>() / seconds
+    };
+    Some(CpuUsage {
+        seconds,
+        busy: weighted(&|u| u.busy),
+        iowait: weighted(&|u| u.iowait),
+        groups: (0..GROUPS.len())
+            .map(|g| weighted(&|u| u.groups.get(g).copied().unwrap_or(0.0)))
+            .collect(),
+    })
+}
+
 /// Index in [`GROUPS`] of a process by its command name (at most 15 characters in /proc).
 fn group_of(comm: &str) -> usize {
     match comm {
@@ -160,6 +270,58 @@ mod tests {
         assert_eq!(group_of("txoutbox-consum"), 3);
         assert_eq!(group_of("beam.smp"), 1);
         assert_eq!(group_of("bash"), 5);
+    }
+
+    #[test]
+    fn a_window_of_the_timeline_averages_the_steps_that_ended_in_it() {
+        let start = Instant::now();
+        let step = |second: u64, busy: f64, postgres: f64| Step {
+            end: start + Duration::from_secs(second),
+            usage: CpuUsage {
+                seconds: 1.0,
+                busy,
+                iowait: 0.0,
+                groups: vec![postgres, 0.0, 0.0, 0.0, 0.0, 0.0],
+            },
+        };
+        let steps = [
+            step(1, 1.0, 0.5),
+            step(2, 2.0, 1.5),
+            step(3, 2.0, 1.0),
+            step(4, 1.0, 0.2),
+        ];
+        let window = usage_between(
+            &steps,
+            start + Duration::from_secs(2),
+            start + Duration::from_secs(3),
+        )
+        .expect("two steps ended in the window");
+        assert_eq!(window.seconds, 2.0);
+        assert_eq!(window.busy, 2.0);
+        assert_eq!(window.groups[0], 1.25);
+        assert!(usage_between(
+            &steps,
+            start + Duration::from_secs(5),
+            start + Duration::from_secs(9)
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn the_timeline_takes_a_step_per_interval_and_keeps_at_most_its_bound() {
+        let timeline = Timeline::start(Duration::from_millis(20), 3).expect("thread starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while timeline.taken() < 6 {
+            assert!(
+                Instant::now() < deadline,
+                "six steps of 20 ms not taken within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let steps = timeline.finish();
+        assert_eq!(steps.len(), 3, "bounded at 3 although 6 were taken");
+        assert!(steps.windows(2).all(|w| w[0].end < w[1].end));
+        assert!(steps.iter().all(|s| s.usage.seconds > 0.0));
     }
 
     #[test]

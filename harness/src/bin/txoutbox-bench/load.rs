@@ -20,6 +20,7 @@ use txoutbox_harness::stress::OrderClient;
 use uuid::Uuid;
 
 use crate::quantiles;
+use crate::slow::{SlowAnswer, KEPT_PER_SENDER, SLOW_ANSWER};
 
 /// Sending stops after this many failed POSTs while none was accepted: the server is broken.
 const GIVE_UP_ERRORS: usize = 100;
@@ -81,6 +82,10 @@ pub struct OpenLoopOutcome {
     pub buckets: Vec<Histogram<u64>>,
     /// Measured orders sent more than [`LATE_AFTER`] after their due instant.
     pub late: usize,
+    /// Measured answers slower than [`SLOW_ANSWER`], up to [`KEPT_PER_SENDER`] per sender.
+    pub slow: Vec<SlowAnswer>,
+    /// Slow answers past that bound: counted, not kept.
+    pub slow_not_kept: usize,
 }
 
 /// `count / elapsed` per second, 0 for an empty interval.
@@ -101,6 +106,8 @@ struct ThreadResult {
     /// Open loop: latencies of the measured part, in all and per bucket.
     latency: Option<Histogram<u64>>,
     buckets: Vec<Histogram<u64>>,
+    slow: Vec<SlowAnswer>,
+    slow_not_kept: usize,
 }
 
 impl ThreadResult {
@@ -252,6 +259,8 @@ pub fn open_loop(
         latency: quantiles::histogram(),
         buckets: Vec::new(),
         late: 0,
+        slow: Vec::new(),
+        slow_not_kept: 0,
     };
     thread::scope(|scope| -> Result<()> {
         let mut threads = Vec::with_capacity(senders);
@@ -283,9 +292,23 @@ pub fn open_loop(
                         if n == first_measured {
                             measuring();
                         }
+                        let new_connection = !client.is_connected();
+                        let sent_at = Instant::now();
                         let outcome = client.post_order();
                         if measured && outcome.is_ok() {
                             let latency = due_at.elapsed();
+                            if latency >= SLOW_ANSWER {
+                                if result.slow.len() < KEPT_PER_SENDER {
+                                    result.slow.push(SlowAnswer {
+                                        due: due_at.saturating_duration_since(due(first_measured)),
+                                        waited: sent_at.saturating_duration_since(due_at),
+                                        answered_in: sent_at.elapsed(),
+                                        new_connection,
+                                    });
+                                } else {
+                                    result.slow_not_kept += 1;
+                                }
+                            }
                             if let Some(all) = result.latency.as_mut() {
                                 quantiles::record(all, latency);
                             }
@@ -323,6 +346,8 @@ pub fn open_loop(
             for (all, mine) in outcome.buckets.iter_mut().zip(std::mem::take(&mut part.buckets)) {
                 let _ = all.add(&mine);
             }
+            outcome.slow.append(&mut part.slow);
+            outcome.slow_not_kept += part.slow_not_kept;
             outcome.load.merge(0, part);
         }
         outcome.load.elapsed = start.elapsed();

@@ -25,6 +25,7 @@ mod quantiles;
 mod report;
 mod sampler;
 mod server;
+mod slow;
 mod soak;
 mod statements;
 mod verify;

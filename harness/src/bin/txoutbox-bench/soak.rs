@@ -29,6 +29,7 @@ use crate::plot::{self, Panel, Series};
 use crate::process::{wait_consuming, Kind, Launcher, Process};
 use crate::quantiles::Quantiles;
 use crate::report::{count, fmt_ms, mib, Status};
+use crate::slow::{self, Episode};
 use crate::verify::{self, Checks};
 use crate::Progress;
 
@@ -83,6 +84,17 @@ pub const RSS_SLACK: u64 = 2 * 1024 * 1024;
 
 /// Sender threads of the open loop.
 const SENDERS: usize = 64;
+
+/// Episodes of slow answers shown in the reports (soak.json keeps them all).
+const WORST_EPISODES: usize = 10;
+
+/// Step of the CPU timeline that says who had the processors during an episode.
+const CPU_STEP: Duration = Duration::from_secs(1);
+
+/// Steps the CPU timeline keeps: the whole soak and its completion wait, with room to spare.
+fn timeline_steps(plan: &SoakPlan) -> usize {
+    ((plan.duration + plan.completion_timeout).as_secs() as usize + 60) / CPU_STEP.as_secs().max(1) as usize
+}
 
 /// Per-interval orders and latencies, from Postgres, of the orders created from `$1` on.
 const CREATED_BY_INTERVAL: &str = "\
@@ -213,6 +225,13 @@ pub struct Soak {
     pub intervals: Vec<Interval>,
     /// The judgements.
     pub verdicts: Vec<Verdict>,
+    /// HTTP answers slower than [`slow::SLOW_ANSWER`], grouped in time, in time order.
+    pub episodes: Vec<Episode>,
+    /// The CPU used during each episode (and a second either side), by process: who had the
+    /// processors while answers were late. `None` where no CPU step ended in it.
+    pub episode_cpu: Vec<Option<crate::cpu::CpuUsage>>,
+    /// Slow answers beyond what each sender keeps (not in `episodes`).
+    pub slow_not_kept: usize,
     /// CPU used during the soak.
     pub cpu: crate::cpu::CpuUsage,
 }
@@ -292,6 +311,8 @@ pub fn run(
     let started: Mutex<Option<(Instant, SystemTime)>> = Mutex::new(None);
     let gauges = GaugeSampler::start(&fresh, &server, &consumer, plan.interval)?;
     let accepted = AtomicU64::new(0);
+    let timeline = crate::cpu::Timeline::start(CPU_STEP, timeline_steps(plan))
+        .map_err(|e| Error::Other(format!("cannot start the CPU timeline: {e}")))?;
     let before = crate::cpu::Snapshot::take();
     let outcome = open_loop(
         &url,
@@ -310,6 +331,7 @@ pub fn run(
         },
     )?;
     let cpu = before.until(&crate::cpu::Snapshot::take());
+    let cpu_steps = timeline.finish();
     let samples = gauges.finish();
     let mut client = fresh.client()?;
     verify::wait_until_completed(
@@ -322,7 +344,7 @@ pub fn run(
         service.check_alive()?;
     }
     interrupted(stop)?;
-    let (_, wall_start) = started
+    let (load_start, wall_start) = started
         .into_inner()
         .unwrap_or_else(|p| p.into_inner())
         .ok_or_else(|| Error::Other("the soak's load never started".into()))?;
@@ -334,6 +356,7 @@ pub fn run(
         checks.add(SOAK_PHASE, "verification completed", false, e.to_string());
     }
     let all_completed = completion_quantiles(&mut client, wall_start)?;
+    let episodes = slow::episodes(&outcome.slow);
     let mut verdicts = judge(&intervals);
     let autovacuum = infra.servers.autovacuum.clone();
     if autovacuum != "on" {
@@ -351,6 +374,15 @@ pub fn run(
         http: Quantiles::of_hdr(&outcome.latency),
         intervals,
         verdicts,
+        episode_cpu: episodes
+            .iter()
+            .map(|e| {
+                let from = (load_start + e.start).checked_sub(CPU_STEP).unwrap_or(load_start);
+                crate::cpu::usage_between(&cpu_steps, from, load_start + e.end + CPU_STEP)
+            })
+            .collect(),
+        episodes,
+        slow_not_kept: outcome.slow_not_kept,
         cpu,
     })
 }
@@ -752,6 +784,7 @@ impl Soak {
         if let Some(note) = self.autovacuum_note() {
             out += &format!("\n  note: {note}\n");
         }
+        out += &self.episodes_console();
         out += "\nStable over time (last third against first third; a stall: worst interval against first third)\n";
         for v in &self.verdicts {
             out += &format!(
@@ -764,6 +797,62 @@ impl Soak {
             );
         }
         out
+    }
+
+    /// The worst episodes of slow HTTP answers, with where their time went.
+    fn episodes_console(&self) -> String {
+        let answers: usize = self.episodes.iter().map(|e| e.answers).sum::<usize>() + self.slow_not_kept;
+        let mut out = format!(
+            "\n  HTTP answers slower than {}: {} in {} episode(s){}\n",
+            fmt_ms(slow::SLOW_ANSWER),
+            count(answers as f64),
+            self.episodes.len(),
+            if self.slow_not_kept > 0 {
+                format!(" ({} more not kept)", count(self.slow_not_kept as f64))
+            } else {
+                String::new()
+            }
+        );
+        let worst = slow::worst(&self.episodes, WORST_EPISODES);
+        let budget = self.sender_budget();
+        if !worst.is_empty() {
+            out += &format!(
+                "  (sender budget: {} senders keep up with {} orders/s while an answer takes under {})\n",
+                SENDERS,
+                count(self.offered),
+                fmt_ms(budget)
+            );
+            out += "      from      to  answers    worst  longest answer  longest wait  new conns  reading\n";
+        }
+        for &index in &worst {
+            let e = &self.episodes[index];
+            out += &format!(
+                "  {:>7.1}s {:>6.1}s  {:>7}  {:>7}  {:>14}  {:>12}  {:>9}  {}\n",
+                e.start.as_secs_f64(),
+                e.end.as_secs_f64(),
+                e.answers,
+                fmt_ms(e.worst),
+                fmt_ms(e.longest_answer),
+                fmt_ms(e.longest_wait),
+                e.new_connections,
+                e.reading(budget)
+            );
+            out += &format!("  {:>17}CPU meanwhile: {}\n", "", self.episode_cpu_brief(index));
+        }
+        out
+    }
+
+    /// The CPU of episode `index`, in words.
+    fn episode_cpu_brief(&self, index: usize) -> String {
+        match self.episode_cpu.get(index) {
+            Some(Some(usage)) => usage.brief(),
+            _ => "not sampled".into(),
+        }
+    }
+
+    /// How long an answer may take before the senders fall behind the offered rate.
+    fn sender_budget(&self) -> Duration {
+        slow::sender_budget(SENDERS, self.offered)
     }
 
     /// soak.md.
@@ -797,6 +886,35 @@ impl Soak {
                 v.bound,
                 v.status.label()
             );
+        }
+        let worst = slow::worst(&self.episodes, WORST_EPISODES);
+        let budget = self.sender_budget();
+        if !worst.is_empty() {
+            out += &format!(
+                "\nThe worst episodes of HTTP answers slower than {} (of {}; due instants from the soak's start; \
+                 longest answer: from sending to the answer, longest wait: from the due instant to sending; \
+                 {SENDERS} senders keep up while an answer takes under {}):\n\n\
+                 | from (s) | to (s) | answers | worst | longest answer | longest wait | new connections | reading | CPU meanwhile (cores) |\n\
+                 |---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+                fmt_ms(slow::SLOW_ANSWER),
+                self.episodes.len(),
+                fmt_ms(budget)
+            );
+            for &index in &worst {
+                let e = &self.episodes[index];
+                out += &format!(
+                    "| {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    e.start.as_secs_f64(),
+                    e.end.as_secs_f64(),
+                    e.answers,
+                    fmt_ms(e.worst),
+                    fmt_ms(e.longest_answer),
+                    fmt_ms(e.longest_wait),
+                    e.new_connections,
+                    e.reading(budget),
+                    self.episode_cpu_brief(index)
+                );
+            }
         }
         out += "\n![the soak over time](soak.svg)\n\n| t (s) | accepted/s | completed/s | COMPLETED p99 | COMPLETED max | HTTP p99 | HTTP max | outbox MiB | processed_messages MiB | orders MiB | server RSS MiB | consumer RSS MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
         for i in &self.intervals {
@@ -880,6 +998,19 @@ impl Soak {
                 "server_rss_bytes": i.server_rss,
                 "consumer_rss_bytes": i.consumer_rss,
             })).collect::<Vec<_>>(),
+            "slow_answer_ms": slow::SLOW_ANSWER.as_secs_f64() * 1000.0,
+            "slow_answers_not_kept": self.slow_not_kept,
+            "sender_budget_ms": self.sender_budget().as_secs_f64() * 1000.0,
+            "slow_episodes": self.episodes.iter().zip(&self.episode_cpu).map(|(e, cpu)| {
+                let mut episode = e.to_json(self.sender_budget());
+                episode["cpu_cores"] = cpu.as_ref().map_or(Value::Null, |u| json!({
+                    "busy": u.busy,
+                    "iowait": u.iowait,
+                    "by_process": crate::cpu::GROUPS.iter().zip(&u.groups)
+                        .map(|(g, c)| (g.to_string(), json!(c))).collect::<serde_json::Map<String, Value>>(),
+                }));
+                episode
+            }).collect::<Vec<_>>(),
             "verdicts": self.verdicts.iter().map(|v| json!({
                 "name": v.name, "first_third": v.first, "last_third": v.last,
                 "bound": v.bound, "status": v.status.label(),
