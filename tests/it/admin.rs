@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 use txoutbox::retention::{self, RetentionConfig};
 use txoutbox::{admin, enqueue, NewEvent};
-use txoutbox_testkit::{TestBroker, TestDb};
+use txoutbox_testkit::{RoundTripProxy, TestBroker, TestDb};
 use uuid::Uuid;
 
 #[test]
@@ -95,6 +95,32 @@ fn purging_processed_messages_keeps_the_recent_ones() {
     .unwrap();
     assert_eq!(deleted, 2500);
     assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 10);
+}
+
+/// A purge prepares its statement once and runs it per batch: three batches are four round
+/// trips (the statement's text per batch was two each, and a close).
+#[test]
+fn a_purge_prepares_its_statement_once_for_all_its_batches() {
+    let t = TestDb::new();
+    t.client()
+        .batch_execute(
+            "INSERT INTO processed_messages (message_id, processed_at)
+             SELECT gen_random_uuid(), now() - interval '8 days' FROM generate_series(1, 2500);",
+        )
+        .unwrap();
+    let proxy = RoundTripProxy::new(&t.url);
+    let mut client = txoutbox::db::connect_url(&proxy.url, Duration::from_secs(30)).unwrap();
+    let before = proxy.round_trips();
+    let deleted = admin::purge_processed(
+        &mut client,
+        &Default::default(),
+        Duration::from_secs(7 * 86_400),
+        1000,
+    )
+    .unwrap();
+    let cost = proxy.round_trips() - before;
+    assert_eq!(deleted, 2500);
+    assert_eq!(cost, 4, "round trips for a purge of three batches");
 }
 
 #[test]
