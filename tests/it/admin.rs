@@ -86,15 +86,13 @@ fn purging_processed_messages_keeps_the_recent_ones() {
              SELECT gen_random_uuid() FROM generate_series(1, 10);",
         )
         .unwrap();
-    let deleted = admin::purge_processed(
-        &mut client,
-        &Default::default(),
-        Duration::from_secs(7 * 86_400),
-        1000,
-    )
-    .unwrap();
-    assert_eq!(deleted, 2500);
+    assert_eq!(purge_older_than_a_week(&mut client), 2500);
     assert_eq!(t.count("SELECT count(*) FROM processed_messages"), 10);
+}
+
+/// `admin::purge_processed` of the rows older than seven days, in batches of 1,000.
+fn purge_older_than_a_week(client: &mut postgres::Client) -> u64 {
+    admin::purge_processed(client, &Default::default(), Duration::from_secs(7 * 86_400), 1000).unwrap()
 }
 
 /// A purge prepares its statement once and runs it per batch: three batches are four round
@@ -111,13 +109,7 @@ fn a_purge_prepares_its_statement_once_for_all_its_batches() {
     let proxy = RoundTripProxy::new(&t.url);
     let mut client = txoutbox::db::connect_url(&proxy.url, Duration::from_secs(30)).unwrap();
     let before = proxy.round_trips();
-    let deleted = admin::purge_processed(
-        &mut client,
-        &Default::default(),
-        Duration::from_secs(7 * 86_400),
-        1000,
-    )
-    .unwrap();
+    let deleted = purge_older_than_a_week(&mut client);
     let cost = proxy.round_trips() - before;
     assert_eq!(deleted, 2500);
     assert_eq!(cost, 4, "round trips for a purge of three batches");

@@ -825,29 +825,35 @@ impl Soak {
             out += "      from      to  answers    worst  longest answer  longest wait  new conns  reading\n";
         }
         for &index in &worst {
-            let e = &self.episodes[index];
+            let [from, to, answers, worst, answer, wait, new, reading, cpu] = self.episode_cells(index);
             out += &format!(
-                "  {:>7.1}s {:>6.1}s  {:>7}  {:>7}  {:>14}  {:>12}  {:>9}  {}\n",
-                e.start.as_secs_f64(),
-                e.end.as_secs_f64(),
-                e.answers,
-                fmt_ms(e.worst),
-                fmt_ms(e.longest_answer),
-                fmt_ms(e.longest_wait),
-                e.new_connections,
-                e.reading(budget)
+                "  {from:>7}s {to:>6}s  {answers:>7}  {worst:>7}  {answer:>14}  {wait:>12}  {new:>9}  {reading}\n\
+                 {:>19}CPU meanwhile: {cpu}\n",
+                ""
             );
-            out += &format!("  {:>17}CPU meanwhile: {}\n", "", self.episode_cpu_brief(index));
         }
         out
     }
 
-    /// The CPU of episode `index`, in words.
-    fn episode_cpu_brief(&self, index: usize) -> String {
-        match self.episode_cpu.get(index) {
+    /// Episode `index` as the reports show it: from, to, answers, worst, longest answer,
+    /// longest wait, new connections, reading, CPU meanwhile.
+    fn episode_cells(&self, index: usize) -> [String; 9] {
+        let e = &self.episodes[index];
+        let cpu = match self.episode_cpu.get(index) {
             Some(Some(usage)) => usage.brief(),
             _ => "not sampled".into(),
-        }
+        };
+        [
+            format!("{:.1}", e.start.as_secs_f64()),
+            format!("{:.1}", e.end.as_secs_f64()),
+            e.answers.to_string(),
+            fmt_ms(e.worst),
+            fmt_ms(e.longest_answer),
+            fmt_ms(e.longest_wait),
+            e.new_connections.to_string(),
+            e.reading(self.sender_budget()).to_string(),
+            cpu,
+        ]
     }
 
     /// How long an answer may take before the senders fall behind the offered rate.
@@ -901,19 +907,7 @@ impl Soak {
                 fmt_ms(budget)
             );
             for &index in &worst {
-                let e = &self.episodes[index];
-                out += &format!(
-                    "| {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
-                    e.start.as_secs_f64(),
-                    e.end.as_secs_f64(),
-                    e.answers,
-                    fmt_ms(e.worst),
-                    fmt_ms(e.longest_answer),
-                    fmt_ms(e.longest_wait),
-                    e.new_connections,
-                    e.reading(budget),
-                    self.episode_cpu_brief(index)
-                );
+                out += &format!("| {} |\n", self.episode_cells(index).join(" | "));
             }
         }
         out += "\n![the soak over time](soak.svg)\n\n| t (s) | accepted/s | completed/s | COMPLETED p99 | COMPLETED max | HTTP p99 | HTTP max | outbox MiB | processed_messages MiB | orders MiB | server RSS MiB | consumer RSS MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
@@ -1138,6 +1132,70 @@ pub fn main(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A quick soak at 1,476 orders/s with one slow episode, sampled CPU and all.
+    fn soak_with_an_episode() -> Soak {
+        let options = crate::options::Options::parse(["--quick".to_string()]).expect("valid");
+        let plan = SoakPlan::new(&crate::options::Plan::new(&options));
+        let episode = Episode {
+            start: Duration::from_millis(870_700),
+            end: Duration::from_millis(874_000),
+            answers: 4_171,
+            worst: Duration::from_millis(634),
+            longest_answer: Duration::from_millis(274),
+            longest_wait: Duration::from_millis(513),
+            new_connections: 0,
+        };
+        let cpu = crate::cpu::CpuUsage {
+            seconds: 5.0,
+            busy: 2.0,
+            iowait: 0.0,
+            groups: vec![1.2, 0.3, 0.4, 0.1, 0.0, 0.0],
+        };
+        Soak {
+            plan,
+            autovacuum: "on".into(),
+            capacity: 2_953.0,
+            offered: 1_476.0,
+            accepted: 100,
+            completed: Quantiles::default(),
+            http: Quantiles::default(),
+            intervals: Vec::new(),
+            verdicts: Vec::new(),
+            episodes: vec![episode],
+            episode_cpu: vec![Some(cpu)],
+            slow_not_kept: 0,
+            cpu: crate::cpu::CpuUsage::default(),
+        }
+    }
+
+    #[test]
+    fn the_reports_show_each_episode_with_its_reading_and_the_cpu_meanwhile() {
+        let soak = soak_with_an_episode();
+        let console = soak.console();
+        assert!(console.contains("4,171 in 1 episode(s)"), "{console}");
+        assert!(console.contains("under 43.4 ms"), "{console}");
+        let row = console
+            .lines()
+            .find(|l| l.trim_start().starts_with("870.7s"))
+            .unwrap_or_else(|| panic!("no row for the episode: {console}"));
+        assert!(row.contains("634 ms") && row.contains("server:"), "{row}");
+        assert!(
+            console.contains("CPU meanwhile: busy 2.00, iowait 0.00; postgres 1.20, rabbitmq 0.30, server 0.40, consumer 0.10"),
+            "{console}"
+        );
+        let markdown = soak.markdown("test");
+        assert!(
+            markdown.contains("| 870.7 | 874.0 | 4171 | 634 ms | 274 ms | 513 ms | 0 | server:"),
+            "{markdown}"
+        );
+        let json = soak.json();
+        assert_eq!(json["slow_episodes"][0]["answers"], 4_171);
+        assert_eq!(
+            json["slow_episodes"][0]["cpu_cores"]["by_process"]["postgres"],
+            1.2
+        );
+    }
 
     fn interval(i: usize, rate: f64, p99_ms: u64, outbox: u64, rss: u64) -> Interval {
         Interval {
