@@ -700,6 +700,8 @@ fn created_order(outcome: Result<Response, String>) -> Result<Uuid, String> {
 pub struct OrderClient {
     target: Target,
     stream: Option<BufReader<TcpStream>>,
+    /// Connections opened so far.
+    connects: u64,
 }
 
 impl OrderClient {
@@ -708,13 +710,14 @@ impl OrderClient {
         Ok(OrderClient {
             target: Target::parse(url)?,
             stream: None,
+            connects: 0,
         })
     }
 
-    /// Whether a connection is open from an earlier request (the next one reuses it, unless the
-    /// server has closed it meanwhile).
-    pub fn is_connected(&self) -> bool {
-        self.stream.is_some()
+    /// Connections this client has opened so far, a replaced keep-alive connection included:
+    /// compared before and after a request, whether it went out on a new connection.
+    pub fn connects(&self) -> u64 {
+        self.connects
     }
 
     /// POSTs one order with a random user and amount; the created order's id, or why the
@@ -723,9 +726,11 @@ impl OrderClient {
         let mut connection = Connection {
             target: &self.target,
             stream: self.stream.take(),
+            opened: 0,
         };
         let outcome = connection.post_json(&self.target.path, random_order_body().as_bytes(), &[]);
         self.stream = connection.stream;
+        self.connects += connection.opened;
         created_order(outcome)
     }
 
@@ -737,9 +742,11 @@ impl OrderClient {
         let mut connection = Connection {
             target: &self.target,
             stream: self.stream.take(),
+            opened: 0,
         };
         let outcome = connection.post_json(&self.target.path, random_order_body().as_bytes(), &[]);
         self.stream = connection.stream;
+        self.connects += connection.opened;
         outcome.map(|response| (response.status, response.body))
     }
 
@@ -749,10 +756,12 @@ impl OrderClient {
         let mut connection = Connection {
             target: &self.target,
             stream: self.stream.take(),
+            opened: 0,
         };
         let path = format!("{}/{id}/cancel", self.target.path);
         let outcome = connection.post_json(&path, b"", &[]);
         self.stream = connection.stream;
+        self.connects += connection.opened;
         outcome.map(|response| (response.status, response.body))
     }
 }
@@ -1318,11 +1327,17 @@ fn is_closed_by_peer(e: &io::Error) -> bool {
 struct Connection<'t> {
     target: &'t Target,
     stream: Option<BufReader<TcpStream>>,
+    /// Connections opened so far (a reused one found closed is replaced: one more).
+    opened: u64,
 }
 
 impl<'t> Connection<'t> {
     fn new(target: &'t Target) -> Self {
-        Connection { target, stream: None }
+        Connection {
+            target,
+            stream: None,
+            opened: 0,
+        }
     }
 
     /// POSTs a JSON body with `headers` besides the usual ones. A reused connection found
@@ -1361,7 +1376,11 @@ impl<'t> Connection<'t> {
     ) -> Result<(Response, bool), Failure> {
         let stream = match self.stream.take() {
             Some(stream) => stream,
-            None => BufReader::new(self.target.connect().map_err(Failure::new)?),
+            None => {
+                let stream = BufReader::new(self.target.connect().map_err(Failure::new)?);
+                self.opened += 1;
+                stream
+            }
         };
         let stream = self.stream.insert(stream);
         let mut request = format!(

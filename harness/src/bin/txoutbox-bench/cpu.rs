@@ -152,8 +152,10 @@ impl Timeline {
                         });
                     }
                     counted.fetch_add(1, Ordering::Relaxed);
+                    // After a step that overran (a busy machine), start afresh rather than
+                    // taking the missed ones back to back.
+                    next = (next + step).max(now.at + step / 2);
                     last = now;
-                    next += step;
                 }
             })?;
         Ok(Timeline {
@@ -192,10 +194,17 @@ impl Drop for Timeline {
     }
 }
 
-/// The CPU used over the steps that ended within `from..=to`, in cores (weighted by each
-/// step's length); `None` when no step ended there.
+/// The CPU used over the steps that overlap `from..to`, in cores (weighted by each step's
+/// length); `None` when no step does.
 pub fn usage_between(steps: &[Step], from: Instant, to: Instant) -> Option<CpuUsage> {
-    let within: Vec<&Step> = steps.iter().filter(|s| s.end >= from && s.end <= to).collect();
+    let overlaps = |s: &Step| {
+        let begin = s
+            .end
+            .checked_sub(Duration::from_secs_f64(s.usage.seconds))
+            .unwrap_or(s.end);
+        s.end > from && begin < to
+    };
+    let within: Vec<&Step> = steps.iter().filter(|s| overlaps(s)).collect();
     let seconds: f64 = within.iter().map(|s| s.usage.seconds).sum();
     if within.is_empty() || seconds <= 0.0 {
         return None;
@@ -273,7 +282,7 @@ mod tests {
     }
 
     #[test]
-    fn a_window_of_the_timeline_averages_the_steps_that_ended_in_it() {
+    fn a_window_of_the_timeline_averages_the_steps_that_overlap_it() {
         let start = Instant::now();
         let step = |second: u64, busy: f64, postgres: f64| Step {
             end: start + Duration::from_secs(second),
@@ -290,21 +299,23 @@ mod tests {
             step(3, 2.0, 1.0),
             step(4, 1.0, 0.2),
         ];
+        // From 1.5 s to 2.5 s: the steps of 1..2 s and 2..3 s overlap it.
         let window = usage_between(
             &steps,
-            start + Duration::from_secs(2),
-            start + Duration::from_secs(3),
+            start + Duration::from_millis(1_500),
+            start + Duration::from_millis(2_500),
         )
-        .expect("two steps ended in the window");
+        .expect("two steps overlap the window");
         assert_eq!(window.seconds, 2.0);
         assert_eq!(window.busy, 2.0);
         assert_eq!(window.groups[0], 1.25);
-        assert!(usage_between(
+        // A step that ended at the window's start does not overlap it.
+        let after = usage_between(
             &steps,
-            start + Duration::from_secs(5),
-            start + Duration::from_secs(9)
-        )
-        .is_none());
+            start + Duration::from_secs(4),
+            start + Duration::from_secs(9),
+        );
+        assert!(after.is_none());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use txoutbox_harness::stress::OrderClient;
 use uuid::Uuid;
 
 use crate::quantiles;
-use crate::slow::{SlowAnswer, KEPT_PER_SENDER, SLOW_ANSWER};
+use crate::slow::{Episode, SenderEpisodes, SlowAnswer, SLOW_ANSWER};
 
 /// Sending stops after this many failed POSTs while none was accepted: the server is broken.
 const GIVE_UP_ERRORS: usize = 100;
@@ -82,9 +82,11 @@ pub struct OpenLoopOutcome {
     pub buckets: Vec<Histogram<u64>>,
     /// Measured orders sent more than [`LATE_AFTER`] after their due instant.
     pub late: usize,
-    /// Measured answers slower than [`SLOW_ANSWER`], up to [`KEPT_PER_SENDER`] per sender.
-    pub slow: Vec<SlowAnswer>,
-    /// Slow answers past that bound: counted, not kept.
+    /// The first measured order's due instant: the origin of the episodes' times.
+    pub measured_from: Instant,
+    /// Measured answers slower than [`SLOW_ANSWER`], grouped into episodes, in time order.
+    pub slow_episodes: Vec<Episode>,
+    /// Slow answers past the senders' bound on episodes: counted, not grouped.
     pub slow_not_kept: usize,
 }
 
@@ -106,8 +108,7 @@ struct ThreadResult {
     /// Open loop: latencies of the measured part, in all and per bucket.
     latency: Option<Histogram<u64>>,
     buckets: Vec<Histogram<u64>>,
-    slow: Vec<SlowAnswer>,
-    slow_not_kept: usize,
+    slow: SenderEpisodes,
 }
 
 impl ThreadResult {
@@ -259,14 +260,17 @@ pub fn open_loop(
         latency: quantiles::histogram(),
         buckets: Vec::new(),
         late: 0,
-        slow: Vec::new(),
+        measured_from: due(first_measured),
+        slow_episodes: Vec::new(),
         slow_not_kept: 0,
     };
+    let in_flight = AtomicUsize::new(0);
+    let mut episodes = Vec::new();
     thread::scope(|scope| -> Result<()> {
         let mut threads = Vec::with_capacity(senders);
         for (index, (_, mut client)) in clients.into_iter().enumerate() {
-            let (shared, barrier, next, late, measured_accepted) =
-                (&shared, &barrier, &next, &late, &measured_accepted);
+            let (shared, barrier, next, late, measured_accepted, in_flight) =
+                (&shared, &barrier, &next, &late, &measured_accepted, &in_flight);
             let thread = thread::Builder::new()
                 .name(format!("bench-open-{index}"))
                 .spawn_scoped(scope, move || {
@@ -292,22 +296,23 @@ pub fn open_loop(
                         if n == first_measured {
                             measuring();
                         }
-                        let new_connection = !client.is_connected();
+                        let connects = client.connects();
+                        let others_in_flight = in_flight.fetch_add(1, Ordering::Relaxed);
                         let sent_at = Instant::now();
                         let outcome = client.post_order();
+                        in_flight.fetch_sub(1, Ordering::Relaxed);
                         if measured && outcome.is_ok() {
                             let latency = due_at.elapsed();
                             if latency >= SLOW_ANSWER {
-                                if result.slow.len() < KEPT_PER_SENDER {
-                                    result.slow.push(SlowAnswer {
-                                        due: due_at.saturating_duration_since(due(first_measured)),
-                                        waited: sent_at.saturating_duration_since(due_at),
-                                        answered_in: sent_at.elapsed(),
-                                        new_connection,
-                                    });
-                                } else {
-                                    result.slow_not_kept += 1;
-                                }
+                                result.slow.add(&SlowAnswer {
+                                    due: due_at.saturating_duration_since(due(first_measured)),
+                                    waited: sent_at.saturating_duration_since(due_at),
+                                    answered_in: sent_at.elapsed(),
+                                    new_connection: client.connects() > connects,
+                                    // All the others in flight, or all but one (a sender that
+                                    // has its answer and is about to take the next order).
+                                    senders_busy: others_in_flight + 2 >= senders,
+                                });
                             }
                             if let Some(all) = result.latency.as_mut() {
                                 quantiles::record(all, latency);
@@ -346,13 +351,14 @@ pub fn open_loop(
             for (all, mine) in outcome.buckets.iter_mut().zip(std::mem::take(&mut part.buckets)) {
                 let _ = all.add(&mine);
             }
-            outcome.slow.append(&mut part.slow);
-            outcome.slow_not_kept += part.slow_not_kept;
+            episodes.append(&mut part.slow.episodes);
+            outcome.slow_not_kept += part.slow.not_kept;
             outcome.load.merge(0, part);
         }
         outcome.load.elapsed = start.elapsed();
         Ok(())
     })?;
+    outcome.slow_episodes = crate::slow::merge(episodes);
     outcome.late = late.into_inner();
     outcome.measured_accepted = measured_accepted.into_inner();
     outcome.measured_elapsed = outcome.load.elapsed.saturating_sub(schedule.warm_up);

@@ -91,9 +91,9 @@ const WORST_EPISODES: usize = 10;
 /// Step of the CPU timeline that says who had the processors during an episode.
 const CPU_STEP: Duration = Duration::from_secs(1);
 
-/// Steps the CPU timeline keeps: the whole soak and its completion wait, with room to spare.
+/// Steps the CPU timeline keeps: the whole soak, with room to spare.
 fn timeline_steps(plan: &SoakPlan) -> usize {
-    ((plan.duration + plan.completion_timeout).as_secs() as usize + 60) / CPU_STEP.as_secs().max(1) as usize
+    (plan.duration.as_secs() as usize + 120) / CPU_STEP.as_secs().max(1) as usize
 }
 
 /// Per-interval orders and latencies, from Postgres, of the orders created from `$1` on.
@@ -344,7 +344,7 @@ pub fn run(
         service.check_alive()?;
     }
     interrupted(stop)?;
-    let (load_start, wall_start) = started
+    let (_, wall_start) = started
         .into_inner()
         .unwrap_or_else(|p| p.into_inner())
         .ok_or_else(|| Error::Other("the soak's load never started".into()))?;
@@ -356,7 +356,7 @@ pub fn run(
         checks.add(SOAK_PHASE, "verification completed", false, e.to_string());
     }
     let all_completed = completion_quantiles(&mut client, wall_start)?;
-    let episodes = slow::episodes(&outcome.slow);
+    let episodes = outcome.slow_episodes.clone();
     let mut verdicts = judge(&intervals);
     let autovacuum = infra.servers.autovacuum.clone();
     if autovacuum != "on" {
@@ -377,8 +377,9 @@ pub fn run(
         episode_cpu: episodes
             .iter()
             .map(|e| {
-                let from = (load_start + e.start).checked_sub(CPU_STEP).unwrap_or(load_start);
-                crate::cpu::usage_between(&cpu_steps, from, load_start + e.end + CPU_STEP)
+                let origin = outcome.measured_from;
+                let from = (origin + e.start).checked_sub(CPU_STEP).unwrap_or(origin);
+                crate::cpu::usage_between(&cpu_steps, from, origin + e.answered_until + CPU_STEP)
             })
             .collect(),
         episodes,
@@ -814,20 +815,13 @@ impl Soak {
             }
         );
         let worst = slow::worst(&self.episodes, WORST_EPISODES);
-        let budget = self.sender_budget();
         if !worst.is_empty() {
-            out += &format!(
-                "  (sender budget: {} senders keep up with {} orders/s while an answer takes under {})\n",
-                SENDERS,
-                count(self.offered),
-                fmt_ms(budget)
-            );
-            out += "      from      to  answers    worst  longest answer  longest wait  new conns  reading\n";
+            out += "      from      to  answers    worst  longest answer  longest wait  new conns  sent late (senders busy)  reading\n";
         }
         for &index in &worst {
-            let [from, to, answers, worst, answer, wait, new, reading, cpu] = self.episode_cells(index);
+            let [from, to, answers, worst, answer, wait, new, late, reading, cpu] = self.episode_cells(index);
             out += &format!(
-                "  {from:>7}s {to:>6}s  {answers:>7}  {worst:>7}  {answer:>14}  {wait:>12}  {new:>9}  {reading}\n\
+                "  {from:>7}s {to:>6}s  {answers:>7}  {worst:>7}  {answer:>14}  {wait:>12}  {new:>9}  {late:>24}  {reading}\n\
                  {:>19}CPU meanwhile: {cpu}\n",
                 ""
             );
@@ -836,8 +830,8 @@ impl Soak {
     }
 
     /// Episode `index` as the reports show it: from, to, answers, worst, longest answer,
-    /// longest wait, new connections, reading, CPU meanwhile.
-    fn episode_cells(&self, index: usize) -> [String; 9] {
+    /// longest wait, new connections, sent late (with the senders busy), reading, CPU meanwhile.
+    fn episode_cells(&self, index: usize) -> [String; 10] {
         let e = &self.episodes[index];
         let cpu = match self.episode_cpu.get(index) {
             Some(Some(usage)) => usage.brief(),
@@ -851,14 +845,10 @@ impl Soak {
             fmt_ms(e.longest_answer),
             fmt_ms(e.longest_wait),
             e.new_connections.to_string(),
-            e.reading(self.sender_budget()).to_string(),
+            format!("{} ({})", e.sent_late, e.sent_late_senders_busy),
+            e.reading().to_string(),
             cpu,
         ]
-    }
-
-    /// How long an answer may take before the senders fall behind the offered rate.
-    fn sender_budget(&self) -> Duration {
-        slow::sender_budget(SENDERS, self.offered)
     }
 
     /// soak.md.
@@ -894,17 +884,17 @@ impl Soak {
             );
         }
         let worst = slow::worst(&self.episodes, WORST_EPISODES);
-        let budget = self.sender_budget();
         if !worst.is_empty() {
             out += &format!(
                 "\nThe worst episodes of HTTP answers slower than {} (of {}; due instants from the soak's start; \
                  longest answer: from sending to the answer, longest wait: from the due instant to sending; \
-                 {SENDERS} senders keep up while an answer takes under {}):\n\n\
-                 | from (s) | to (s) | answers | worst | longest answer | longest wait | new connections | reading | CPU meanwhile (cores) |\n\
-                 |---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+                 sent late: more than {} after the due instant, in brackets those sent while the {SENDERS} \
+                 senders were all in flight but one at most):\n\n\
+                 | from (s) | to (s) | answers | worst | longest answer | longest wait | new connections | sent late (senders busy) | reading | CPU meanwhile (cores) |\n\
+                 |---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
                 fmt_ms(slow::SLOW_ANSWER),
                 self.episodes.len(),
-                fmt_ms(budget)
+                fmt_ms(slow::SENT_LATE)
             );
             for &index in &worst {
                 out += &format!("| {} |\n", self.episode_cells(index).join(" | "));
@@ -994,9 +984,8 @@ impl Soak {
             })).collect::<Vec<_>>(),
             "slow_answer_ms": slow::SLOW_ANSWER.as_secs_f64() * 1000.0,
             "slow_answers_not_kept": self.slow_not_kept,
-            "sender_budget_ms": self.sender_budget().as_secs_f64() * 1000.0,
             "slow_episodes": self.episodes.iter().zip(&self.episode_cpu).map(|(e, cpu)| {
-                let mut episode = e.to_json(self.sender_budget());
+                let mut episode = e.to_json();
                 episode["cpu_cores"] = cpu.as_ref().map_or(Value::Null, |u| json!({
                     "busy": u.busy,
                     "iowait": u.iowait,
@@ -1140,11 +1129,14 @@ mod tests {
         let episode = Episode {
             start: Duration::from_millis(870_700),
             end: Duration::from_millis(874_000),
+            answered_until: Duration::from_millis(874_300),
             answers: 4_171,
             worst: Duration::from_millis(634),
             longest_answer: Duration::from_millis(274),
             longest_wait: Duration::from_millis(513),
             new_connections: 0,
+            sent_late: 3_000,
+            sent_late_senders_busy: 2_990,
         };
         let cpu = crate::cpu::CpuUsage {
             seconds: 5.0,
@@ -1174,19 +1166,22 @@ mod tests {
         let soak = soak_with_an_episode();
         let console = soak.console();
         assert!(console.contains("4,171 in 1 episode(s)"), "{console}");
-        assert!(console.contains("under 43.4 ms"), "{console}");
         let row = console
             .lines()
             .find(|l| l.trim_start().starts_with("870.7s"))
             .unwrap_or_else(|| panic!("no row for the episode: {console}"));
-        assert!(row.contains("634 ms") && row.contains("server:"), "{row}");
+        assert!(
+            row.contains("634 ms") && row.contains("3000 (2990)") && row.contains("server:"),
+            "{row}"
+        );
         assert!(
             console.contains("CPU meanwhile: busy 2.00, iowait 0.00; postgres 1.20, rabbitmq 0.30, server 0.40, consumer 0.10"),
             "{console}"
         );
         let markdown = soak.markdown("test");
         assert!(
-            markdown.contains("| 870.7 | 874.0 | 4171 | 634 ms | 274 ms | 513 ms | 0 | server:"),
+            markdown
+                .contains("| 870.7 | 874.0 | 4171 | 634 ms | 274 ms | 513 ms | 0 | 3000 (2990) | server:"),
             "{markdown}"
         );
         let json = soak.json();
